@@ -1,0 +1,35 @@
+"""Shared fixtures: an isolated weights cache per test, the ../shared data, a tiny artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+REAL_WEIGHTS = SHARED / "weights" / "u2netp_fp16_bnfolded.pth"
+TEST_DATA = SHARED / "data" / "u2net_test_data"
+
+needs_shared = pytest.mark.skipif(not REAL_WEIGHTS.is_file() or not TEST_DATA.is_dir(),
+                                  reason="../shared weights and test data are not present")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets an empty U2ZOO_HOME, so the user's real cache never leaks in."""
+    home = tmp_path_factory.mktemp("u2zoo_home")
+    monkeypatch.setenv("U2ZOO_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_dynamic_onnx(tmp_path_factory):
+    """A dynamic-shape ONNX artifact of the tiny architecture (random weights), built once."""
+    import torch
+
+    from u2zoo.convert import convert_model
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_onnx")
+    return convert_model("u2net-tiny", "onnx", out, random_weights=True, dynamic=True, progress=False)

@@ -1,0 +1,59 @@
+"""Golden parity on the real U2NETP weights against the official outputs in ../shared."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REAL_WEIGHTS, TEST_DATA, needs_shared
+from u2zoo.convert import convert_model
+from u2zoo.converters import get_target
+from u2zoo.pipeline import predict_files
+from u2zoo.zoo.reference import TorchPredictor
+from u2zoo.zoo.weights import load_model
+
+pytestmark = needs_shared
+
+
+def official_mae(out_dir: Path) -> dict[str, float]:
+    """MAE of each written mask against the official u2netp_results PNG."""
+    maes = {}
+    for image in sorted((TEST_DATA / "test_images").iterdir()):
+        ours = np.asarray(Image.open(out_dir / f"{image.stem}.png"), np.float32) / 255
+        official = np.asarray(Image.open(TEST_DATA / "u2netp_results" / f"{image.stem}.png").convert("L"), np.float32) / 255
+        assert ours.shape == official.shape
+        maes[image.name] = float(np.abs(ours - official).mean())
+    return maes
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    return load_model("u2netp", weights=str(REAL_WEIGHTS))
+
+
+def test_torch_reproduces_the_official_u2netp_results(real_model, tmp_path):
+    model, info, contract = real_model
+    assert info.name == "u2netp.fp16_bnfolded"
+    report = predict_files(TorchPredictor(model), contract, [TEST_DATA / "test_images"], tmp_path, progress=False)
+    assert len(report.written) == 18 and not report.failed
+    maes = official_mae(tmp_path)
+    assert np.mean(list(maes.values())) <= 0.01, maes
+    assert max(maes.values()) <= 0.05, maes
+
+
+def test_onnx_artifact_reproduces_the_official_results(tmp_path):
+    artifact = convert_model("u2netp", "onnx", tmp_path / "art", weights=str(REAL_WEIGHTS), dynamic=True,
+                             parity_images=sorted((TEST_DATA / "test_images").iterdir())[:6], progress=False)
+    assert artifact.manifest["weights"]["name"] == "u2netp.fp16_bnfolded"
+    assert artifact.manifest["parity"]["max_abs"] <= 1e-3 and artifact.manifest["parity"]["iou50"] >= 0.999
+    with get_target("onnx").runner(artifact) as runner:
+        predict_files(runner, artifact.contract, [TEST_DATA / "test_images"], tmp_path / "masks", progress=False)
+    maes = official_mae(tmp_path / "masks")
+    assert np.mean(list(maes.values())) <= 0.01 and max(maes.values()) <= 0.05, maes
+
+
+def test_fp16_onnx_of_real_weights_stays_close(tmp_path):
+    artifact = convert_model("u2netp", "onnx", tmp_path, weights=str(REAL_WEIGHTS), precision="fp16", progress=False)
+    parity = artifact.manifest["parity"]
+    assert parity["mean_abs"] <= 5e-3 and parity["iou50"] >= 0.99, parity

@@ -1,0 +1,5 @@
+import sys
+
+from u2zoo.cli import main
+
+sys.exit(main())

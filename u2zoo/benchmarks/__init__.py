@@ -1,0 +1,1 @@
+"""Parity comparison, timing, the benchmark matrix and cross-hardware reports."""

@@ -1,0 +1,266 @@
+"""The ``u2zoo`` command line. Every expected failure is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from u2zoo.errors import ConfigError, U2ZooError
+
+_WEIGHTS_HELP = "weights: a local .pth path or an http(s)/file URL (with --weights-sha256); default: the registry's"
+
+
+def _add_weights_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help=_WEIGHTS_HELP)
+    p.add_argument("--weights-sha256", help="expected sha256 of --weights (required for URLs)")
+    p.add_argument("--random-weights", action="store_true", help="use an untrained model (for tests and timing)")
+
+
+def _target_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the options the user actually set: a target that lacks one must say so."""
+    options: dict[str, Any] = {}
+    if args.fp16 and args.int8:
+        raise ConfigError("--fp16 and --int8 exclude each other")
+    if args.fp16:
+        options["precision"] = "fp16"
+    if args.int8:
+        options["precision"] = "int8"
+    for name in ("dynamic", "opset", "batch", "height", "width", "exporter"):
+        value = getattr(args, name)
+        if value not in (None, False):
+            options[name] = value
+    return options
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from u2zoo.convert import convert_model
+    from u2zoo.zoo.images import list_images
+
+    images = list_images([args.parity_images]) if args.parity_images else None
+    if args.parity_images and not images:
+        raise U2ZooError(f"no images in {args.parity_images}")
+    artifact = convert_model(args.model, args.target, args.out, weights=args.weights,
+                             weights_sha256=args.weights_sha256, random_weights=args.random_weights,
+                             parity_images=images, progress=not args.quiet, **_target_options(args))
+    parity = artifact.manifest["parity"]
+    print(f"wrote {artifact.path} ({artifact.manifest['files'][0]['size'] / 1e6:.2f} MB) and {artifact.manifest_path.name}")
+    print(f"parity vs torch on {parity['num_images']} image(s): max abs {parity['max_abs']:.3g}, "
+          f"mean abs {parity['mean_abs']:.3g}, IoU@0.5 {parity['iou50']:.4f} — ok")
+    if "odd_shape" in parity:
+        odd = parity["odd_shape"]
+        print(f"dynamic shape check {odd['shape']}: max abs {odd['max_abs']:.3g} — ok")
+    return 0
+
+
+def open_predictor(args: argparse.Namespace):
+    """A runner for ``--artifact`` or the torch reference for ``--model``; plus its contract."""
+    if bool(args.artifact) == bool(args.model):
+        raise U2ZooError("give exactly one of --model NAME or --artifact FILE")
+    if args.artifact:
+        from u2zoo.artifact import open_artifact
+        from u2zoo.converters import get_target
+
+        artifact = open_artifact(args.artifact)
+        spec = get_target(artifact.target)
+        spec.ensure_available()
+        return spec.runner(artifact, threads=args.threads), artifact.contract
+    from contextlib import nullcontext
+
+    from u2zoo.zoo.reference import TorchPredictor
+    from u2zoo.zoo.weights import load_model
+
+    model, info, contract = load_model(args.model, args.weights, args.weights_sha256, args.random_weights)
+    if info.source == "random":
+        print("NOTE: random weights: the masks are meaningless")
+    return nullcontext(TorchPredictor(model, threads=args.threads)), contract
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from u2zoo.converters.base import ensure_writable_dir
+    from u2zoo.pipeline import predict_files
+
+    out = ensure_writable_dir(Path(args.out))
+    context, contract = open_predictor(args)
+    with context as predictor:
+        report = predict_files(predictor, contract, args.inputs, out, cutout=args.cutout, progress=not args.quiet)
+    for path, reason in report.failed:
+        print(f"u2zoo: skipped {path}: {reason}", file=sys.stderr)
+    print(f"wrote {len(report.written)} file(s) to {out}; {len(report.failed)} input(s) failed")
+    return 1 if report.failed else 0
+
+
+def cmd_time(args: argparse.Namespace) -> int:
+    """Engine-call latency of a model (torch) or an artifact on a real sample photo."""
+    import numpy as np
+
+    from u2zoo.benchmarks.timing import measure_latency
+    from u2zoo.pipeline import network_size, preprocess_files
+    from u2zoo.zoo.reference import sample_images
+
+    if args.runs < 1:
+        raise ConfigError("--runs must be at least 1")
+    context, contract = open_predictor(args)
+    with context as predictor:
+        size = network_size(predictor, contract)
+        batch = np.repeat(preprocess_files(sample_images()[:1], contract, size), args.batch, axis=0)
+        result = measure_latency(predictor, batch, args.runs, args.warmup, args.threads)
+    what = args.artifact or f"{args.model} (torch eager)"
+    print(f"{what}: batch {result.batch} at {size[0]}×{size[1]}, threads {args.threads or 'default'}: "
+          f"p50 {result.p50_ms:.2f} ms, p90 {result.p90_ms:.2f} ms, mean {result.mean_ms:.2f} ms, "
+          f"{result.fps:.1f} img/s ({result.runs} runs after {result.warmup} warm-up)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from u2zoo.zoo.archs import ARCHS, build_arch, count_macs, count_params
+    from u2zoo.zoo.weights import REGISTRY
+
+    print(f"{'architecture':<12} {'params':>12} {'GMACs@320':>10}  description")
+    for name, spec in ARCHS.items():
+        model = build_arch(name)
+        macs = f"{count_macs(model) / 1e9:10.2f}" if not args.no_macs else f"{'-':>10}"
+        print(f"{name:<12} {count_params(model):>12,} {macs}  {spec.description}")
+    print(f"\n{'weights':<22} {'arch':<8} {'task':<17} {'hash':<22} {'cached':<6} license")
+    for entry in REGISTRY.values():
+        digest = f"sha256:{entry.sha256[:12]}" if entry.sha256 else (f"md5:{entry.md5[:12]}" if entry.md5 else "none published")
+        cached = "yes" if entry.cache_path().is_file() else "no"
+        print(f"{entry.name:<22} {entry.arch:<8} {entry.task:<17} {digest:<22} {cached:<6} {entry.license}")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from u2zoo.zoo.weights import fetch, find_entry
+
+    path = fetch(find_entry(args.name), args.source, progress=not args.quiet)
+    print(f"{args.name}: verified and cached at {path}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import platform
+
+    from u2zoo.artifact import tool_versions
+    from u2zoo.converters import TARGETS
+    from u2zoo.zoo.weights import REGISTRY, cache_dir
+
+    core = tool_versions("torch", "numpy", "pillow", "scikit-image", "tqdm", "filelock")
+    print(f"python {platform.python_version()} on {platform.system()} {platform.machine()}")
+    print("core: " + ", ".join(f"{k} {v or 'MISSING'}" for k, v in core.items()))
+    print("\ntargets:")
+    for spec in TARGETS.values():
+        reason = spec.unavailable_reason()
+        versions = tool_versions(*[m.replace("_", "-") for m in spec.requires])
+        detail = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+        print(f"  {spec.name:<10} {'ok' if reason is None else 'unavailable: ' + reason}  [{detail}]")
+    cached = [e.name for e in REGISTRY.values() if e.cache_path().is_file()]
+    print(f"\nweights cache: {cache_dir() / 'weights'} ({', '.join(cached) or 'empty'})")
+    if not cached:
+        print("  get real weights: `u2zoo fetch u2netp` (official, needs network) or "
+              "`u2zoo fetch u2netp.fp16_bnfolded --from PATH`")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded default: U2NETP → ONNX → masks and cut-outs of bundled sample photos."""
+    from u2zoo.convert import convert_model
+    from u2zoo.converters import get_target
+    from u2zoo.pipeline import predict_files
+    from u2zoo.zoo.reference import sample_images
+    from u2zoo.zoo.weights import cached_entries, cache_dir
+
+    out = Path(args.out)
+    cached = cached_entries("u2netp")
+    if cached:
+        model, random_weights = cached[0].name, False
+        print(f"weights: {model} from the cache")
+    else:
+        model, random_weights = "u2netp", True
+        print(f"NOTE: no U2NETP weights in {cache_dir() / 'weights'}: this demo runs on RANDOM weights, so the "
+              "masks are meaningless. Get real ones with `u2zoo fetch u2netp` (official checkpoint, needs network) "
+              "or `u2zoo fetch u2netp.fp16_bnfolded --from PATH`, then run the demo again.")
+    artifact = convert_model(model, "onnx", out / "artifacts", random_weights=random_weights, dynamic=True,
+                             progress=not args.quiet)
+    parity = artifact.manifest["parity"]
+    print(f"ONNX artifact: {artifact.path} — parity vs torch max abs {parity['max_abs']:.3g}, "
+          f"IoU@0.5 {parity['iou50']:.4f}")
+    with get_target("onnx").runner(artifact) as runner:
+        report = predict_files(runner, artifact.contract, sample_images(), out / "masks", cutout=True,
+                               progress=not args.quiet)
+    print(f"masks and cut-outs of {len(sample_images())} sample photos: {out / 'masks'} ({len(report.written)} files)")
+    return 1 if report.failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="u2zoo", description="U²-Net model zoo and deployment converter")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("models", cmd_models, "list architectures (params, GMACs measured) and registered weights")
+    p.add_argument("--no-macs", action="store_true", help="skip the MAC count (faster)")
+
+    p = add("convert", cmd_convert, "convert a model for a target; the artifact is verified in its runtime")
+    p.add_argument("--model", required=True, help="architecture or weights name (see `u2zoo models`)")
+    _add_weights_args(p)
+    p.add_argument("--target", required=True, help="onnx, … (see `u2zoo doctor`)")
+    p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic")
+    p.add_argument("--int8", action="store_true", help="int8 quantization (targets that support it)")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
+    p.add_argument("--opset", type=int, help="ONNX opset (≥ 17)")
+    p.add_argument("--batch", type=int, help="static batch size")
+    p.add_argument("--height", type=int, help="static input height (default: the contract's)")
+    p.add_argument("--width", type=int, help="static input width (default: the contract's)")
+    p.add_argument("--exporter", help="ONNX exporter: torchscript (default, fast) or dynamo")
+    p.add_argument("--parity-images", help="folder of photos for the parity check (default: bundled samples)")
+    p.add_argument("--out", required=True, help="output folder")
+
+    p = add("predict", cmd_predict, "write mask PNGs (and cut-outs) for images or folders")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--model", help="architecture or weights name (torch reference)")
+    p.add_argument("--artifact", help="a converted artifact (runs in its own runtime)")
+    _add_weights_args(p)
+    p.add_argument("--cutout", action="store_true", help="also write RGBA cut-outs")
+    p.add_argument("--threads", type=int, help="intra-op threads")
+    p.add_argument("--out", required=True, help="output folder")
+
+    p = add("time", cmd_time, "median engine-call latency of a model or artifact (warm-up, then N runs)")
+    p.add_argument("--model", help="architecture or weights name (torch reference)")
+    p.add_argument("--artifact", help="a converted artifact")
+    _add_weights_args(p)
+    p.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's)")
+    p.add_argument("--runs", type=int, default=20, help="timed runs (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (dynamic artifacts)")
+
+    p = add("fetch", cmd_fetch, "download (or import with --from) registered weights into the cache, verified")
+    p.add_argument("name", help="registered weights name")
+    p.add_argument("--from", dest="source", help="a local file or URL to take the weights from")
+
+    add("doctor", cmd_doctor, "which backends are installed, their versions, and what to install")
+
+    p = add("demo", cmd_demo, "offline demo: U2NETP → ONNX → masks of bundled sample photos")
+    p.add_argument("--out", default="u2zoo-demo", help="output folder (default: ./u2zoo-demo)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except U2ZooError as exc:
+        message = " ".join(str(exc).split())  # always one line
+        print(f"u2zoo: error: {message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("u2zoo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

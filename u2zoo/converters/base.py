@@ -1,0 +1,163 @@
+"""The converter/runner contract and the capability table.
+
+A target is one module in ``u2zoo/converters/`` that calls :func:`register` with one
+:class:`TargetSpec` row: what it takes (torch or onnx), what it can do (precisions, dynamic
+shapes, GPU, host OS), which extra installs it, its typed options, its ``convert`` function
+and its :class:`Runner`. Modules never import their backend at module level, so the table
+loads on any machine and says what is missing instead of crashing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import platform
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from u2zoo.artifact import Artifact
+from u2zoo.errors import BackendUnavailable, ConfigError
+from u2zoo.zoo.contract import Contract
+from u2zoo.zoo.weights import WeightsInfo
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a torch-input converter receives: the deploy-mode module and its provenance."""
+
+    model: Any  # torch.nn.Module in deploy + eval mode
+    weights: WeightsInfo
+    contract: Contract
+    arch: str
+    num_params: int
+
+
+class Runner(ABC):
+    """Opens an artifact in its real runtime: load in ``__enter__``, free in ``__exit__``.
+
+    ``infer`` takes and returns numpy arrays keyed by tensor name; only the engine call is
+    timed, into ``last_latency_s``.
+    """
+
+    def __init__(self, artifact: Artifact, threads: int | None = None):
+        self.artifact = artifact
+        self.threads = threads
+        self.last_latency_s = float("nan")
+
+    @property
+    def input_name(self) -> str:
+        return self.artifact.inputs[0].name
+
+    @property
+    def output_name(self) -> str:
+        return self.artifact.outputs[0].name
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size a static artifact was built for; None when dynamic."""
+        dim = self.artifact.inputs[0].shape[0]
+        return dim if isinstance(dim, int) and dim > 0 else None
+
+    @property
+    def fixed_size(self) -> tuple[int, int] | None:
+        """(height, width) a static artifact was built for; None when dynamic."""
+        height, width = self.artifact.inputs[0].shape[2:4]
+        return (height, width) if isinstance(height, int) and isinstance(width, int) else None
+
+    def __enter__(self) -> "Runner":
+        self.artifact.verify()  # never run bytes that differ from what the manifest describes
+        self.load()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load/compile the artifact in its runtime."""
+
+    def close(self) -> None:
+        """Free the runtime's resources."""
+
+    @abstractmethod
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Convenience: the single input → the single (fused) output."""
+        return self.infer({self.input_name: batch})[self.output_name]
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One row of the capability table."""
+
+    name: str
+    source: str  # "torch" or "onnx": what the converter consumes
+    precisions: tuple[str, ...]
+    dynamic_shapes: bool
+    needs_gpu: bool
+    host_os: tuple[str, ...] | None  # platform.system() values the runtime runs on; None = any
+    extra: str  # pip extra that installs the backend
+    requires: tuple[str, ...]  # importable modules the converter and runner need
+    options_type: type
+    convert: Callable[..., Artifact]  # (source, options, out_dir) -> Artifact
+    runner: type[Runner]
+    description: str = ""
+
+    def missing_modules(self) -> list[str]:
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    def unavailable_reason(self) -> str | None:
+        """Why this target cannot convert *and run* here, or None when it can."""
+        missing = self.missing_modules()
+        if missing:
+            return f"{', '.join(missing)} not installed (pip install 'u2zoo[{self.extra}]')"
+        if self.host_os and platform.system() not in self.host_os:
+            return f"runtime needs {'/'.join(self.host_os)}, this host is {platform.system()}"
+        return None
+
+    def ensure_available(self) -> None:
+        missing = self.missing_modules()
+        if missing:
+            raise BackendUnavailable(f"target {self.name!r} needs {', '.join(missing)}", extra=self.extra)
+
+    def make_options(self, **given: Any) -> Any:
+        """Build the typed options; an option this target lacks is an error, never dropped."""
+        names = {f.name for f in dataclasses.fields(self.options_type)}
+        unknown = sorted(k for k in given if k not in names)
+        if unknown:
+            raise ConfigError(f"target {self.name!r} does not support option(s) {', '.join(unknown)} "
+                              f"(its options: {', '.join(sorted(names))})")
+        if "precision" in given and given["precision"] not in self.precisions:
+            raise ConfigError(f"target {self.name!r} does not support precision {given['precision']!r} "
+                              f"(supported: {', '.join(self.precisions)})")
+        return self.options_type(**given)
+
+
+TARGETS: dict[str, TargetSpec] = {}
+
+
+def register(spec: TargetSpec) -> TargetSpec:
+    if spec.name in TARGETS:
+        raise RuntimeError(f"target {spec.name!r} registered twice")
+    TARGETS[spec.name] = spec
+    return spec
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create ``path`` if needed and prove we can write there, with a one-line error if not."""
+    from u2zoo.errors import U2ZooError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".u2zoo-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise U2ZooError(f"output folder {path} is not writable: {exc.strerror or exc}") from None
+    return path

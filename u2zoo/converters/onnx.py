@@ -1,0 +1,174 @@
+"""ONNX target: torch → ONNX (fp32/fp16, opset ≥ 17, optional dynamic batch/H/W) → onnxslim,
+run by ONNX Runtime.
+
+Exporter: the TorchScript exporter by default. On this project's CPU it exports U2NETP in
+~3 s where the dynamo exporter takes ~35 s for the same graph (measured with torch 2.13);
+``exporter="dynamo"`` selects the latter, and the manifest records which one ran.
+fp16: weights and arithmetic in float16 with float32 I/O (``keep_io_types``), so every
+runner feeds the same float32 tensors the contract produces.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from u2zoo.artifact import Artifact, TensorSpec, new_manifest, tool_versions
+from u2zoo.converters.base import ModelSource, Runner, TargetSpec, register
+from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "mask"
+_DYNAMIC_DIMS = {0: "batch", 2: "height", 3: "width"}
+_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 3: "int8", 2: "uint8"}
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    precision: str = "fp32"
+    dynamic: bool = False  # dynamic batch, height and width
+    opset: int = 17
+    batch: int = 1  # static batch size when not dynamic
+    height: int | None = None  # default: the contract's input size
+    width: int | None = None
+    exporter: str = "torchscript"  # or "dynamo"
+    simplify: bool = True  # run onnxslim
+
+    def __post_init__(self) -> None:
+        if self.opset < 17:
+            raise ConfigError(f"opset {self.opset} is too old: U²-Net export needs opset ≥ 17")
+        if self.exporter not in ("torchscript", "dynamo"):
+            raise ConfigError(f"unknown exporter {self.exporter!r} (choose from: torchscript, dynamo)")
+        if self.batch < 1 or (self.height is not None and self.height < 1) or (self.width is not None and self.width < 1):
+            raise ConfigError("batch, height and width must be positive")
+
+
+def _export(model, dummy, path: Path, options: OnnxOptions) -> None:
+    import torch
+
+    axes = {INPUT_NAME: _DYNAMIC_DIMS, OUTPUT_NAME: _DYNAMIC_DIMS} if options.dynamic else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if options.exporter == "torchscript":
+            torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=options.opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+                              do_constant_folding=True)
+        else:
+            dim = torch.export.Dim.DYNAMIC
+            shapes = {"x": {0: dim, 2: dim, 3: dim}} if options.dynamic else None
+            torch.onnx.export(model, (dummy,), str(path), dynamo=True, opset_version=options.opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=shapes,
+                              external_data=False, verbose=False)
+
+
+def _name_dynamic_dims(model) -> None:
+    """Give the I/O's symbolic dims the same readable names whichever exporter ran."""
+    for value in [*model.graph.input, *model.graph.output]:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_param") and axis in _DYNAMIC_DIMS:
+                dim.dim_param = _DYNAMIC_DIMS[axis]
+
+
+def _to_fp16(model):
+    from onnxconverter_common import float16
+
+    # Stale float32 value_info from shape inference makes the converter emit mistyped Casts
+    # around Resize; the converter re-infers types itself.
+    del model.graph.value_info[:]
+    return float16.convert_float_to_float16(model, keep_io_types=True)
+
+
+def _io_specs(model) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    def spec(value) -> TensorSpec:
+        tt = value.type.tensor_type
+        shape = tuple(d.dim_param if d.HasField("dim_param") else d.dim_value for d in tt.shape.dim)
+        return TensorSpec(value.name, shape, _ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type)))
+
+    return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
+
+
+def convert(source: ModelSource, options: OnnxOptions, out_dir: Path, stem: str) -> Artifact:
+    """Export, simplify and (for fp16) cast; returns the artifact with its manifest (no parity yet)."""
+    try:
+        import onnx
+        import torch
+    except ImportError as exc:
+        raise BackendUnavailable(f"target 'onnx' needs {exc.name}", extra="onnx") from None
+
+    height = options.height or source.contract.pre.size[0]
+    width = options.width or source.contract.pre.size[1]
+    dummy = torch.zeros(options.batch, 3, height, width)
+    raw = out_dir / f".{stem}.raw.onnx"
+    final = out_dir / f"{stem}.onnx"
+    started = time.perf_counter()
+    try:
+        _export(source.model, dummy, raw, options)
+        model = onnx.load(str(raw))
+        if options.simplify:
+            import onnxslim
+
+            model = onnxslim.slim(model)
+        if options.precision == "fp16":
+            model = _to_fp16(model)
+        _name_dynamic_dims(model)
+        onnx.checker.check_model(model)
+        onnx.save(model, str(final))
+    except ConfigError:
+        raise
+    except Exception as exc:  # the exporter's or simplifier's own failure
+        raise ConversionError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    finally:
+        raw.unlink(missing_ok=True)
+    inputs, outputs = _io_specs(model)
+    tools = tool_versions("torch", "onnx", "onnxruntime", "onnxslim", "onnxconverter-common")
+    tools.update(opset=options.opset, exporter=options.exporter)
+    manifest = new_manifest(
+        target="onnx", precision=options.precision, files=[final], parent=None,
+        weights=source.weights.to_dict(), contract=source.contract, inputs=inputs, outputs=outputs,
+        options=asdict(options) | {"height": height, "width": width}, tools=tools,
+        arch=source.arch, num_params=source.num_params,
+    )
+    manifest["convert_seconds"] = round(time.perf_counter() - started, 2)
+    return Artifact(final, manifest)
+
+
+class OnnxRuntimeRunner(Runner):
+    """ONNX Runtime on CPU (or the providers given), threads fixed when asked."""
+
+    def __init__(self, artifact: Artifact, threads: int | None = None,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+        super().__init__(artifact, threads)
+        self.providers = providers
+        self.session = None
+
+    def load(self) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.artifact.path), opts, providers=list(self.providers))
+
+    def close(self) -> None:
+        self.session = None
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.session.get_outputs()]
+        started = time.perf_counter()
+        values = self.session.run(names, feeds)
+        self.last_latency_s = time.perf_counter() - started
+        return dict(zip(names, values))
+
+
+register(TargetSpec(
+    name="onnx", source="torch", precisions=("fp32", "fp16"), dynamic_shapes=True, needs_gpu=False,
+    host_os=None, extra="onnx", requires=("onnx", "onnxruntime", "onnxslim", "onnxconverter_common"),
+    options_type=OnnxOptions, convert=convert, runner=OnnxRuntimeRunner,
+    description="ONNX (opset ≥ 17) run by ONNX Runtime",
+))

@@ -1,0 +1,4 @@
+"""Structured channel pruning with torch-pruning.
+
+Not implemented yet: tracked by the training/pruning issue.
+"""

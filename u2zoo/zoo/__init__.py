@@ -1,0 +1,1 @@
+"""The canonical models: layers, architectures, weights registry and the pre/post contract."""

@@ -1,0 +1,62 @@
+"""Reading images into RGB float arrays, with one-line errors for what cannot be read.
+
+Grayscale, palette, RGBA, CMYK and 16-bit images are converted (16-bit keeps its full
+precision: the contract divides by the image's max anyway); unreadable or empty files raise
+``ImageError``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from u2zoo.errors import ImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as an (H, W, 3) float32 RGB array in [0, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise ImageError(f"image file is empty (0 bytes): {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return pil_to_rgb(img)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"cannot read image {path}: {exc}") from None
+
+
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """Any Pillow image → (H, W, 3) float32 RGB in [0, 1]."""
+    if img.width == 0 or img.height == 0:
+        raise ImageError("image has zero width or height")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale (PNG/TIFF)
+        gray = np.asarray(img, dtype=np.float32)
+        peak = 65535.0 if gray.max() > 255 or img.mode.startswith("I;16") else 255.0
+        gray = np.clip(gray / peak, 0.0, 1.0)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode == "F":
+        gray = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+        return np.repeat(gray[..., None], 3, axis=2)
+    # RGBA/LA/P/CMYK: alpha is dropped, as the official code (which reads channels 0..2) does
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def list_images(inputs: list[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of image paths."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.exists():
+            found.append(path)
+        else:
+            raise ImageError(f"input not found: {path}")
+    return found

@@ -1,0 +1,304 @@
+"""The weights registry: typed entries, a verified download cache, and safe loading.
+
+Weights can be named three ways wherever a model is asked for: a registry name
+(``u2netp``, ``u2netp.fp16_bnfolded``…), a local path, or a URL (``http(s)://`` or
+``file://``) together with its sha256. Downloads go to ``$U2ZOO_HOME/weights`` (default
+``~/.cache/u2zoo``) under a file lock, into a temp file that is hashed while written and
+renamed only once its hash matches. Checkpoints are read with ``torch.load(weights_only=True)``
+only, so a pickle carrying code is refused, never run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from u2zoo.errors import ConfigError, WeightsError, did_you_mean
+from u2zoo.zoo.archs import ARCHS, U2NetBase, build_arch
+from u2zoo.zoo.contract import PORTRAIT, SALIENCY, Contract
+
+_OFFICIAL_ORIGIN = "xuebinqin/U-2-Net (Qin et al. 2020), official release"
+_GDRIVE = "https://drive.google.com/uc?export=download&id="
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One checkpoint: where it comes from, how to verify it, and how to use it."""
+
+    name: str
+    arch: str
+    filename: str
+    task: str  # saliency | human-seg | portrait-drawing
+    urls: tuple[str, ...] = ()
+    sha256: str | None = None
+    md5: str | None = None  # only where upstream publishes md5 and no sha256 is known
+    file_size: int | None = None  # bytes; None where upstream does not publish it
+    num_params: int | None = None
+    license: str = "Apache-2.0"
+    origin: str = _OFFICIAL_ORIGIN
+    contract: Contract = field(default_factory=Contract)
+    notes: str = ""
+
+    def cache_path(self) -> Path:
+        return cache_dir() / "weights" / self.filename
+
+
+REGISTRY: dict[str, WeightsEntry] = {
+    e.name: e
+    for e in (
+        WeightsEntry(
+            "u2net", "u2net", "u2net.pth", "saliency",
+            urls=(_GDRIVE + "1ao1ovG1Qtx4b7EoskHXmi2E9rp5CHLcZ",),
+            md5="347c3d51b01528e5c6c071e3cff1cb55", num_params=44_009_869, contract=SALIENCY,
+            notes="md5 as published by the rembg/backgroundremover loaders; Google Drive may answer "
+                  "with a confirmation page, which the hash check rejects",
+        ),
+        WeightsEntry(
+            "u2netp", "u2netp", "u2netp.pth", "saliency",
+            urls=(_GDRIVE + "1rbSTGKAE-MTxBYHd-51l2hMOQPT_7EPy",),
+            md5="e4f636406ca4e2af789941e7f139ee2e", num_params=1_131_181, contract=SALIENCY,
+        ),
+        WeightsEntry(
+            "u2netp.fp16_bnfolded", "u2netp", "u2netp_fp16_bnfolded.pth", "saliency",
+            sha256="5eb1b2a6523cfcadcf178307e4bef80ca00026a59c14d019d5eed265baa8547b",
+            file_size=4_844_827, num_params=1_131_181, contract=SALIENCY,
+            origin="official U2NETP via rembg's u2netp.onnx: conv weights rounded to fp16, BatchNorm "
+                   "folded into the convs (BN layers identity)",
+            notes="no public URL: import a copy with `u2zoo fetch u2netp.fp16_bnfolded --from PATH`",
+        ),
+        WeightsEntry(
+            "u2net_human_seg", "u2net", "u2net_human_seg.pth", "human-seg",
+            urls=(_GDRIVE + "1-Yg0cxgrNhHP-016FPdp902BR-kSsA4P",),
+            md5="09fb4e49b7f785c9f855baf94916840a", num_params=44_009_869, contract=SALIENCY,
+        ),
+        WeightsEntry(
+            "u2net_portrait", "u2net", "u2net_portrait.pth", "portrait-drawing",
+            urls=(_GDRIVE + "1IG3HdpcRiDoWNookbncQjeaPN28t90yW",),
+            num_params=44_009_869, contract=PORTRAIT,
+            notes="upstream publishes no hash, so it is never downloaded unverified: download it "
+                  "yourself and pass --weights PATH",
+        ),
+    )
+}
+
+# What `--model ARCH` means when no weights are given.
+DEFAULT: dict[str, str] = {"u2net": "u2net", "u2netp": "u2netp"}
+
+
+def cache_dir() -> Path:
+    """``$U2ZOO_HOME``, else ``$XDG_CACHE_HOME/u2zoo``, else ``~/.cache/u2zoo``."""
+    if os.environ.get("U2ZOO_HOME"):
+        return Path(os.environ["U2ZOO_HOME"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "u2zoo"
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_hashes(path: Path, sha256: str | None, md5: str | None, what: str) -> str:
+    """Verify every known hash of ``path``; return its sha256."""
+    actual_sha = file_digest(path, "sha256")
+    if sha256 and actual_sha != sha256.lower():
+        raise WeightsError(f"hash mismatch for {what}: expected sha256 {sha256}, got {actual_sha}")
+    if md5 and (actual_md5 := file_digest(path, "md5")) != md5.lower():
+        raise WeightsError(f"hash mismatch for {what}: expected md5 {md5}, got {actual_md5}")
+    return actual_sha
+
+
+def download(url: str, dest: Path, sha256: str | None = None, md5: str | None = None,
+             progress: bool = True) -> Path:
+    """Fetch ``url`` to ``dest`` under a lock; verified before the rename, never after.
+
+    A download with no known hash is refused: unverified bytes are never used.
+    """
+    if not (sha256 or md5):
+        raise WeightsError(f"refusing to download {url} without a known hash (give its sha256)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(dest) + ".lock"):
+        if dest.exists():
+            try:
+                _check_hashes(dest, sha256, md5, str(dest))
+                return dest
+            except WeightsError:
+                pass  # a stale or damaged cache entry: fetch it again
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+                total = int(resp.headers.get("Content-Length") or 0) or None
+                from tqdm import tqdm
+
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress,
+                          leave=False) as bar:
+                    for chunk in iter(lambda: resp.read(1 << 20), b""):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+            _check_hashes(Path(tmp_name), sha256, md5, url)
+            os.replace(tmp_name, dest)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise WeightsError(f"download failed: {url}: {getattr(exc, 'reason', exc)}") from None
+        finally:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+    return dest
+
+
+def find_entry(name: str) -> WeightsEntry:
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown weights {name!r}{did_you_mean(name, REGISTRY)}")
+    return REGISTRY[name]
+
+
+def entry_for_sha256(sha256: str) -> WeightsEntry | None:
+    return next((e for e in REGISTRY.values() if e.sha256 == sha256), None)
+
+
+def fetch(entry: WeightsEntry, source: str | None = None, progress: bool = True) -> Path:
+    """Put a verified copy of ``entry`` in the cache, from its URLs or from ``source``."""
+    dest = entry.cache_path()
+    if source is None and dest.exists():
+        _check_hashes(dest, entry.sha256, entry.md5, str(dest))
+        return dest
+    if not (entry.sha256 or entry.md5):
+        raise WeightsError(f"{entry.name}: {entry.notes or 'no published hash'}")
+    if source is not None and "://" not in source:
+        src = Path(source)
+        if not src.is_file():
+            raise WeightsError(f"weights file not found: {src}")
+        _check_hashes(src, entry.sha256, entry.md5, str(src))
+        source = src.resolve().as_uri()
+    urls = (source,) if source else entry.urls
+    if not urls:
+        raise WeightsError(f"{entry.name} is not in the cache ({dest}) and has no public URL: {entry.notes}")
+    errors = []
+    for url in urls:
+        try:
+            return download(url, dest, entry.sha256, entry.md5, progress)
+        except WeightsError as exc:
+            errors.append(str(exc))
+    raise WeightsError(errors[-1] if len(errors) == 1 else "; ".join(errors))
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What the manifest records about the weights a model was built from."""
+
+    name: str | None  # registry name, when known
+    source: str  # path or URL as given, or "random"
+    sha256: str | None
+    arch: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "sha256": self.sha256, "arch": self.arch}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint safely (weights_only) and map every failure to one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if code:
+            raise WeightsError(f"{path}: refused: the checkpoint holds pickled code or objects ({code.group(1)}), "
+                               "not just tensors (loaded with weights_only=True)") from None
+        raise WeightsError(f"{path}: corrupt checkpoint: not a valid torch pickle") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"{path}: corrupt or truncated checkpoint: {first}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
+    return obj
+
+
+def apply_state_dict(model: U2NetBase, state: dict[str, torch.Tensor], arch: str, source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the mismatching keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(state[k].shape)}≠{tuple(v.shape)}" for k, v in expected.items()
+                if k in state and state[k].shape != v.shape]
+    if missing or unexpected or reshaped:
+        parts = [f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("of other shape", reshaped))
+                 if items]
+        raise WeightsError(f"{source} does not fit architecture {arch!r}: keys " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def resolve_model_name(name: str) -> tuple[str, WeightsEntry | None]:
+    """``--model`` takes an architecture or a weights entry name → (arch, entry or None)."""
+    if name in REGISTRY:
+        entry = REGISTRY[name]
+        return entry.arch, entry
+    if name in ARCHS:
+        return name, REGISTRY.get(DEFAULT.get(name, ""))
+    raise ConfigError(f"unknown model {name!r}{did_you_mean(name, [*ARCHS, *REGISTRY])}")
+
+
+def load_model(name: str, weights: str | None = None, weights_sha256: str | None = None,
+               random_weights: bool = False, deploy: bool = True,
+               progress: bool = True) -> tuple[U2NetBase, WeightsInfo, Contract]:
+    """Build the model ``name`` and load its weights; return it with provenance and contract.
+
+    ``weights`` is a path or URL overriding the registry; ``random_weights`` must be asked for
+    explicitly — nothing ever falls back to random weights silently.
+    """
+    arch, entry = resolve_model_name(name)
+    model = build_arch(arch, deploy=deploy)
+    contract = entry.contract if entry else SALIENCY
+    if random_weights:
+        if weights:
+            raise ConfigError("--random-weights and --weights exclude each other")
+        return model, WeightsInfo(None, "random", None, arch), contract
+    if weights and "://" in weights:
+        if not weights_sha256:
+            raise ConfigError("a weights URL needs its sha256 (--weights-sha256): downloads are verified before use")
+        target = cache_dir() / "weights" / f"url-{weights_sha256[:16]}.pth"
+        path = download(weights, target, sha256=weights_sha256, progress=progress)
+    elif weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"weights file not found: {path}")
+        if weights_sha256:
+            _check_hashes(path, weights_sha256, None, str(path))
+    elif entry is None:
+        raise WeightsError(f"no registered weights for {arch!r}: pass --weights PATH, or --random-weights "
+                           "for an untrained model")
+    else:
+        path = fetch(entry, progress=progress)
+    sha = file_digest(path)
+    known = entry_for_sha256(sha)
+    if known is None and entry is not None and entry.cache_path() == Path(path):
+        known = entry
+    apply_state_dict(model, read_state_dict(path), arch, str(path))
+    if known is not None:
+        contract = known.contract
+    return model, WeightsInfo(known.name if known else None, str(weights or path), sha, arch), contract
+
+
+def cached_entries(arch: str) -> list[WeightsEntry]:
+    """Registry entries of ``arch`` already present in the cache (verification happens on load)."""
+    return [e for e in REGISTRY.values() if e.arch == arch and e.cache_path().is_file()]
