@@ -13,6 +13,8 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -66,8 +68,17 @@ def host_info() -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"os": platform.platform(), "machine": platform.machine(), "cpu": cpu,
-            "cores": os.cpu_count(), "python": platform.python_version()}
+    gpu = driver = None
+    if shutil.which("nvidia-smi"):
+        try:
+            query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                   capture_output=True, text=True, timeout=10, check=True)
+            gpu, driver = [part.strip() for part in query.stdout.splitlines()[0].split(",")[:2]]
+        except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+            pass
+    return {"hostname": platform.node(), "os": platform.platform(), "machine": platform.machine(), "cpu": cpu,
+            "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()], "gpu": gpu,
+            "driver": driver, "python": platform.python_version()}
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,69 @@ def cmd_time(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The parity-and-speed matrix; with --gate, failing cells make the exit code non-zero."""
+    from u2zoo.benchmarks.gates import load_gates
+    from u2zoo.benchmarks.matrix import BenchConfig, run_matrix
+    from u2zoo.benchmarks.report import write_results
+    from u2zoo.converters.base import ensure_writable_dir
+
+    gates = load_gates(None if args.gate in (None, "default") else args.gate)
+    try:
+        batches = tuple(int(b) for b in _csv(args.batches))
+    except ValueError:
+        raise ConfigError(f"--batches must be comma-separated integers, not {args.batches!r}") from None
+    cfg = BenchConfig(
+        models=_csv(args.model), targets=_csv(args.targets), precisions=_csv(args.precisions),
+        data=Path(args.data), gt=Path(args.gt) if args.gt else None, out=Path(args.out), gates=gates,
+        weights=args.weights, weights_sha256=args.weights_sha256, random_weights=args.random_weights,
+        runs=args.runs, warmup=args.warmup, batches=batches, boundary_band=args.boundary_band,
+        **({"threads": args.threads} if args.threads else {}),
+    )
+    cfg.validate()
+    ensure_writable_dir(cfg.out)
+
+    def progress(row: dict) -> None:
+        if not args.quiet:
+            print(f"  {row['model']}/{row['target']}/{row['precision']}: {row['status']}"
+                  + (f" ({row['reason']})" if row["reason"] else ""), file=sys.stderr)
+
+    rows = run_matrix(cfg, on_row=progress)
+    paths = write_results(rows, cfg.out)
+    print(paths["markdown"].read_text(encoding="utf-8"))
+    for note in sorted({n for row in rows for n in row.get("notes", [])}):
+        print(f"note: {note}")
+    print(f"results: {', '.join(str(p) for p in paths.values())}")
+    failing = [r for r in rows if r["status"] in ("convert_failed", "run_failed", "parity_failed")]
+    unavailable = [r for r in rows if r["status"] == "unavailable"]
+    if unavailable:
+        print(f"{len(unavailable)} cell(s) unavailable on this host (see the reason column)")
+    if args.gate is None:
+        return 0
+    for r in failing:
+        print(f"gate failed: {r['model']}/{r['target']}/{r['precision']}: {r['status']}: {r['reason']}", file=sys.stderr)
+    if args.fail_on_unavailable:
+        for r in unavailable:
+            print(f"gate failed: {r['model']}/{r['target']}/{r['precision']}: unavailable: {r['reason']}", file=sys.stderr)
+        failing += unavailable
+    return 1 if failing else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from u2zoo.benchmarks.report import load_results, write_report
+    from u2zoo.converters.base import ensure_writable_dir
+
+    rows = load_results([Path(p) for p in args.results])
+    paths = write_report(rows, ensure_writable_dir(Path(args.out)))
+    print(paths["markdown"].read_text(encoding="utf-8"))
+    print(f"report: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from u2zoo.zoo.archs import ARCHS, build_arch, count_macs, count_params
     from u2zoo.zoo.weights import REGISTRY
@@ -237,6 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=20, help="timed runs (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
     p.add_argument("--batch", type=int, default=1, help="batch size (dynamic artifacts)")
+
+    p = add("bench", cmd_bench, "parity-and-speed matrix: models × targets × precisions on your images")
+    p.add_argument("--model", required=True, help="comma-separated models, e.g. u2netp,u2net-lite")
+    _add_weights_args(p)
+    p.add_argument("--targets", default="onnx", help="comma-separated targets (default: onnx)")
+    p.add_argument("--precisions", default="fp32", help="comma-separated: fp32,fp16,int8 (default: fp32)")
+    p.add_argument("--data", required=True, help="folder of images (any sizes and modes)")
+    p.add_argument("--gt", help="folder of ground-truth masks paired by file stem (adds accuracy columns)")
+    p.add_argument("--gate", help="gate YAML ('default' = the shipped gates); failing cells → exit 1")
+    p.add_argument("--fail-on-unavailable", action="store_true", help="with --gate: unavailable cells fail too")
+    p.add_argument("--threads", type=int, help="threads for every runtime (default: all cores)")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per cell (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up runs (default 3)")
+    p.add_argument("--batches", default="1,4,8,16", help="batch sizes for throughput (dynamic artifacts)")
+    p.add_argument("--boundary-band", type=int, default=5, help="band width in px for the boundary error")
+    p.add_argument("--out", required=True, help="output folder (artifacts, results.jsonl/csv/md)")
+
+    p = add("report", cmd_report, "merge results.jsonl files from several machines into tables, plots and HTML")
+    p.add_argument("results", nargs="+", help="results.jsonl files")
+    p.add_argument("--out", required=True, help="output folder")
 
     p = add("fetch", cmd_fetch, "download (or import with --from) registered weights into the cache, verified")
     p.add_argument("name", help="registered weights name")

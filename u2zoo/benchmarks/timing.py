@@ -45,3 +45,27 @@ def measure_latency(predictor, batch: np.ndarray, runs: int = 20, warmup: int = 
     values = np.asarray(samples)
     return Latency(runs, warmup, int(batch.shape[0]), threads, float(np.median(values)),
                    float(np.percentile(values, 90)), float(values.mean()), float(values.min()))
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux ≥ 4.0) so the next reading is per cell."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process since the last reset (VmHWM), in MB."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # never reset: process-wide

@@ -1,0 +1,135 @@
+"""`u2zoo bench` end to end on real runtimes, and its bad inputs."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REAL_WEIGHTS, TEST_DATA, needs_shared
+from u2zoo.cli import main
+from u2zoo.zoo.archs import build_arch
+
+
+def run(capsys, *argv):
+    code = main(["-q", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """Images of mixed sizes and modes, plus one unreadable file."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / "rgb.jpg")
+    Image.fromarray(rng.integers(0, 255, (30, 20), dtype=np.uint8), "L").save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8), "RGBA").save(folder / "rgba.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    torch.manual_seed(5)
+    path = tmp_path / "tiny.pth"
+    torch.save(build_arch("u2net-tiny").state_dict(), path)
+    return path
+
+
+def bench_args(tiny_weights, data_dir, out, *extra):
+    return ["bench", "--model", "u2net-tiny", "--weights", tiny_weights, "--data", data_dir, "--out", out,
+            "--runs", "2", "--warmup", "1", "--batches", "1,2", "--threads", "1", *extra]
+
+
+def test_matrix_cells_results_files_and_default_gate(capsys, tmp_path, tiny_weights, data_dir):
+    code, out, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", "--targets", "onnx,openvino",
+                                             "--precisions", "fp32,int8", "--gate", "default"))
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    cells = {(r["target"], r["precision"]): r for r in rows}
+    assert set(cells) == {("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"), ("openvino", "int8")}
+    ok = cells[("onnx", "fp32")]
+    assert ok["status"] == "ok" and ok["schema"] == "u2zoo.results" and ok["schema_version"] == 1
+    assert ok["parity"]["max_abs"] <= 5e-4 and ok["parity"]["iou50"] > 0.99 and ok["gate"]["passed"]
+    assert ok["artifact"]["size_bytes"] > 0 and len(ok["artifact"]["sha256"]) == 64
+    speed = ok["speed"]
+    assert speed["threads"] == 1 and speed["latency_ms_p50"] > 0 and speed["e2e_ms_p50"] >= speed["latency_ms_p50"] * 0.5
+    assert set(speed["throughput"]) == {"1", "2"} and speed["peak_rss_mb"] > 0 and speed["load_s"] > 0
+    assert ok["host"]["cores"] >= 1 and "load_avg" in ok["host"] and ok["tools"]["onnxruntime"]
+    assert "skipped broken.png" in " ".join(ok["notes"])
+    assert cells[("onnx", "int8")]["status"] == "unavailable"
+    assert "does not support int8" in cells[("onnx", "int8")]["reason"]
+    assert "not implemented" in cells[("openvino", "fp32")]["reason"]
+    # printed and written table, CSV with the same cells
+    assert "| u2net-tiny" in out and "3 cell(s) unavailable" in out
+    with open(tmp_path / "b" / "results.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    assert (tmp_path / "b" / "results.md").read_text().count("| u2net-tiny") == 4
+
+
+def test_impossible_gate_exits_non_zero_and_names_the_cell(capsys, tmp_path, tiny_weights, data_dir):
+    gate = tmp_path / "impossible.yaml"
+    gate.write_text("precisions:\n  fp32:\n    max_abs: 0.0\n    iou50_min: 1.5\n")
+    code, out, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", "--gate", gate))
+    assert code == 1
+    assert "gate failed: u2net-tiny/onnx/fp32: parity_failed: max_abs" in err and "iou50 1 < 1.5" in err
+    assert "parity_failed" in out
+
+
+def test_ground_truth_adds_accuracy_and_resizes_other_sizes(capsys, tmp_path, tiny_weights, data_dir):
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for stem, size in [("rgb", (64, 48)), ("gray", (10, 15)), ("rgba", (40, 40))]:  # gray's GT is smaller
+        Image.fromarray((np.arange(size[0] * size[1]).reshape(size[1], size[0]) % 2 * 255).astype(np.uint8)).save(gt / f"{stem}.png")
+    code, out, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", "--gt", gt))
+    assert code == 0, err
+    row = json.loads((tmp_path / "b" / "results.jsonl").read_text().splitlines()[0])
+    assert 0 <= row["accuracy"]["mae"] <= 1 and 0 <= row["accuracy"]["max_f"] <= 1
+    assert row["parity"]["reference"] == "torch vs ground truth"
+    assert "resized 1 ground-truth mask(s)" in out
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--targets", "onnxx"], "unknown target 'onnxx'; did you mean 'onnx'"),
+    (["--precisions", "fp8"], "unknown precision 'fp8'"),
+    (["--batches", "1,x"], "--batches must be comma-separated integers"),
+    (["--runs", "0"], "--runs and --threads must be ≥ 1"),
+])
+def test_bad_bench_options(capsys, tmp_path, tiny_weights, data_dir, extra, pattern):
+    code, _, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", *extra))
+    assert code == 2 and err.startswith("u2zoo: error: ") and pattern in err and len(err.strip().splitlines()) == 1
+
+
+def test_empty_data_missing_gt_and_bad_gate(capsys, tmp_path, tiny_weights, data_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(capsys, *bench_args(tiny_weights, empty, tmp_path / "b"))
+    assert code == 2 and "no readable images" in err
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    code, _, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", "--gt", gt))
+    assert code == 2 and "3 image(s) have no ground-truth mask" in err
+    gate = tmp_path / "g.yaml"
+    gate.write_text("precisions: {fp32: {max_abs: 1e-3, maxabs: 2}}")
+    code, _, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", "--gate", gate))
+    assert code == 2 and "unknown key 'maxabs'" in err
+
+
+@needs_shared
+def test_real_u2netp_fp32_and_fp16_pass_the_default_gates(capsys, tmp_path):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for name in ("girl.png", "hockey.png", "im_01.png", "rifle2.jpeg"):
+        (data / name).symlink_to(TEST_DATA / "test_images" / name)
+    code, out, err = run(capsys, "bench", "--model", "u2netp", "--weights", REAL_WEIGHTS, "--targets", "onnx",
+                         "--precisions", "fp32,fp16", "--data", data, "--out", tmp_path / "b", "--runs", "3",
+                         "--batches", "1", "--gate", "default")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["weights"]["name"] == "u2netp.fp16_bnfolded"
+    assert rows[1]["parity"]["iou50"] >= 0.98 and rows[1]["parity"]["delta_mae"] <= 0.01

@@ -1,0 +1,265 @@
+"""The parity-and-speed matrix: models × targets × precisions, every cell proven or explained.
+
+Per model, the images are read and preprocessed once and the PyTorch reference runs once;
+every cell then replays exactly those inputs through its artifact in its real runtime. A
+cell ends with a status — ``ok``, ``unavailable``, ``convert_failed``, ``run_failed`` or
+``parity_failed`` — and a failing or missing backend never stops the run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from u2zoo.artifact import host_info, tool_versions
+from u2zoo.benchmarks.compare import Tolerance, iou_at
+from u2zoo.benchmarks.gates import Gates
+from u2zoo.benchmarks.metrics import SaliencyMetrics, boundary_band
+from u2zoo.benchmarks.report import RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION
+from u2zoo.benchmarks.timing import measure_latency, peak_rss_mb, reset_peak_rss
+from u2zoo.converters import TARGETS
+from u2zoo.errors import ConfigError, U2ZooError, did_you_mean
+from u2zoo.pipeline import run_batched
+from u2zoo.zoo.contract import Contract, postprocess, preprocess
+from u2zoo.zoo.images import IMAGE_SUFFIXES, list_images, load_rgb
+from u2zoo.zoo.reference import TorchPredictor
+from u2zoo.zoo.weights import load_model
+
+# Every target the project plans; those not yet implemented report `unavailable`.
+KNOWN_TARGETS = ("onnx", "openvino", "tensorrt", "tflite", "coreml", "executorch", "aoti")
+KNOWN_PRECISIONS = ("fp32", "fp16", "int8")
+TOOLS = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "coremltools",
+         "ai-edge-litert", "litert-torch", "executorch")
+
+
+@dataclass
+class BenchConfig:
+    models: list[str]
+    targets: list[str]
+    precisions: list[str]
+    data: Path
+    out: Path
+    gates: Gates
+    gt: Path | None = None
+    weights: str | None = None
+    weights_sha256: str | None = None
+    random_weights: bool = False
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    runs: int = 20
+    warmup: int = 3
+    batches: tuple[int, ...] = (1, 4, 8, 16)
+    boundary_band: int = 5
+
+    def validate(self) -> None:
+        for target in self.targets:
+            if target not in KNOWN_TARGETS:
+                raise ConfigError(f"unknown target {target!r}{did_you_mean(target, KNOWN_TARGETS)}")
+        for precision in self.precisions:
+            if precision not in KNOWN_PRECISIONS:
+                raise ConfigError(f"unknown precision {precision!r}{did_you_mean(precision, KNOWN_PRECISIONS)}")
+        if self.runs < 1 or self.warmup < 0 or self.threads < 1 or any(b < 1 for b in self.batches):
+            raise ConfigError("--runs and --threads must be ≥ 1, --warmup ≥ 0, batches ≥ 1")
+        if not self.data.is_dir():
+            raise ConfigError(f"data folder not found: {self.data}")
+        if self.gt is not None and not self.gt.is_dir():
+            raise ConfigError(f"ground-truth folder not found: {self.gt}")
+
+
+@dataclass
+class BenchData:
+    """The replayed inputs of one model: images, their preprocessed batch, optional GT masks."""
+
+    paths: list[Path]
+    images: list[np.ndarray]
+    inputs: np.ndarray  # (N, 3, h, w) float32, the contract applied once
+    gts: list[np.ndarray] | None
+    notes: list[str]
+    contract: Contract
+
+
+def _find_gt(gt_dir: Path, stem: str) -> Path | None:
+    return next((gt_dir / f"{stem}{s}" for s in sorted(IMAGE_SUFFIXES) if (gt_dir / f"{stem}{s}").is_file()), None)
+
+
+def _read_gt(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """GT mask as float [0,1] at the image's size (nearest-resized when it differs)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        gray = img.convert("L")
+        resized = gray.size != (size[1], size[0])
+        if resized:
+            gray = gray.resize((size[1], size[0]), Image.Resampling.NEAREST)
+        return np.asarray(gray, np.float32) / 255.0, resized
+
+
+def load_bench_data(data_dir: Path, gt_dir: Path | None, contract: Contract) -> BenchData:
+    """Read every image once (mixed sizes/modes converted; unreadable ones skipped and noted)."""
+    paths, images, notes = [], [], []
+    for path in list_images([data_dir]):
+        try:
+            images.append(load_rgb(path))
+            paths.append(path)
+        except U2ZooError as exc:
+            notes.append(f"skipped {path.name}: {exc}")
+    if not paths:
+        raise ConfigError(f"no readable images in {data_dir}")
+    gts = None
+    if gt_dir is not None:
+        found = {p: _find_gt(gt_dir, p.stem) for p in paths}
+        missing = [p.stem for p, g in found.items() if g is None]
+        if missing:
+            raise ConfigError(f"{len(missing)} image(s) have no ground-truth mask in {gt_dir} "
+                              f"(e.g. {', '.join(missing[:3])}); masks pair with images by file stem")
+        gts, resized = [], 0
+        for path, image in zip(paths, images):
+            mask, was_resized = _read_gt(found[path], image.shape[:2])
+            gts.append(mask)
+            resized += was_resized
+        if resized:
+            notes.append(f"resized {resized} ground-truth mask(s) to their image's size (nearest)")
+    inputs = np.stack([preprocess(img, contract.pre) for img in images])
+    return BenchData(paths, images, inputs, gts, notes, contract)
+
+
+def parity_metrics(reference: np.ndarray, candidate: np.ndarray, data: BenchData, band: int) -> dict[str, Any]:
+    """Artifact vs torch: raw-map errors, and saliency metrics of both maps at image size."""
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    post = data.contract.post
+    ref_maps = [postprocess(r, img.shape[:2], post) for r, img in zip(reference, data.images)]
+    cand_maps = [postprocess(c, img.shape[:2], post) for c, img in zip(candidate, data.images)]
+    truths = data.gts if data.gts is not None else [(m > 0.5).astype(np.float32) for m in ref_maps]
+    ref_scores, cand_scores = SaliencyMetrics(band), SaliencyMetrics(band)
+    boundary = []
+    for ref_map, cand_map, truth in zip(ref_maps, cand_maps, truths):
+        ref_scores.add(ref_map, truth)
+        cand_scores.add(cand_map, truth)
+        zone = boundary_band(ref_map > 0.5, band)
+        boundary.append(float(np.abs(ref_map - cand_map)[zone].mean()) if zone.any() else 0.0)
+    ref_result, cand_result = ref_scores.result(), cand_scores.result()
+    return {
+        "max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+        "iou50": float(np.mean([iou_at(r, c) for r, c in zip(ref_maps, cand_maps)])),
+        "delta_mae": abs(cand_result.mae - ref_result.mae),
+        "delta_max_f": ref_result.max_f - cand_result.max_f,
+        "boundary_mae": float(np.mean(boundary)),
+        "reference": "torch vs ground truth" if data.gts is not None else "torch (its own map at 0.5 as pseudo-GT)",
+        "accuracy_reference": ref_result.to_dict() if data.gts is not None else None,
+        "_candidate": cand_result,
+    }
+
+
+def measure_speed(runner, data: BenchData, cfg: BenchConfig, load_s: float) -> dict[str, Any]:
+    """Engine latency (batch 1), batch throughput where allowed, end-to-end and peak memory."""
+    one = data.inputs[:1]
+    latency = measure_latency(runner, one, cfg.runs, cfg.warmup, cfg.threads)
+    throughput = {}
+    for batch in cfg.batches:
+        if runner.fixed_batch not in (None, batch):
+            continue  # a static artifact runs only the batch it was built for
+        result = measure_latency(runner, np.repeat(one, batch, axis=0), max(3, cfg.runs // 4), 1, cfg.threads)
+        throughput[str(batch)] = round(result.fps, 3)
+    contract = data.contract
+    e2e = []
+    for image in data.images[: max(3, min(len(data.images), cfg.runs))]:
+        started = time.perf_counter()
+        out = run_batched(runner, preprocess(image, contract.pre, runner.fixed_size or contract.pre.size)[None])
+        postprocess(out[0], image.shape[:2], contract.post)
+        e2e.append((time.perf_counter() - started) * 1000)
+    return {
+        "threads": cfg.threads, "batch": 1, "runs": cfg.runs, "warmup": cfg.warmup,
+        "latency_ms_p50": latency.p50_ms, "latency_ms_p90": latency.p90_ms, "latency_ms_mean": latency.mean_ms,
+        "fps": latency.fps, "e2e_ms_p50": float(np.median(e2e)), "load_s": load_s,
+        "peak_rss_mb": peak_rss_mb(), "throughput": throughput,
+    }
+
+
+def _row(cfg: BenchConfig, run_id: str, model: str, target: str, precision: str, weights: dict | None,
+         status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "schema": RESULTS_SCHEMA, "schema_version": RESULTS_SCHEMA_VERSION, "run_id": run_id,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model, "weights": weights, "target": target, "precision": precision,
+        "options": extra.pop("options", {}), "status": status, "reason": reason,
+        "artifact": extra.pop("artifact", None), "parity": extra.pop("parity", None),
+        "accuracy": extra.pop("accuracy", None), "speed": extra.pop("speed", None),
+        "gate": extra.pop("gate", None), "notes": extra.pop("notes", []),
+        "host": host_info(), "tools": {k: v for k, v in tool_versions(*TOOLS).items() if v},
+    }
+
+
+def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: str,
+             data: BenchData, reference: np.ndarray, weights: dict) -> dict[str, Any]:
+    """Convert, load, compare and time one cell; every failure becomes the cell's status."""
+    from u2zoo.convert import convert_model
+
+    def row(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        return _row(cfg, run_id, model, target, precision, weights, status, reason, notes=data.notes, **extra)
+
+    spec = TARGETS.get(target)
+    if spec is None:
+        return row("unavailable", f"target {target!r} is not implemented in this version of u2zoo")
+    if precision not in spec.precisions:
+        return row("unavailable", f"{target} does not support {precision} (supported: {', '.join(spec.precisions)})")
+    reason = spec.unavailable_reason()
+    if reason:
+        return row("unavailable", reason)
+    options = {"precision": precision}
+    if spec.dynamic_shapes:
+        options["dynamic"] = True
+    try:
+        artifact = convert_model(model, target, cfg.out / "artifacts" / model.replace("/", "_"),
+                                 weights=cfg.weights, weights_sha256=cfg.weights_sha256,
+                                 random_weights=cfg.random_weights, parity_images=data.paths[:4],
+                                 tolerance=Tolerance(), progress=False, **options)
+    except Exception as exc:  # noqa: BLE001 - a failing backend must never stop the matrix
+        return row("convert_failed", _one_line(exc), options=options)
+    file = artifact.manifest["files"][0]
+    art = {"file": file["name"], "size_bytes": file["size"], "sha256": file["sha256"]}
+    reset_peak_rss()
+    try:
+        started = time.perf_counter()
+        with spec.runner(artifact, threads=cfg.threads) as runner:
+            load_s = time.perf_counter() - started
+            outputs = run_batched(runner, data.inputs)
+            speed = measure_speed(runner, data, cfg, load_s)
+    except Exception as exc:  # noqa: BLE001
+        return row("run_failed", _one_line(exc), options=options, artifact=art)
+    parity = parity_metrics(reference, outputs, data, cfg.boundary_band)
+    candidate = parity.pop("_candidate")
+    accuracy = candidate.to_dict() if data.gts is not None else None
+    failures = cfg.gates.evaluate(model, target, precision, parity)
+    gate = {"passed": not failures, "failures": failures, "source": cfg.gates.source}
+    return row("parity_failed" if failures else "ok", "; ".join(failures) or None, options=options,
+               artifact=art, parity=parity, accuracy=accuracy, speed=speed, gate=gate)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, U2ZooError) else f"{type(exc).__name__}: {text}"
+
+
+def run_matrix(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run every cell of the matrix; ``on_row`` sees each row as soon as it exists."""
+    cfg.validate()
+    run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    rows = []
+    for model in cfg.models:
+        torch_model, info, contract = load_model(model, cfg.weights, cfg.weights_sha256, cfg.random_weights,
+                                                 deploy=True, progress=False)
+        data = load_bench_data(cfg.data, cfg.gt, contract)
+        reference = run_batched(TorchPredictor(torch_model, threads=cfg.threads), data.inputs)
+        for target in cfg.targets:
+            for precision in cfg.precisions:
+                row = run_cell(cfg, run_id, model, target, precision, data, reference, info.to_dict())
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+    return rows
