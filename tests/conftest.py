@@ -33,3 +33,34 @@ def tiny_dynamic_onnx(tmp_path_factory):
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_onnx")
     return convert_model("u2net-tiny", "onnx", out, random_weights=True, dynamic=True, progress=False)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run ``u2zoo -q ARGV`` in-process; return (exit code, stdout, stderr)."""
+    from u2zoo.cli import main
+
+    code = main(["-q", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, pattern: str) -> None:
+    import re
+
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("u2zoo: error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture
+def tiny_weights(tmp_path) -> Path:
+    """A seeded random checkpoint of the tiny architecture."""
+    import torch
+
+    from u2zoo.zoo.archs import build_arch
+
+    torch.manual_seed(3)
+    path = tmp_path / "tiny.pth"
+    torch.save(build_arch("u2net-tiny").state_dict(), path)
+    return path

@@ -2,21 +2,14 @@
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import REAL_WEIGHTS, TEST_DATA, needs_shared
-from u2zoo.cli import main
-from u2zoo.zoo.archs import build_arch
+from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared, run_cli as run
 
-
-def run(capsys, *argv):
-    code = main(["-q", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -32,26 +25,21 @@ def data_dir(tmp_path):
     return folder
 
 
-@pytest.fixture
-def tiny_weights(tmp_path):
-    torch.manual_seed(5)
-    path = tmp_path / "tiny.pth"
-    torch.save(build_arch("u2net-tiny").state_dict(), path)
-    return path
-
 
 def bench_args(tiny_weights, data_dir, out, *extra):
     return ["bench", "--model", "u2net-tiny", "--weights", tiny_weights, "--data", data_dir, "--out", out,
             "--runs", "2", "--warmup", "1", "--batches", "1,2", "--threads", "1", *extra]
 
 
-def test_matrix_cells_results_files_and_default_gate(capsys, tmp_path, tiny_weights, data_dir):
-    code, out, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", "--targets", "onnx,openvino",
-                                             "--precisions", "fp32,int8", "--gate", "default"))
+def test_matrix_cells_results_files_and_gate(capsys, tmp_path, tiny_weights, data_dir):
+    gate = tmp_path / "gate.yaml"  # random tiny weights: int8 is held to a looser bar than real weights
+    gate.write_text("precisions:\n  fp32: {max_abs: 5.0e-4}\n  int8: {iou50_min: 0.9, delta_mae_max: 0.05}\n")
+    code, out, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", "--targets", "onnx,tflite",
+                                             "--precisions", "fp32,int8", "--gate", gate))
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
     cells = {(r["target"], r["precision"]): r for r in rows}
-    assert set(cells) == {("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"), ("openvino", "int8")}
+    assert set(cells) == {("onnx", "fp32"), ("onnx", "int8"), ("tflite", "fp32"), ("tflite", "int8")}
     ok = cells[("onnx", "fp32")]
     assert ok["status"] == "ok" and ok["schema"] == "u2zoo.results" and ok["schema_version"] == 1
     assert ok["parity"]["max_abs"] <= 5e-4 and ok["parity"]["iou50"] > 0.99 and ok["gate"]["passed"]
@@ -61,11 +49,14 @@ def test_matrix_cells_results_files_and_default_gate(capsys, tmp_path, tiny_weig
     assert set(speed["throughput"]) == {"1", "2"} and speed["peak_rss_mb"] > 0 and speed["load_s"] > 0
     assert ok["host"]["cores"] >= 1 and "load_avg" in ok["host"] and ok["tools"]["onnxruntime"]
     assert "skipped broken.png" in " ".join(ok["notes"])
-    assert cells[("onnx", "int8")]["status"] == "unavailable"
-    assert "does not support int8" in cells[("onnx", "int8")]["reason"]
-    assert "not implemented" in cells[("openvino", "fp32")]["reason"]
+    int8 = cells[("onnx", "int8")]
+    assert int8["status"] == "ok" and int8["parity"]["iou50"] >= 0.9
+    manifest = json.loads((tmp_path / "b" / "artifacts" / "u2net-tiny" / "u2net-tiny_onnx_int8_dynamic.u2zoo.json").read_text())
+    dumped = np.load(tmp_path / "b" / "calibration" / "u2net-tiny.npz")
+    assert manifest["calibration"]["sha256"] == str(dumped["digest"]) and manifest["calibration"]["num_images"] == 3
+    assert "not implemented" in cells[("tflite", "fp32")]["reason"]
     # printed and written table, CSV with the same cells
-    assert "| u2net-tiny" in out and "3 cell(s) unavailable" in out
+    assert "| u2net-tiny" in out and "2 cell(s) unavailable" in out
     with open(tmp_path / "b" / "results.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 4
     assert (tmp_path / "b" / "results.md").read_text().count("| u2net-tiny") == 4
@@ -101,7 +92,8 @@ def test_ground_truth_adds_accuracy_and_resizes_other_sizes(capsys, tmp_path, ti
 ])
 def test_bad_bench_options(capsys, tmp_path, tiny_weights, data_dir, extra, pattern):
     code, _, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", *extra))
-    assert code == 2 and err.startswith("u2zoo: error: ") and pattern in err and len(err.strip().splitlines()) == 1
+    assert code == 2
+    assert_one_line_error(code, err, re.escape(pattern))
 
 
 def test_empty_data_missing_gt_and_bad_gate(capsys, tmp_path, tiny_weights, data_dir):

@@ -8,32 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REAL_WEIGHTS, needs_shared
-from u2zoo.cli import main
-from u2zoo.zoo.archs import build_arch
+from conftest import REAL_WEIGHTS, assert_one_line_error, run_cli as run, needs_shared
 
 
-def run(capsys, *argv):
-    code = main(["-q", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return code, out, err
 
-
-def assert_one_line_error(code, err, pattern):
-    import re
-
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("u2zoo: error: "), err
-    assert re.search(pattern, lines[0]), lines[0]
-
-
-@pytest.fixture
-def tiny_weights(tmp_path):
-    torch.manual_seed(3)
-    path = tmp_path / "tiny.pth"
-    torch.save(build_arch("u2net-tiny").state_dict(), path)
-    return path
 
 
 @pytest.fixture
@@ -55,10 +33,10 @@ def test_convert_real_u2netp_dynamic_and_run_batch_3_of_97x131(capsys, tmp_path)
     assert "wrote" in out and "parity vs torch on 4 image(s)" in out and "dynamic shape check [2, 1, 97, 131]" in out
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(tmp_path / "u2netp_fp32_dynamic.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(tmp_path / "u2netp_onnx_fp32_dynamic.onnx"), providers=["CPUExecutionProvider"])
     (mask,) = session.run(None, {"input": np.random.rand(3, 3, 97, 131).astype(np.float32)})
     assert mask.shape == (3, 1, 97, 131)
-    assert (tmp_path / "u2netp_fp32_dynamic.u2zoo.json").is_file()
+    assert (tmp_path / "u2netp_onnx_fp32_dynamic.u2zoo.json").is_file()
 
 
 def test_predict_with_model_and_with_artifact_writes_masks_and_cutouts(capsys, tmp_path, tiny_weights, photos):
@@ -74,7 +52,7 @@ def test_predict_with_model_and_with_artifact_writes_masks_and_cutouts(capsys, t
     code, _, err = run(capsys, "convert", "--model", "u2net-tiny", "--weights", tiny_weights, "--target", "onnx",
                        "--out", tmp_path / "art")
     assert code == 0, err
-    code, out, err = run(capsys, "predict", "--artifact", tmp_path / "art" / "u2net-tiny_fp32.onnx", photos,
+    code, out, err = run(capsys, "predict", "--artifact", tmp_path / "art" / "u2net-tiny_onnx_fp32.onnx", photos,
                          "--out", tmp_path / "ort")
     assert code == 0, err
     a = np.asarray(Image.open(tmp_path / "torch" / "a.png"), np.int16)
@@ -96,7 +74,10 @@ def test_predict_skips_unreadable_images_and_exits_non_zero(capsys, tmp_path, ti
     (["convert", "--model", "u2netpp", "--target", "onnx", "--random-weights"], "unknown model 'u2netpp'; did you mean 'u2netp'"),
     (["convert", "--model", "u2net-tiny", "--target", "onx", "--random-weights"], "unknown target 'onx'; did you mean 'onnx'"),
     (["convert", "--model", "u2net-tiny", "--target", "onnx", "--weights", "/nonexistent.pth"], "weights file not found"),
-    (["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--int8"], "does not support precision 'int8'"),
+    (["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--int8"], "--int8 needs calibration images"),
+    (["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--fp16", "--int8"], "exclude each other"),
+    (["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--int8", "--calib", "/nonexistent"],
+     "calibration folder not found"),
     (["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--opset", "13"], "opset 13 is too old"),
     (["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--exporter", "jit"], "unknown exporter"),
     (["convert", "--model", "u2net-lite", "--target", "onnx"], "no registered weights for 'u2net-lite'"),

@@ -44,7 +44,7 @@ def test_manifest_records_what_the_artifact_is(tiny_dynamic_onnx):
     assert manifest["schema"] == "u2zoo.artifact" and manifest["schema_version"] == 1
     assert manifest["target"] == "onnx" and manifest["precision"] == "fp32"
     (entry,) = manifest["files"]
-    assert entry["name"] == "u2net-tiny_fp32_dynamic.onnx" and len(entry["sha256"]) == 64
+    assert entry["name"] == "u2net-tiny_onnx_fp32_dynamic.onnx" and len(entry["sha256"]) == 64
     assert entry["size"] == tiny_dynamic_onnx.path.stat().st_size
     assert manifest["weights"] == {"name": None, "source": "random", "sha256": None, "arch": "u2net-tiny"}
     assert manifest["contract"]["pre"]["size"] == [320, 320] and manifest["contract"]["pre"]["mean"][0] == 0.485
@@ -77,7 +77,7 @@ def test_runner_refuses_a_modified_artifact(tmp_path, tiny_dynamic_onnx):
 def test_static_fp16_artifact(tmp_path):
     artifact = convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, precision="fp16",
                              height=64, width=96, batch=2, progress=False)
-    assert artifact.path.name == "u2net-tiny_fp16.onnx"
+    assert artifact.path.name == "u2net-tiny_onnx_fp16.onnx"
     assert artifact.inputs[0].shape == (2, 3, 64, 96) and artifact.inputs[0].dtype == "float32"
     assert artifact.manifest["parity"]["mean_abs"] <= 5e-3
     import onnx
@@ -87,8 +87,12 @@ def test_static_fp16_artifact(tmp_path):
 
 
 def test_unsupported_options_are_refused_not_dropped(tmp_path):
-    with pytest.raises(ConfigError, match=r"precision 'int8' \(supported: fp32, fp16\)"):
+    with pytest.raises(ConfigError, match=r"precision 'int4' \(supported: fp32, fp16, int8\)"):
+        convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, precision="int4")
+    with pytest.raises(ConfigError, match="--int8 needs calibration images"):
         convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, precision="int8")
+    with pytest.raises(ConfigError, match="calib only apply to --int8"):
+        convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, calib=str(tmp_path))
     with pytest.raises(ConfigError, match="opset 16 is too old"):
         convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, opset=16)
     with pytest.raises(ConfigError, match="does not support option"):

@@ -27,10 +27,13 @@ def _target_options(args: argparse.Namespace) -> dict[str, Any]:
         options["precision"] = "fp16"
     if args.int8:
         options["precision"] = "int8"
-    for name in ("dynamic", "opset", "batch", "height", "width", "exporter"):
+    for name in ("dynamic", "opset", "batch", "height", "width", "exporter", "calib", "calib_size",
+                 "calib_method", "keep_fp"):
         value = getattr(args, name)
         if value not in (None, False):
             options[name] = value
+    if args.keep_fp_groups:
+        options["keep_fp_groups"] = tuple(_csv(args.keep_fp_groups))
     return options
 
 
@@ -134,6 +137,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data=Path(args.data), gt=Path(args.gt) if args.gt else None, out=Path(args.out), gates=gates,
         weights=args.weights, weights_sha256=args.weights_sha256, random_weights=args.random_weights,
         runs=args.runs, warmup=args.warmup, batches=batches, boundary_band=args.boundary_band,
+        calib=Path(args.calib) if args.calib else None, calib_size=args.calib_size, keep_fp=args.keep_fp,
         **({"threads": args.threads} if args.threads else {}),
     )
     cfg.validate()
@@ -173,6 +177,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     paths = write_report(rows, ensure_writable_dir(Path(args.out)))
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"report: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    """Rank layer groups by the output error their INT8 quantization alone causes."""
+    import tempfile
+
+    from u2zoo.convert import convert_model
+    from u2zoo.quantization.calibration import calibration_set
+    from u2zoo.quantization.onnx_int8 import sensitivity
+
+    if args.eval_images < 1:
+        raise ConfigError("--eval-images must be at least 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = convert_model(args.model, "onnx", tmp, weights=args.weights, weights_sha256=args.weights_sha256,
+                                 random_weights=args.random_weights, progress=False)
+        calib = calibration_set(args.calib, artifact.contract, args.calib_size)
+        ranking = sensitivity(artifact.path, calib, artifact.inputs[0].name, calib.inputs[: args.eval_images],
+                              args.calib_method or "minmax", args.threads)
+    print(f"INT8 sensitivity of {args.model} (one group quantized at a time, ONNX Runtime S8S8 QDQ, "
+          f"{len(calib.inputs)} calibration / {min(args.eval_images, len(calib.inputs))} evaluation images)")
+    print(f"{'rank':>4}  {'group':<10} {'nodes':>5}  {'mean abs':>10}  {'max abs':>8}")
+    for rank, row in enumerate(ranking, start=1):
+        print(f"{rank:>4}  {row.group:<10} {row.nodes:>5}  {row.mean_abs:>10.3g}  {row.max_abs:>8.3g}")
+    print("keep the top groups in float with: u2zoo convert … --int8 --keep-fp N (or --keep-fp-groups a,b)")
     return 0
 
 
@@ -280,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="static input height (default: the contract's)")
     p.add_argument("--width", type=int, help="static input width (default: the contract's)")
     p.add_argument("--exporter", help="ONNX exporter: torchscript (default, fast) or dynamo")
+    p.add_argument("--calib", help="int8: folder of calibration images (or a dumped .npz)")
+    p.add_argument("--calib-size", type=int, help="int8: use the first N calibration images")
+    p.add_argument("--calib-method", help="int8: minmax (default), entropy or percentile")
+    p.add_argument("--keep-fp", type=int, help="int8: keep the N most sensitive layer groups in float")
+    p.add_argument("--keep-fp-groups", help="int8: comma-separated layer groups to keep in float")
     p.add_argument("--parity-images", help="folder of photos for the parity check (default: bundled samples)")
     p.add_argument("--out", required=True, help="output folder")
 
@@ -315,11 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="warm-up runs (default 3)")
     p.add_argument("--batches", default="1,4,8,16", help="batch sizes for throughput (dynamic artifacts)")
     p.add_argument("--boundary-band", type=int, default=5, help="band width in px for the boundary error")
+    p.add_argument("--calib", help="int8 calibration images (default: the readable images of --data)")
+    p.add_argument("--calib-size", type=int, help="int8: use the first N calibration images")
+    p.add_argument("--keep-fp", type=int, default=0, help="int8: keep the N most sensitive layer groups in float")
     p.add_argument("--out", required=True, help="output folder (artifacts, results.jsonl/csv/md)")
 
     p = add("report", cmd_report, "merge results.jsonl files from several machines into tables, plots and HTML")
     p.add_argument("results", nargs="+", help="results.jsonl files")
     p.add_argument("--out", required=True, help="output folder")
+
+    p = add("sensitivity", cmd_sensitivity, "rank layer groups by their INT8 quantization error")
+    p.add_argument("--model", required=True, help="architecture or weights name")
+    _add_weights_args(p)
+    p.add_argument("--calib", required=True, help="folder of calibration images")
+    p.add_argument("--calib-size", type=int, help="use the first N calibration images")
+    p.add_argument("--calib-method", help="minmax (default), entropy or percentile")
+    p.add_argument("--eval-images", type=int, default=8, help="images the error is measured on (default 8)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads")
 
     p = add("fetch", cmd_fetch, "download (or import with --from) registered weights into the cache, verified")
     p.add_argument("name", help="registered weights name")

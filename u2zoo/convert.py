@@ -60,7 +60,7 @@ def convert_model(model: str, target: str, out_dir: str | Path, *, weights: str 
                                                      deploy=True, progress=progress)
     source = ModelSource(torch_model, weights_info, contract, weights_info.arch, count_params(torch_model))
     precision = getattr(opts, "precision", "fp32")
-    stem = f"{weights_info.arch}_{precision}" + ("_dynamic" if getattr(opts, "dynamic", False) else "")
+    stem = f"{weights_info.arch}_{target}_{precision}" + ("_dynamic" if getattr(opts, "dynamic", False) else "")
     tolerance = tolerance or DEFAULT_TOLERANCES.get(precision, Tolerance())
     images = parity_images or sample_images()
 
@@ -73,7 +73,9 @@ def convert_model(model: str, target: str, out_dir: str | Path, *, weights: str 
             record = parity.to_dict() | {"images": [p.name for p in images]}
             failures = [] if parity else [parity.summary()]
             if getattr(opts, "dynamic", False):
-                odd = measure_odd_shape_parity(runner, reference, tolerance)
+                # int8 ranges come from photos, so noise at an odd shape only proves the shape runs
+                odd_tolerance = Tolerance() if precision == "int8" else tolerance
+                odd = measure_odd_shape_parity(runner, reference, odd_tolerance)
                 record["odd_shape"] = odd.to_dict()
                 failures += [] if odd else [odd.summary()]
         artifact.manifest["parity"] = record

@@ -31,6 +31,7 @@ class Tolerance:
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs=1e-3),
     "fp16": Tolerance(mean_abs=5e-3),
+    "int8": Tolerance(iou50_min=0.98),
 }
 
 

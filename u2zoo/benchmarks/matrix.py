@@ -56,6 +56,9 @@ class BenchConfig:
     warmup: int = 3
     batches: tuple[int, ...] = (1, 4, 8, 16)
     boundary_band: int = 5
+    calib: Path | None = None  # int8 calibration images; default: the readable images of `data`
+    calib_size: int | None = None
+    keep_fp: int = 0  # int8: keep the N most sensitive layer groups in float
 
     def validate(self) -> None:
         for target in self.targets:
@@ -70,6 +73,8 @@ class BenchConfig:
             raise ConfigError(f"data folder not found: {self.data}")
         if self.gt is not None and not self.gt.is_dir():
             raise ConfigError(f"ground-truth folder not found: {self.gt}")
+        if self.calib is not None and not self.calib.is_dir():
+            raise ConfigError(f"calibration folder not found: {self.calib}")
 
 
 @dataclass
@@ -195,8 +200,24 @@ def _row(cfg: BenchConfig, run_id: str, model: str, target: str, precision: str,
     }
 
 
+def dump_calibration(cfg: BenchConfig, model: str, data: BenchData) -> Path:
+    """One calibration set per model, dumped once to .npz and replayed by every INT8 cell."""
+    from u2zoo.quantization.calibration import CalibrationSet, calibration_set
+
+    if cfg.calib is not None:
+        calib = calibration_set(cfg.calib, data.contract, cfg.calib_size)
+    else:
+        count = cfg.calib_size or len(data.paths)
+        if count > len(data.paths):
+            raise ConfigError(f"--calib-size {count} is larger than the {len(data.paths)} readable image(s)")
+        calib = CalibrationSet(data.inputs[:count], str(cfg.data), tuple(p.name for p in data.paths[:count]))
+    folder = cfg.out / "calibration"
+    folder.mkdir(parents=True, exist_ok=True)
+    return calib.save(folder / f"{model}.npz")
+
+
 def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: str,
-             data: BenchData, reference: np.ndarray, weights: dict) -> dict[str, Any]:
+             data: BenchData, reference: np.ndarray, weights: dict, calib: Path | None = None) -> dict[str, Any]:
     """Convert, load, compare and time one cell; every failure becomes the cell's status."""
     from u2zoo.convert import convert_model
 
@@ -211,9 +232,13 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
     reason = spec.unavailable_reason()
     if reason:
         return row("unavailable", reason)
-    options = {"precision": precision}
+    options: dict[str, Any] = {"precision": precision}
     if spec.dynamic_shapes:
         options["dynamic"] = True
+    if precision == "int8":
+        options["calib"] = str(calib)
+        if cfg.keep_fp:
+            options["keep_fp"] = cfg.keep_fp
     try:
         artifact = convert_model(model, target, cfg.out / "artifacts" / model.replace("/", "_"),
                                  weights=cfg.weights, weights_sha256=cfg.weights_sha256,
@@ -256,9 +281,10 @@ def run_matrix(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | None
                                                  deploy=True, progress=False)
         data = load_bench_data(cfg.data, cfg.gt, contract)
         reference = run_batched(TorchPredictor(torch_model, threads=cfg.threads), data.inputs)
+        calib = dump_calibration(cfg, model, data) if "int8" in cfg.precisions else None
         for target in cfg.targets:
             for precision in cfg.precisions:
-                row = run_cell(cfg, run_id, model, target, precision, data, reference, info.to_dict())
+                row = run_cell(cfg, run_id, model, target, precision, data, reference, info.to_dict(), calib)
                 rows.append(row)
                 if on_row:
                     on_row(row)

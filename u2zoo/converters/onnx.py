@@ -6,6 +6,9 @@ Exporter: the TorchScript exporter by default. On this project's CPU it exports 
 ``exporter="dynamo"`` selects the latter, and the manifest records which one ran.
 fp16: weights and arithmetic in float16 with float32 I/O (``keep_io_types``), so every
 runner feeds the same float32 tensors the contract produces.
+int8: static QDQ quantization by ONNX Runtime from a calibration folder (see
+:mod:`u2zoo.quantization.onnx_int8`), optionally keeping the most sensitive layer groups in
+float; the manifest records the calibration digest and what stayed in float.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, new_manifest, tool_versions
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, register
-from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError
+from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
+from u2zoo.zoo.weights import file_digest
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "mask"
@@ -37,8 +42,23 @@ class OnnxOptions:
     width: int | None = None
     exporter: str = "torchscript"  # or "dynamo"
     simplify: bool = True  # run onnxslim
+    # int8 only:
+    calib: str | None = None  # folder of calibration images (or a dumped .npz)
+    calib_size: int | None = None  # use the first N images (sorted); default all
+    calib_method: str = "minmax"  # minmax | entropy | percentile
+    keep_fp: int = 0  # keep the N most sensitive layer groups in float (runs the sensitivity analysis)
+    keep_fp_groups: tuple[str, ...] = ()  # or name the groups to keep in float
 
     def __post_init__(self) -> None:
+        int8_only = {"calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp,
+                     "keep_fp_groups": self.keep_fp_groups, "calib_method": self.calib_method != "minmax"}
+        if self.precision == "int8" and not self.calib:
+            raise ConfigError("--int8 needs calibration images: --calib DIR (see `u2zoo convert --help`)")
+        if self.precision != "int8" and any(int8_only.values()):
+            used = ", ".join(k for k, v in int8_only.items() if v)
+            raise ConfigError(f"{used} only apply to --int8 (this is {self.precision})")
+        if self.keep_fp < 0:
+            raise ConfigError("--keep-fp must be ≥ 0")
         if self.opset < 17:
             raise ConfigError(f"opset {self.opset} is too old: U²-Net export needs opset ≥ 17")
         if self.exporter not in ("torchscript", "dynamo"):
@@ -83,7 +103,7 @@ def _to_fp16(model):
 
 
 def _io_specs(model) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    def spec(value) -> TensorSpec:
+    def spec(value) -> TensorSpec:  # noqa: D401 - tiny helper
         tt = value.type.tensor_type
         shape = tuple(d.dim_param if d.HasField("dim_param") else d.dim_value for d in tt.shape.dim)
         return TensorSpec(value.name, shape, _ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type)))
@@ -91,47 +111,98 @@ def _io_specs(model) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
 
 
+def _quantize(fp32: Path, final: Path, source: ModelSource, options: OnnxOptions,
+              size: tuple[int, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """INT8 from the fp32 export; returns (calibration record, quantization record)."""
+    import onnx
+
+    from u2zoo.quantization.calibration import calibration_set
+    from u2zoo.quantization.onnx_int8 import layer_groups, quantize_int8, sensitivity
+
+    calib = calibration_set(options.calib, source.contract, options.calib_size, size)
+    groups = layer_groups(onnx.load(str(fp32)))
+    unknown = [g for g in options.keep_fp_groups if g not in groups]
+    if unknown:
+        raise ConfigError(f"unknown layer group(s) {', '.join(unknown)} (groups: {', '.join(groups)})")
+    kept = list(options.keep_fp_groups)
+    ranking = None
+    if options.keep_fp:
+        ranking = sensitivity(fp32, calib, INPUT_NAME, calib.inputs[:8], options.calib_method)
+        kept += [r.group for r in ranking[: options.keep_fp] if r.group not in kept]
+    settings = quantize_int8(fp32, final, calib, INPUT_NAME, method=options.calib_method,
+                             exclude_nodes=[n for g in kept for n in groups[g]])
+    settings["kept_in_float"] = kept
+    if ranking is not None:
+        settings["sensitivity"] = [vars(r) for r in ranking]
+    return calib.describe(), settings
+
+
+def export_onnx(model, path: Path, options: OnnxOptions, height: int, width: int, fp16: bool = False):
+    """torch module → simplified, checked ONNX at ``path`` (fp32, or fp16 with fp32 I/O).
+
+    Shared by every target that starts from ONNX (OpenVINO, INT8), so they all see one graph.
+    """
+    import onnx
+    import torch
+
+    raw = path.with_name(f".{path.name}.raw")
+    try:
+        _export(model, torch.zeros(options.batch, 3, height, width), raw, options)
+        proto = onnx.load(str(raw))
+        if options.simplify:
+            import onnxslim
+
+            proto = onnxslim.slim(proto)
+        if fp16:
+            proto = _to_fp16(proto)
+        _name_dynamic_dims(proto)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(path))
+        return proto
+    except U2ZooError:
+        raise
+    except Exception as exc:  # the exporter's or simplifier's own failure
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConversionError(f"ONNX export failed: {type(exc).__name__}: {first}") from exc
+    finally:
+        raw.unlink(missing_ok=True)
+
+
 def convert(source: ModelSource, options: OnnxOptions, out_dir: Path, stem: str) -> Artifact:
-    """Export, simplify and (for fp16) cast; returns the artifact with its manifest (no parity yet)."""
+    """Export, simplify, then cast (fp16) or quantize (int8); returns the artifact (no parity yet)."""
     try:
         import onnx
-        import torch
     except ImportError as exc:
         raise BackendUnavailable(f"target 'onnx' needs {exc.name}", extra="onnx") from None
 
     height = options.height or source.contract.pre.size[0]
     width = options.width or source.contract.pre.size[1]
-    dummy = torch.zeros(options.batch, 3, height, width)
-    raw = out_dir / f".{stem}.raw.onnx"
     final = out_dir / f"{stem}.onnx"
     started = time.perf_counter()
-    try:
-        _export(source.model, dummy, raw, options)
-        model = onnx.load(str(raw))
-        if options.simplify:
-            import onnxslim
-
-            model = onnxslim.slim(model)
-        if options.precision == "fp16":
-            model = _to_fp16(model)
-        _name_dynamic_dims(model)
-        onnx.checker.check_model(model)
-        onnx.save(model, str(final))
-    except ConfigError:
-        raise
-    except Exception as exc:  # the exporter's or simplifier's own failure
-        raise ConversionError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    finally:
-        raw.unlink(missing_ok=True)
+    calibration = quantization = parent = None
+    if options.precision == "int8":
+        fp32 = out_dir / f".{stem}.fp32.onnx"
+        try:
+            export_onnx(source.model, fp32, options, height, width)
+            parent = {"target": "onnx", "precision": "fp32", "sha256": file_digest(fp32),
+                      "note": "intermediate fp32 export, quantized into this artifact"}
+            calibration, quantization = _quantize(fp32, final, source, options, (height, width))
+        finally:
+            fp32.unlink(missing_ok=True)
+        model = onnx.load(str(final))
+    else:
+        model = export_onnx(source.model, final, options, height, width, fp16=options.precision == "fp16")
     inputs, outputs = _io_specs(model)
     tools = tool_versions("torch", "onnx", "onnxruntime", "onnxslim", "onnxconverter-common")
     tools.update(opset=options.opset, exporter=options.exporter)
     manifest = new_manifest(
-        target="onnx", precision=options.precision, files=[final], parent=None,
+        target="onnx", precision=options.precision, files=[final], parent=parent, calibration=calibration,
         weights=source.weights.to_dict(), contract=source.contract, inputs=inputs, outputs=outputs,
         options=asdict(options) | {"height": height, "width": width}, tools=tools,
         arch=source.arch, num_params=source.num_params,
     )
+    if quantization:
+        manifest["quantization"] = quantization
     manifest["convert_seconds"] = round(time.perf_counter() - started, 2)
     return Artifact(final, manifest)
 
@@ -167,7 +238,7 @@ class OnnxRuntimeRunner(Runner):
 
 
 register(TargetSpec(
-    name="onnx", source="torch", precisions=("fp32", "fp16"), dynamic_shapes=True, needs_gpu=False,
+    name="onnx", source="torch", precisions=("fp32", "fp16", "int8"), dynamic_shapes=True, needs_gpu=False,
     host_os=None, extra="onnx", requires=("onnx", "onnxruntime", "onnxslim", "onnxconverter_common"),
     options_type=OnnxOptions, convert=convert, runner=OnnxRuntimeRunner,
     description="ONNX (opset ≥ 17) run by ONNX Runtime",

@@ -1,0 +1,168 @@
+"""OpenVINO target: IR (.xml + .bin) in fp32, fp16 (compressed weights) or INT8 (NNCF PTQ),
+compiled and run on CPU by OpenVINO Runtime.
+
+The IR is converted from the same simplified ONNX graph as the ONNX target, so layer-group
+names (``/stage1/…``) are shared: the sensitivity ranking measured with ONNX Runtime maps
+directly onto NNCF's ``ignored_scope``. INT8 can instead be driven by our parity metric with
+``nncf.quantize_with_accuracy_control`` (``accuracy_control=True``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from u2zoo.artifact import Artifact, TensorSpec, new_manifest, tool_versions
+from u2zoo.converters.base import ModelSource, Runner, TargetSpec, register
+from u2zoo.converters.onnx import INPUT_NAME, OnnxOptions, export_onnx
+from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
+
+_DIM_NAMES = {0: "batch", 2: "height", 3: "width"}
+
+
+@dataclass(frozen=True)
+class OpenVinoOptions:
+    precision: str = "fp32"  # fp32 | fp16 (compressed weights) | int8 (NNCF)
+    dynamic: bool = False
+    batch: int = 1
+    height: int | None = None
+    width: int | None = None
+    calib: str | None = None
+    calib_size: int | None = None
+    keep_fp: int = 0  # keep the N most sensitive layer groups in float (ranked with ONNX Runtime)
+    keep_fp_groups: tuple[str, ...] = ()
+    accuracy_control: bool = False  # nncf.quantize_with_accuracy_control on our mean-abs parity
+    max_drop: float = 0.01  # accuracy control: largest allowed drop of (1 - mean abs error)
+
+    def __post_init__(self) -> None:
+        if self.precision == "int8" and not self.calib:
+            raise ConfigError("--int8 needs calibration images: --calib DIR")
+        int8_only = {"calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp,
+                     "keep_fp_groups": self.keep_fp_groups, "accuracy_control": self.accuracy_control}
+        if self.precision != "int8" and any(int8_only.values()):
+            used = ", ".join(k for k, v in int8_only.items() if v)
+            raise ConfigError(f"{used} only apply to --int8 (this is {self.precision})")
+
+
+def _spec(port, dynamic_names: bool) -> TensorSpec:
+    shape = tuple(_DIM_NAMES.get(i, "?") if d.is_dynamic else d.get_length()
+                  for i, d in enumerate(port.get_partial_shape()))
+    return TensorSpec(port.get_any_name(), shape, port.get_element_type().to_dtype().name)
+
+
+def _quantize(ov_model, onnx_path: Path, source: ModelSource, options: OpenVinoOptions,
+              size: tuple[int, int]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    import nncf
+    import onnx
+
+    from u2zoo.quantization.calibration import calibration_set
+    from u2zoo.quantization.onnx_int8 import layer_groups, sensitivity
+
+    calib = calibration_set(options.calib, source.contract, options.calib_size, size)
+    groups = layer_groups(onnx.load(str(onnx_path)))
+    unknown = [g for g in options.keep_fp_groups if g not in groups]
+    if unknown:
+        raise ConfigError(f"unknown layer group(s) {', '.join(unknown)} (groups: {', '.join(groups)})")
+    kept, ranking = list(options.keep_fp_groups), None
+    if options.keep_fp:
+        ranking = sensitivity(onnx_path, calib, INPUT_NAME, calib.inputs[:8])
+        kept += [r.group for r in ranking[: options.keep_fp] if r.group not in kept]
+    # OpenVINO keeps the ONNX node names; a group is every op under its module path.
+    ignored = nncf.IgnoredScope(patterns=[f"^/{g}/.*" for g in kept], validate=False) if kept else nncf.IgnoredScope()
+    dataset = calib.nncf_dataset()
+    if options.accuracy_control:
+        import openvino as ov
+
+        reference = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        expected = [reference(x)[0] for x in calib.samples()]
+
+        def validate(compiled, items) -> float:
+            errors = [float(np.abs(compiled(x)[0] - ref).mean()) for x, ref in zip(items, expected)]
+            return 1.0 - float(np.mean(errors))
+
+        quantized = nncf.quantize_with_accuracy_control(
+            ov_model, dataset, dataset, validate, max_drop=options.max_drop,
+            drop_type=nncf.DropType.ABSOLUTE, ignored_scope=ignored, subset_size=len(calib.inputs))
+    else:
+        quantized = nncf.quantize(ov_model, dataset, subset_size=len(calib.inputs), ignored_scope=ignored)
+    settings: dict[str, Any] = {"tool": "nncf", "preset": "performance (symmetric int8)",
+                                "kept_in_float": kept, "accuracy_control": options.accuracy_control}
+    if ranking is not None:
+        settings["sensitivity"] = [vars(r) for r in ranking]
+    return quantized, calib.describe(), settings
+
+
+def convert(source: ModelSource, options: OpenVinoOptions, out_dir: Path, stem: str) -> Artifact:
+    """torch → ONNX (shared graph) → OpenVINO IR, optionally NNCF-quantized."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise BackendUnavailable("target 'openvino' needs openvino", extra="openvino") from None
+    height = options.height or source.contract.pre.size[0]
+    width = options.width or source.contract.pre.size[1]
+    xml, bin_ = out_dir / f"{stem}.xml", out_dir / f"{stem}.bin"
+    started = time.perf_counter()
+    calibration = quantization = None
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        onnx_path = Path(tmp) / "graph.onnx"
+        export_onnx(source.model, onnx_path, OnnxOptions(dynamic=options.dynamic, batch=options.batch,
+                                                          height=height, width=width), height, width)
+        try:
+            ov_model = ov.convert_model(str(onnx_path))
+            if options.precision == "int8":
+                ov_model, calibration, quantization = _quantize(ov_model, onnx_path, source, options, (height, width))
+            ov.save_model(ov_model, str(xml), compress_to_fp16=options.precision == "fp16")
+        except U2ZooError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the converter's own failure
+            raise ConversionError(f"OpenVINO conversion failed: {type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:300]}") from exc
+    tools = tool_versions("torch", "onnx", "openvino", "nncf")
+    manifest = new_manifest(
+        target="openvino", precision=options.precision, files=[xml, bin_], parent=None,
+        calibration=calibration, weights=source.weights.to_dict(), contract=source.contract,
+        inputs=[_spec(p, options.dynamic) for p in ov_model.inputs],
+        outputs=[_spec(p, options.dynamic) for p in ov_model.outputs],
+        options=asdict(options) | {"height": height, "width": width}, tools=tools,
+        arch=source.arch, num_params=source.num_params,
+    )
+    if quantization:
+        manifest["quantization"] = quantization
+    manifest["convert_seconds"] = round(time.perf_counter() - started, 2)
+    return Artifact(xml, manifest)
+
+
+class OpenVinoRunner(Runner):
+    """OpenVINO Runtime on CPU, f32 inference precision (no silent bf16/fp16 downcast), latency hint."""
+
+    def load(self) -> None:
+        import openvino as ov
+
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        self.compiled = ov.Core().compile_model(str(self.artifact.path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def close(self) -> None:
+        self.request = self.compiled = None
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        result = self.request.infer(feeds)
+        self.last_latency_s = time.perf_counter() - started
+        return {port.get_any_name(): np.asarray(result[port]) for port in self.compiled.outputs}
+
+
+register(TargetSpec(
+    name="openvino", source="torch", precisions=("fp32", "fp16", "int8"), dynamic_shapes=True,
+    needs_gpu=False, host_os=None, extra="openvino",
+    requires=("openvino", "nncf", "onnx", "onnxslim", "onnxruntime"),
+    options_type=OpenVinoOptions, convert=convert, runner=OpenVinoRunner,
+    description="OpenVINO IR run by OpenVINO Runtime on CPU (INT8 by NNCF)",
+))
