@@ -72,8 +72,25 @@ def test_onnx_int8_qdq_artifact_records_calibration_and_kept_groups(calib_dir, t
     assert manifest["precision"] == "int8" and manifest["calibration"]["num_images"] == 4
     assert manifest["calibration"]["sha256"] == calibration_set(calib_dir, SALIENCY, warn=False).digest
     assert manifest["quantization"]["kept_in_float"] == ["outconv"]
-    assert manifest["quantization"]["format"] == "QDQ" and "AVX2" in manifest["quantization"]["why_s8s8"]
+    assert manifest["quantization"]["format"] == "QDQ" and "AVX2" in manifest["quantization"]["why"]
+    assert manifest["quantization"]["scheme"] == "u8s8-reduce-range"
     assert manifest["parent"]["precision"] == "fp32" and len(manifest["parent"]["sha256"]) == 64
+
+
+def test_s8s8_scheme_and_sub_path_groups(calib_dir, tmp_path):
+    artifact = convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, precision="int8",
+                             calib=str(calib_dir), int8_scheme="s8s8", keep_fp_groups=("stage2d/rebnconv1d", "stage2d/Add"),
+                             progress=False, tolerance=Tolerance(mean_abs=0.05))
+    model = onnx.load(str(artifact.path))
+    kept = [n for n in model.graph.node if n.name.startswith("/stage2d/rebnconv1d/")]
+    assert kept and all(n.op_type != "QuantizeLinear" for n in kept)
+    zero_points = [t for t in model.graph.initializer if t.name.endswith("zero_point")]
+    kinds = {t.data_type for t in zero_points}  # int8 activations/weights, int32 biases; never uint8
+    assert onnx.TensorProto.INT8 in kinds and onnx.TensorProto.UINT8 not in kinds
+    assert artifact.manifest["quantization"]["scheme"] == "s8s8"
+    with pytest.raises(ConfigError, match="unknown int8 scheme"):
+        convert_model("u2net-tiny", "onnx", tmp_path / "x", random_weights=True, precision="int8",
+                      calib=str(calib_dir), int8_scheme="u4")
 
 
 def test_layer_groups_follow_module_paths(tiny_dynamic_onnx):
@@ -83,7 +100,7 @@ def test_layer_groups_follow_module_paths(tiny_dynamic_onnx):
 
 
 def test_unknown_group_to_keep(calib_dir, tmp_path):
-    with pytest.raises(ConfigError, match="unknown layer group.*stage9"):
+    with pytest.raises(ConfigError, match="unknown layer group 'stage9'"):
         convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, precision="int8",
                       calib=str(calib_dir), keep_fp_groups=("stage9",), progress=False)
 

@@ -28,7 +28,7 @@ def _target_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.int8:
         options["precision"] = "int8"
     for name in ("dynamic", "opset", "batch", "height", "width", "exporter", "calib", "calib_size",
-                 "calib_method", "keep_fp"):
+                 "calib_method", "keep_fp", "accuracy_control", "max_drop", "int8_scheme"):
         value = getattr(args, name)
         if value not in (None, False):
             options[name] = value
@@ -314,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-method", help="int8: minmax (default), entropy or percentile")
     p.add_argument("--keep-fp", type=int, help="int8: keep the N most sensitive layer groups in float")
     p.add_argument("--keep-fp-groups", help="int8: comma-separated layer groups to keep in float")
+    p.add_argument("--int8-scheme", help="onnx int8: u8s8-reduce-range (default, fast on AVX2) or s8s8")
+    p.add_argument("--accuracy-control", action="store_true",
+                   help="openvino int8: nncf.quantize_with_accuracy_control on the parity metric")
+    p.add_argument("--max-drop", type=float, help="openvino int8 accuracy control: allowed drop (default 0.01)")
     p.add_argument("--parity-images", help="folder of photos for the parity check (default: bundled samples)")
     p.add_argument("--out", required=True, help="output folder")
 

@@ -46,12 +46,14 @@ class OnnxOptions:
     calib: str | None = None  # folder of calibration images (or a dumped .npz)
     calib_size: int | None = None  # use the first N images (sorted); default all
     calib_method: str = "minmax"  # minmax | entropy | percentile
+    int8_scheme: str = "u8s8-reduce-range"  # or "s8s8" (symmetric, TensorRT-style); see quantization.onnx_int8
     keep_fp: int = 0  # keep the N most sensitive layer groups in float (runs the sensitivity analysis)
     keep_fp_groups: tuple[str, ...] = ()  # or name the groups to keep in float
 
     def __post_init__(self) -> None:
         int8_only = {"calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp,
-                     "keep_fp_groups": self.keep_fp_groups, "calib_method": self.calib_method != "minmax"}
+                     "keep_fp_groups": self.keep_fp_groups, "calib_method": self.calib_method != "minmax",
+                     "int8_scheme": self.int8_scheme != "u8s8-reduce-range"}
         if self.precision == "int8" and not self.calib:
             raise ConfigError("--int8 needs calibration images: --calib DIR (see `u2zoo convert --help`)")
         if self.precision != "int8" and any(int8_only.values()):
@@ -114,23 +116,14 @@ def _io_specs(model) -> tuple[list[TensorSpec], list[TensorSpec]]:
 def _quantize(fp32: Path, final: Path, source: ModelSource, options: OnnxOptions,
               size: tuple[int, int]) -> tuple[dict[str, Any], dict[str, Any]]:
     """INT8 from the fp32 export; returns (calibration record, quantization record)."""
-    import onnx
-
     from u2zoo.quantization.calibration import calibration_set
-    from u2zoo.quantization.onnx_int8 import layer_groups, quantize_int8, sensitivity
+    from u2zoo.quantization.onnx_int8 import plan_float_groups, quantize_int8
 
     calib = calibration_set(options.calib, source.contract, options.calib_size, size)
-    groups = layer_groups(onnx.load(str(fp32)))
-    unknown = [g for g in options.keep_fp_groups if g not in groups]
-    if unknown:
-        raise ConfigError(f"unknown layer group(s) {', '.join(unknown)} (groups: {', '.join(groups)})")
-    kept = list(options.keep_fp_groups)
-    ranking = None
-    if options.keep_fp:
-        ranking = sensitivity(fp32, calib, INPUT_NAME, calib.inputs[:8], options.calib_method)
-        kept += [r.group for r in ranking[: options.keep_fp] if r.group not in kept]
-    settings = quantize_int8(fp32, final, calib, INPUT_NAME, method=options.calib_method,
-                             exclude_nodes=[n for g in kept for n in groups[g]])
+    kept, nodes, ranking = plan_float_groups(fp32, calib, INPUT_NAME, options.keep_fp, options.keep_fp_groups,
+                                             options.calib_method)
+    settings = quantize_int8(fp32, final, calib, INPUT_NAME, method=options.calib_method, exclude_nodes=nodes,
+                             scheme=options.int8_scheme)
     settings["kept_in_float"] = kept
     if ranking is not None:
         settings["sensitivity"] = [vars(r) for r in ranking]

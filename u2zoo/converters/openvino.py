@@ -58,22 +58,14 @@ def _spec(port, dynamic_names: bool) -> TensorSpec:
 def _quantize(ov_model, onnx_path: Path, source: ModelSource, options: OpenVinoOptions,
               size: tuple[int, int]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     import nncf
-    import onnx
 
     from u2zoo.quantization.calibration import calibration_set
-    from u2zoo.quantization.onnx_int8 import layer_groups, sensitivity
+    from u2zoo.quantization.onnx_int8 import group_pattern, plan_float_groups
 
     calib = calibration_set(options.calib, source.contract, options.calib_size, size)
-    groups = layer_groups(onnx.load(str(onnx_path)))
-    unknown = [g for g in options.keep_fp_groups if g not in groups]
-    if unknown:
-        raise ConfigError(f"unknown layer group(s) {', '.join(unknown)} (groups: {', '.join(groups)})")
-    kept, ranking = list(options.keep_fp_groups), None
-    if options.keep_fp:
-        ranking = sensitivity(onnx_path, calib, INPUT_NAME, calib.inputs[:8])
-        kept += [r.group for r in ranking[: options.keep_fp] if r.group not in kept]
-    # OpenVINO keeps the ONNX node names; a group is every op under its module path.
-    ignored = nncf.IgnoredScope(patterns=[f"^/{g}/.*" for g in kept], validate=False) if kept else nncf.IgnoredScope()
+    kept, _, ranking = plan_float_groups(onnx_path, calib, INPUT_NAME, options.keep_fp, options.keep_fp_groups)
+    # OpenVINO keeps the ONNX node names, so the same patterns select the same ops.
+    ignored = nncf.IgnoredScope(patterns=[group_pattern(g) for g in kept], validate=False)
     dataset = calib.nncf_dataset()
     if options.accuracy_control:
         import openvino as ov
