@@ -72,6 +72,7 @@ def test_openvino_bad_inputs(tmp_path, monkeypatch):
         convert_model("u2net-tiny", "openvino", tmp_path, random_weights=True)
 
 
+@pytest.mark.slow
 @needs_shared
 def test_real_u2netp_int8_keeping_the_sensitive_groups_meets_the_target(tmp_path):
     images = TEST_DATA / "test_images"

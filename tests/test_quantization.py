@@ -105,6 +105,7 @@ def test_unknown_group_to_keep(calib_dir, tmp_path):
                       calib=str(calib_dir), keep_fp_groups=("stage9",), progress=False)
 
 
+@pytest.mark.slow
 @needs_shared
 def test_sensitivity_ranks_stage2d_first_and_keeping_it_reaches_the_target(capsys, tmp_path):
     images = TEST_DATA / "test_images"

@@ -246,8 +246,8 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
                                  tolerance=Tolerance(), progress=False, **options)
     except Exception as exc:  # noqa: BLE001 - a failing backend must never stop the matrix
         return row("convert_failed", _one_line(exc), options=options)
-    file = artifact.manifest["files"][0]
-    art = {"file": file["name"], "size_bytes": file["size"], "sha256": file["sha256"]}
+    files = artifact.manifest["files"]  # e.g. OpenVINO's .xml + .bin: the size is all of them
+    art = {"file": files[0]["name"], "size_bytes": sum(f["size"] for f in files), "sha256": files[0]["sha256"]}
     reset_peak_rss()
     try:
         started = time.perf_counter()
