@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import platform
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from u2zoo.artifact import Artifact
+from u2zoo.artifact import Artifact, TensorSpec, new_manifest
 from u2zoo.errors import BackendUnavailable, ConfigError
 from u2zoo.zoo.contract import Contract
 from u2zoo.zoo.weights import WeightsInfo
@@ -147,6 +148,23 @@ def register(spec: TargetSpec) -> TargetSpec:
         raise RuntimeError(f"target {spec.name!r} registered twice")
     TARGETS[spec.name] = spec
     return spec
+
+
+def build_artifact(source: ModelSource, options: Any, *, target: str, files: list[Path], inputs: list[TensorSpec],
+                   outputs: list[TensorSpec], tools: dict[str, Any], size: tuple[int, int], started: float,
+                   parent: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
+                   quantization: dict[str, Any] | None = None) -> Artifact:
+    """The manifest every converter writes: provenance from ``source``, its own I/O and tools."""
+    manifest = new_manifest(
+        target=target, precision=options.precision, files=files, parent=parent, calibration=calibration,
+        weights=source.weights.to_dict(), contract=source.contract, inputs=inputs, outputs=outputs,
+        options=dataclasses.asdict(options) | {"height": size[0], "width": size[1]}, tools=tools,
+        arch=source.arch, num_params=source.num_params,
+    )
+    if quantization:
+        manifest["quantization"] = quantization
+    manifest["convert_seconds"] = round(time.perf_counter() - started, 2)
+    return Artifact(files[0], manifest)
 
 
 def ensure_writable_dir(path: Path) -> Path:

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from u2zoo.artifact import Artifact, TensorSpec, new_manifest, tool_versions
-from u2zoo.converters.base import ModelSource, Runner, TargetSpec, register
+from u2zoo.artifact import Artifact, TensorSpec, tool_versions
+from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, register
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
 from u2zoo.zoo.weights import file_digest
 
@@ -188,16 +188,9 @@ def convert(source: ModelSource, options: OnnxOptions, out_dir: Path, stem: str)
     inputs, outputs = _io_specs(model)
     tools = tool_versions("torch", "onnx", "onnxruntime", "onnxslim", "onnxconverter-common")
     tools.update(opset=options.opset, exporter=options.exporter)
-    manifest = new_manifest(
-        target="onnx", precision=options.precision, files=[final], parent=parent, calibration=calibration,
-        weights=source.weights.to_dict(), contract=source.contract, inputs=inputs, outputs=outputs,
-        options=asdict(options) | {"height": height, "width": width}, tools=tools,
-        arch=source.arch, num_params=source.num_params,
-    )
-    if quantization:
-        manifest["quantization"] = quantization
-    manifest["convert_seconds"] = round(time.perf_counter() - started, 2)
-    return Artifact(final, manifest)
+    return build_artifact(source, options, target="onnx", files=[final], inputs=inputs, outputs=outputs,
+                          tools=tools, size=(height, width), started=started, parent=parent,
+                          calibration=calibration, quantization=quantization)
 
 
 class OnnxRuntimeRunner(Runner):

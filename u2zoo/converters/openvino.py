@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from u2zoo.artifact import Artifact, TensorSpec, new_manifest, tool_versions
-from u2zoo.converters.base import ModelSource, Runner, TargetSpec, register
+from u2zoo.artifact import Artifact, TensorSpec, tool_versions
+from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, register
 from u2zoo.converters.onnx import INPUT_NAME, OnnxOptions, export_onnx
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
 
@@ -49,7 +49,7 @@ class OpenVinoOptions:
             raise ConfigError(f"{used} only apply to --int8 (this is {self.precision})")
 
 
-def _spec(port, dynamic_names: bool) -> TensorSpec:
+def _spec(port) -> TensorSpec:
     shape = tuple(_DIM_NAMES.get(i, "?") if d.is_dynamic else d.get_length()
                   for i, d in enumerate(port.get_partial_shape()))
     return TensorSpec(port.get_any_name(), shape, port.get_element_type().to_dtype().name)
@@ -115,18 +115,10 @@ def convert(source: ModelSource, options: OpenVinoOptions, out_dir: Path, stem: 
             raise ConversionError(f"OpenVINO conversion failed: {type(exc).__name__}: "
                                   f"{' '.join(str(exc).split())[:300]}") from exc
     tools = tool_versions("torch", "onnx", "openvino", "nncf")
-    manifest = new_manifest(
-        target="openvino", precision=options.precision, files=[xml, bin_], parent=None,
-        calibration=calibration, weights=source.weights.to_dict(), contract=source.contract,
-        inputs=[_spec(p, options.dynamic) for p in ov_model.inputs],
-        outputs=[_spec(p, options.dynamic) for p in ov_model.outputs],
-        options=asdict(options) | {"height": height, "width": width}, tools=tools,
-        arch=source.arch, num_params=source.num_params,
-    )
-    if quantization:
-        manifest["quantization"] = quantization
-    manifest["convert_seconds"] = round(time.perf_counter() - started, 2)
-    return Artifact(xml, manifest)
+    return build_artifact(source, options, target="openvino", files=[xml, bin_],
+                          inputs=[_spec(p) for p in ov_model.inputs], outputs=[_spec(p) for p in ov_model.outputs],
+                          tools=tools, size=(height, width), started=started, calibration=calibration,
+                          quantization=quantization)
 
 
 class OpenVinoRunner(Runner):
