@@ -81,3 +81,12 @@ def test_real_u2netp_int8_keeping_the_sensitive_groups_meets_the_target(tmp_path
                              parity_images=sorted(images.iterdir()))
     parity = artifact.manifest["parity"]
     assert parity["iou50"] >= 0.98 and parity["mean_abs"] <= 0.01, parity
+
+
+@needs_shared
+def test_int8_with_accuracy_control_on_our_parity_metric(tmp_path):
+    artifact = convert_model("u2net-tiny", "openvino", tmp_path, random_weights=True, precision="int8",
+                             calib=str(TEST_DATA / "test_images"), calib_size=4, accuracy_control=True,
+                             max_drop=0.01, progress=False, tolerance=Tolerance(mean_abs=0.05))
+    assert artifact.manifest["quantization"]["accuracy_control"] is True
+    assert artifact.manifest["parity"]["mean_abs"] <= 0.01  # the drop NNCF was asked to respect, measured by us
