@@ -246,6 +246,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         versions = tool_versions(*[m.replace("_", "-") for m in spec.requires])
         detail = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
         print(f"  {spec.name:<10} {'ok' if reason is None else 'unavailable: ' + reason}  [{detail}]")
+    from u2zoo.benchmarks.matrix import KNOWN_TARGETS
+
+    planned = [t for t in KNOWN_TARGETS if t not in TARGETS]
+    if planned:
+        print(f"  planned, not in this version: {', '.join(planned)} (bench cells report `unavailable`)")
     cached = [e.name for e in REGISTRY.values() if e.cache_path().is_file()]
     print(f"\nweights cache: {cache_dir() / 'weights'} ({', '.join(cached) or 'empty'})")
     if not cached:
