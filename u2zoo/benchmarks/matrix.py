@@ -186,7 +186,7 @@ def measure_speed(runner, data: BenchData, cfg: BenchConfig, load_s: float) -> d
     }
 
 
-def _row(cfg: BenchConfig, run_id: str, model: str, target: str, precision: str, weights: dict | None,
+def _row(run_id: str, model: str, target: str, precision: str, weights: dict | None,
          status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
     return {
         "schema": RESULTS_SCHEMA, "schema_version": RESULTS_SCHEMA_VERSION, "run_id": run_id,
@@ -222,7 +222,7 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
     from u2zoo.convert import convert_model
 
     def row(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
-        return _row(cfg, run_id, model, target, precision, weights, status, reason, notes=data.notes, **extra)
+        return _row(run_id, model, target, precision, weights, status, reason, notes=data.notes, **extra)
 
     spec = TARGETS.get(target)
     if spec is None:
