@@ -150,6 +150,18 @@ def register(spec: TargetSpec) -> TargetSpec:
     return spec
 
 
+def check_int8_options(precision: str, calib: str | None, keep_fp: int, int8_only: dict[str, Any]) -> None:
+    """Shared option rules of every target that quantizes: INT8 needs calibration images, and
+    INT8-only options given for another precision are an error rather than silently ignored."""
+    if precision == "int8" and not calib:
+        raise ConfigError("--int8 needs calibration images: --calib DIR (see `u2zoo convert --help`)")
+    used = [name for name, value in int8_only.items() if value]
+    if precision != "int8" and used:
+        raise ConfigError(f"{', '.join(used)} only apply to --int8 (this is {precision})")
+    if keep_fp < 0:
+        raise ConfigError("--keep-fp must be ≥ 0")
+
+
 def build_artifact(source: ModelSource, options: Any, *, target: str, files: list[Path], inputs: list[TensorSpec],
                    outputs: list[TensorSpec], tools: dict[str, Any], size: tuple[int, int], started: float,
                    parent: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,

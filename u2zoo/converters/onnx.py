@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
-from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, register
+from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
 from u2zoo.zoo.weights import file_digest
 
@@ -51,16 +51,10 @@ class OnnxOptions:
     keep_fp_groups: tuple[str, ...] = ()  # or name the groups to keep in float
 
     def __post_init__(self) -> None:
-        int8_only = {"calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp,
-                     "keep_fp_groups": self.keep_fp_groups, "calib_method": self.calib_method != "minmax",
-                     "int8_scheme": self.int8_scheme != "u8s8-reduce-range"}
-        if self.precision == "int8" and not self.calib:
-            raise ConfigError("--int8 needs calibration images: --calib DIR (see `u2zoo convert --help`)")
-        if self.precision != "int8" and any(int8_only.values()):
-            used = ", ".join(k for k, v in int8_only.items() if v)
-            raise ConfigError(f"{used} only apply to --int8 (this is {self.precision})")
-        if self.keep_fp < 0:
-            raise ConfigError("--keep-fp must be ≥ 0")
+        check_int8_options(self.precision, self.calib, self.keep_fp, {
+            "calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp,
+            "keep_fp_groups": self.keep_fp_groups, "calib_method": self.calib_method != "minmax",
+            "int8_scheme": self.int8_scheme != "u8s8-reduce-range"})
         if self.opset < 17:
             raise ConfigError(f"opset {self.opset} is too old: U²-Net export needs opset ≥ 17")
         if self.exporter not in ("torchscript", "dynamo"):

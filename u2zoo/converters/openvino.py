@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
-from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, register
+from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
 from u2zoo.converters.onnx import INPUT_NAME, OnnxOptions, export_onnx
-from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
+from u2zoo.errors import BackendUnavailable, ConversionError, U2ZooError
 
 _DIM_NAMES = {0: "batch", 2: "height", 3: "width"}
 
@@ -40,13 +40,9 @@ class OpenVinoOptions:
     max_drop: float = 0.01  # accuracy control: largest allowed drop of (1 - mean abs error)
 
     def __post_init__(self) -> None:
-        if self.precision == "int8" and not self.calib:
-            raise ConfigError("--int8 needs calibration images: --calib DIR")
-        int8_only = {"calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp,
-                     "keep_fp_groups": self.keep_fp_groups, "accuracy_control": self.accuracy_control}
-        if self.precision != "int8" and any(int8_only.values()):
-            used = ", ".join(k for k, v in int8_only.items() if v)
-            raise ConfigError(f"{used} only apply to --int8 (this is {self.precision})")
+        check_int8_options(self.precision, self.calib, self.keep_fp, {
+            "calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp,
+            "keep_fp_groups": self.keep_fp_groups, "accuracy_control": self.accuracy_control})
 
 
 def _spec(port) -> TensorSpec:
