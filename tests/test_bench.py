@@ -35,7 +35,8 @@ def test_matrix_cells_results_files_and_gate(capsys, tmp_path, tiny_weights, dat
     gate = tmp_path / "gate.yaml"  # random tiny weights: int8 is held to a looser bar than real weights
     gate.write_text("precisions:\n  fp32: {max_abs: 5.0e-4}\n  int8: {iou50_min: 0.9, delta_mae_max: 0.05}\n")
     code, out, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", "--targets", "onnx,tflite",
-                                             "--precisions", "fp32,int8", "--gate", gate))
+                                             "--precisions", "fp32,int8", "--gate", gate,
+                                             "--keep-fp-groups", "outconv"))
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
     cells = {(r["target"], r["precision"]): r for r in rows}
@@ -54,6 +55,7 @@ def test_matrix_cells_results_files_and_gate(capsys, tmp_path, tiny_weights, dat
     manifest = json.loads((tmp_path / "b" / "artifacts" / "u2net-tiny" / "u2net-tiny_onnx_int8_dynamic.u2zoo.json").read_text())
     dumped = np.load(tmp_path / "b" / "calibration" / "u2net-tiny.npz")
     assert manifest["calibration"]["sha256"] == str(dumped["digest"]) and manifest["calibration"]["num_images"] == 3
+    assert manifest["quantization"]["kept_in_float"] == ["outconv"]
     assert "not implemented" in cells[("tflite", "fp32")]["reason"]
     # printed and written table, CSV with the same cells
     assert "| u2net-tiny" in out and "2 cell(s) unavailable" in out

@@ -138,6 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         weights=args.weights, weights_sha256=args.weights_sha256, random_weights=args.random_weights,
         runs=args.runs, warmup=args.warmup, batches=batches, boundary_band=args.boundary_band,
         calib=Path(args.calib) if args.calib else None, calib_size=args.calib_size, keep_fp=args.keep_fp,
+        keep_fp_groups=tuple(_csv(args.keep_fp_groups)) if args.keep_fp_groups else (),
         **({"threads": args.threads} if args.threads else {}),
     )
     cfg.validate()
@@ -361,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="int8 calibration images (default: the readable images of --data)")
     p.add_argument("--calib-size", type=int, help="int8: use the first N calibration images")
     p.add_argument("--keep-fp", type=int, default=0, help="int8: keep the N most sensitive layer groups in float")
+    p.add_argument("--keep-fp-groups", help="int8: comma-separated layer groups to keep in float")
     p.add_argument("--out", required=True, help="output folder (artifacts, results.jsonl/csv/md)")
 
     p = add("report", cmd_report, "merge results.jsonl files from several machines into tables, plots and HTML")

@@ -59,6 +59,7 @@ class BenchConfig:
     calib: Path | None = None  # int8 calibration images; default: the readable images of `data`
     calib_size: int | None = None
     keep_fp: int = 0  # int8: keep the N most sensitive layer groups in float
+    keep_fp_groups: tuple[str, ...] = ()  # int8: these layer groups stay in float too
 
     def validate(self) -> None:
         for target in self.targets:
@@ -239,6 +240,8 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
         options["calib"] = str(calib)
         if cfg.keep_fp:
             options["keep_fp"] = cfg.keep_fp
+        if cfg.keep_fp_groups:
+            options["keep_fp_groups"] = cfg.keep_fp_groups
     try:
         artifact = convert_model(model, target, cfg.out / "artifacts" / model.replace("/", "_"),
                                  weights=cfg.weights, weights_sha256=cfg.weights_sha256,
