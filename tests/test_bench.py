@@ -34,13 +34,13 @@ def bench_args(tiny_weights, data_dir, out, *extra):
 def test_matrix_cells_results_files_and_gate(capsys, tmp_path, tiny_weights, data_dir):
     gate = tmp_path / "gate.yaml"  # random tiny weights: int8 is held to a looser bar than real weights
     gate.write_text("precisions:\n  fp32: {max_abs: 5.0e-4}\n  int8: {iou50_min: 0.9, delta_mae_max: 0.05}\n")
-    code, out, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", "--targets", "onnx,tflite",
+    code, out, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", "--targets", "onnx,tensorrt",
                                              "--precisions", "fp32,int8", "--gate", gate,
                                              "--keep-fp-groups", "outconv"))
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
     cells = {(r["target"], r["precision"]): r for r in rows}
-    assert set(cells) == {("onnx", "fp32"), ("onnx", "int8"), ("tflite", "fp32"), ("tflite", "int8")}
+    assert set(cells) == {("onnx", "fp32"), ("onnx", "int8"), ("tensorrt", "fp32"), ("tensorrt", "int8")}
     ok = cells[("onnx", "fp32")]
     assert ok["status"] == "ok" and ok["schema"] == "u2zoo.results" and ok["schema_version"] == 1
     assert ok["parity"]["max_abs"] <= 5e-4 and ok["parity"]["iou50"] > 0.99 and ok["gate"]["passed"]
@@ -56,7 +56,7 @@ def test_matrix_cells_results_files_and_gate(capsys, tmp_path, tiny_weights, dat
     dumped = np.load(tmp_path / "b" / "calibration" / "u2net-tiny.npz")
     assert manifest["calibration"]["sha256"] == str(dumped["digest"]) and manifest["calibration"]["num_images"] == 3
     assert manifest["quantization"]["kept_in_float"] == ["outconv"]
-    assert "not implemented" in cells[("tflite", "fp32")]["reason"]
+    assert "not implemented" in cells[("tensorrt", "fp32")]["reason"]
     # printed and written table, CSV with the same cells
     assert "| u2net-tiny" in out and "2 cell(s) unavailable" in out
     with open(tmp_path / "b" / "results.csv", newline="") as fh:

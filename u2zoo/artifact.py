@@ -10,6 +10,7 @@ and refuses any that do not match.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -86,13 +87,20 @@ class TensorSpec:
     name: str
     shape: tuple[int | str, ...]  # str for dynamic dims ("batch", "height", "width")
     dtype: str
+    # Integer I/O (e.g. a full-INT8 TFLite model): real = (q - zero_point) * scale
+    quantization: tuple[float, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        data = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.quantization:
+            data["quantization"] = {"scale": self.quantization[0], "zero_point": self.quantization[1]}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TensorSpec":
-        return cls(data["name"], tuple(data["shape"]), data["dtype"])
+        quant = data.get("quantization")
+        return cls(data["name"], tuple(data["shape"]), data["dtype"],
+                   (quant["scale"], quant["zero_point"]) if quant else None)
 
 
 @dataclass
@@ -134,15 +142,31 @@ class Artifact:
         """Re-hash every file; refuse a missing, modified or corrupt one."""
         for entry in self.manifest["files"]:
             file = self.path.parent / entry["name"]
-            if not file.is_file():
+            if not (file.is_file() or file.is_dir()):
                 raise ArtifactError(f"artifact file missing: {file}")
-            actual = file_digest(file)
+            actual = entry_digest(file)
             if actual != entry["sha256"]:
                 raise ArtifactError(f"{file}: sha256 {actual[:12]}… does not match its manifest "
                                     f"({entry['sha256'][:12]}…): modified or corrupt")
 
     def save(self) -> None:
         atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+
+
+def entry_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder artifact (an .mlpackage): over its sorted relative
+    paths and their contents, so renaming, adding or changing any file inside shows."""
+    if not path.is_dir():
+        return file_digest(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(file_digest(file).encode() + b"\0")
+    return digest.hexdigest()
+
+
+def entry_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def new_manifest(*, target: str, precision: str, files: list[Path], parent: dict[str, Any] | None,
@@ -159,7 +183,7 @@ def new_manifest(*, target: str, precision: str, files: list[Path], parent: dict
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "target": target,
         "precision": precision,
-        "files": [{"name": f.name, "sha256": file_digest(f), "size": f.stat().st_size} for f in files],
+        "files": [{"name": f.name, "sha256": entry_digest(f), "size": entry_size(f)} for f in files],
         "parent": parent,
         "model": {"arch": arch, "num_params": num_params},
         "weights": weights,

@@ -18,17 +18,21 @@ def _add_weights_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_true", help="use an untrained model (for tests and timing)")
 
 
+# precision flags of `convert`; each one is also the precision's name in manifests and bench
+_PRECISION_FLAGS = ("fp16", "int8", "dynamic-int8", "int8-weights")
+
+
 def _target_options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the options the user actually set: a target that lacks one must say so."""
     options: dict[str, Any] = {}
-    if args.fp16 and args.int8:
-        raise ConfigError("--fp16 and --int8 exclude each other")
-    if args.fp16:
-        options["precision"] = "fp16"
-    if args.int8:
-        options["precision"] = "int8"
+    chosen = [flag for flag in _PRECISION_FLAGS if getattr(args, flag.replace("-", "_"))]
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join('--' + f for f in chosen)} exclude each other")
+    if chosen:
+        options["precision"] = chosen[0]
     for name in ("dynamic", "opset", "batch", "height", "width", "exporter", "calib", "calib_size",
-                 "calib_method", "keep_fp", "accuracy_control", "max_drop", "int8_scheme"):
+                 "calib_method", "keep_fp", "accuracy_control", "max_drop", "int8_scheme", "nhwc",
+                 "palettize", "image_input", "deployment_target"):
         value = getattr(args, name)
         if value not in (None, False):
             options[name] = value
@@ -49,6 +53,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
                              parity_images=images, progress=not args.quiet, **_target_options(args))
     parity = artifact.manifest["parity"]
     print(f"wrote {artifact.path} ({artifact.manifest['files'][0]['size'] / 1e6:.2f} MB) and {artifact.manifest_path.name}")
+    for line in artifact.manifest.get("validation", {}).get("summary", {}).items():
+        print(f"validated: {line[0]}: {line[1]}")
+    if parity.get("status") == "not_run":
+        print(f"parity vs torch: NOT RUN — {parity['reason']} (run `u2zoo bench` there to measure it)")
+        return 0
     print(f"parity vs torch on {parity['num_images']} image(s): max abs {parity['max_abs']:.3g}, "
           f"mean abs {parity['mean_abs']:.3g}, IoU@0.5 {parity['iou50']:.4f} — ok")
     if "odd_shape" in parity:
@@ -246,7 +255,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         reason = spec.unavailable_reason()
         versions = tool_versions(*[m.replace("_", "-") for m in spec.requires])
         detail = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
-        print(f"  {spec.name:<10} {'ok' if reason is None else 'unavailable: ' + reason}  [{detail}]")
+        if reason and not spec.missing_modules():
+            state = f"convert only (artifacts are validated, not run): {reason}"
+        else:
+            state = "ok" if reason is None else "unavailable: " + reason
+        print(f"  {spec.name:<10} {state}  [{detail}]")
     from u2zoo.benchmarks.matrix import KNOWN_TARGETS
 
     planned = [t for t in KNOWN_TARGETS if t not in TARGETS]
@@ -308,8 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weights_args(p)
     p.add_argument("--target", required=True, help="onnx, … (see `u2zoo doctor`)")
     p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic")
-    p.add_argument("--int8", action="store_true", help="int8 quantization (targets that support it)")
+    p.add_argument("--int8", action="store_true", help="int8 weights and activations (calibrated with --calib)")
+    p.add_argument("--dynamic-int8", action="store_true",
+                   help="tflite: dynamic-range quantization (int8 weights, activations quantized at run time)")
+    p.add_argument("--int8-weights", action="store_true",
+                   help="coreml/tflite: int8 weight-only compression (float arithmetic)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
+    p.add_argument("--nhwc", action="store_true", help="tflite: channels-last input and output (NHWC)")
+    p.add_argument("--palettize", type=int, help="coreml: k-means palettize weights to N bits (1, 2, 3, 4, 6, 8)")
+    p.add_argument("--image-input", action="store_true",
+                   help="coreml: ImageType input (the app passes a 320×320 RGB image; scale/bias are in the model)")
+    p.add_argument("--deployment-target", help="coreml: minimum deployment target, e.g. iOS16 (default), macOS13")
     p.add_argument("--opset", type=int, help="ONNX opset (≥ 17)")
     p.add_argument("--batch", type=int, help="static batch size")
     p.add_argument("--height", type=int, help="static input height (default: the contract's)")

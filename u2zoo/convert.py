@@ -43,6 +43,18 @@ def measure_odd_shape_parity(runner, reference: TorchPredictor, tolerance: Toler
     return compare(reference.predict(odd), runner.predict(odd), tolerance)
 
 
+def artifact_stem(arch: str, target: str, opts: Any) -> str:
+    """File stem that tells artifacts of one model apart: u2netp_tflite_int8_nhwc, …_fp16_pal4."""
+    stem = f"{arch}_{target}_{getattr(opts, 'precision', 'fp32')}"
+    if getattr(opts, "dynamic", False):
+        stem += "_dynamic"
+    if getattr(opts, "nhwc", False):
+        stem += "_nhwc"
+    if getattr(opts, "palettize", None):
+        stem += f"_pal{opts.palettize}"
+    return stem
+
+
 def convert_model(model: str, target: str, out_dir: str | Path, *, weights: str | None = None,
                   weights_sha256: str | None = None, random_weights: bool = False,
                   parity_images: list[Path] | None = None, tolerance: Tolerance | None = None,
@@ -60,13 +72,19 @@ def convert_model(model: str, target: str, out_dir: str | Path, *, weights: str 
                                                      deploy=True, progress=progress)
     source = ModelSource(torch_model, weights_info, contract, weights_info.arch, count_params(torch_model))
     precision = getattr(opts, "precision", "fp32")
-    stem = f"{weights_info.arch}_{target}_{precision}" + ("_dynamic" if getattr(opts, "dynamic", False) else "")
+    stem = artifact_stem(weights_info.arch, target, opts)
     tolerance = tolerance or DEFAULT_TOLERANCES.get(precision, Tolerance())
     images = parity_images or sample_images()
 
     staging = Path(tempfile.mkdtemp(prefix=".u2zoo-staging-", dir=out_dir))
     try:
         artifact = spec.convert(source, opts, staging, stem)
+        not_runnable = spec.runtime_unavailable_reason()
+        if not_runnable:
+            # Built and validated by the converter (see manifest "validation"), but its runtime
+            # is not on this host: say so in the manifest instead of claiming parity.
+            artifact.manifest["parity"] = {"status": "not_run", "reason": not_runnable}
+            return _publish(artifact, staging, out_dir)
         reference = TorchPredictor(torch_model)
         with spec.runner(artifact) as runner:
             parity = measure_parity(runner, reference, images, tolerance)
@@ -78,13 +96,21 @@ def convert_model(model: str, target: str, out_dir: str | Path, *, weights: str 
                 odd = measure_odd_shape_parity(runner, reference, odd_tolerance)
                 record["odd_shape"] = odd.to_dict()
                 failures += [] if odd else [odd.summary()]
-        artifact.manifest["parity"] = record
+        artifact.manifest["parity"] = record | {"status": "ok" if not failures else "failed"}
         if failures:
             raise ParityError(f"{target} {precision} artifact rejected: {'; '.join(failures)}")
-        for entry in artifact.manifest["files"]:
-            os.replace(staging / entry["name"], out_dir / entry["name"])
-        artifact.path = out_dir / artifact.path.name
-        artifact.save()
-        return artifact
+        return _publish(artifact, staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(artifact: Artifact, staging: Path, out_dir: Path) -> Artifact:
+    """Move the artifact's files (a file or a folder such as an .mlpackage) out of staging."""
+    for entry in artifact.manifest["files"]:
+        target = out_dir / entry["name"]
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(staging / entry["name"], target)
+    artifact.path = out_dir / artifact.path.name
+    artifact.save()
+    return artifact

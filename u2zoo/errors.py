@@ -41,6 +41,10 @@ class ConversionError(U2ZooError):
     """The converter's own tool failed."""
 
 
+class RuntimeLoadError(ConversionError):
+    """An artifact's runtime refused to load or prepare it (e.g. a delegate rejected an op)."""
+
+
 class ParityError(U2ZooError):
     """An artifact's outputs drifted from the PyTorch reference beyond tolerance."""
 

@@ -34,7 +34,8 @@ from u2zoo.zoo.weights import load_model
 
 # Every target the project plans; those not yet implemented report `unavailable`.
 KNOWN_TARGETS = ("onnx", "openvino", "tensorrt", "tflite", "coreml", "executorch", "aoti")
-KNOWN_PRECISIONS = ("fp32", "fp16", "int8")
+# int8 = static (calibrated) activations; dynamic-int8 = TFLite dynamic range; int8-weights = weight-only
+KNOWN_PRECISIONS = ("fp32", "fp16", "int8", "dynamic-int8", "int8-weights")
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "coremltools",
          "ai-edge-litert", "litert-torch", "executorch")
 
@@ -230,9 +231,9 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
         return row("unavailable", f"target {target!r} is not implemented in this version of u2zoo")
     if precision not in spec.precisions:
         return row("unavailable", f"{target} does not support {precision} (supported: {', '.join(spec.precisions)})")
-    reason = spec.unavailable_reason()
-    if reason:
-        return row("unavailable", reason)
+    missing = spec.missing_modules()
+    if missing:
+        return row("unavailable", spec.unavailable_reason())
     options: dict[str, Any] = {"precision": precision}
     if spec.dynamic_shapes:
         options["dynamic"] = True
@@ -240,8 +241,8 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
         options["calib"] = str(calib)
         if cfg.keep_fp:
             options["keep_fp"] = cfg.keep_fp
-        if cfg.keep_fp_groups:
-            options["keep_fp_groups"] = cfg.keep_fp_groups
+    if precision in ("int8", "dynamic-int8") and cfg.keep_fp_groups:
+        options["keep_fp_groups"] = cfg.keep_fp_groups
     try:
         artifact = convert_model(model, target, cfg.out / "artifacts" / model.replace("/", "_"),
                                  weights=cfg.weights, weights_sha256=cfg.weights_sha256,
@@ -251,6 +252,13 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
         return row("convert_failed", _one_line(exc), options=options)
     files = artifact.manifest["files"]  # e.g. OpenVINO's .xml + .bin: the size is all of them
     art = {"file": files[0]["name"], "size_bytes": sum(f["size"] for f in files), "sha256": files[0]["sha256"]}
+    not_runnable = spec.runtime_unavailable_reason()
+    if not_runnable:  # built and validated here, but its runtime lives elsewhere (e.g. CoreML on macOS)
+        validation = artifact.manifest.get("validation") or {}
+        notes = [*data.notes, *(f"{k}: {v}" for k, v in validation.get("summary", {}).items())]
+        return _row(run_id, model, target, precision, weights, "unavailable",
+                    f"{not_runnable}; artifact built and validated, parity and speed not measured",
+                    notes=notes, options=options, artifact=art)
     reset_peak_rss()
     try:
         started = time.perf_counter()

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, new_manifest
-from u2zoo.errors import BackendUnavailable, ConfigError
+from u2zoo.errors import BackendUnavailable, ConfigError, RuntimeLoadError, U2ZooError
 from u2zoo.zoo.contract import Contract
 from u2zoo.zoo.weights import WeightsInfo
 
@@ -58,6 +58,11 @@ class Runner(ABC):
         return self.artifact.outputs[0].name
 
     @property
+    def channels_last(self) -> bool:
+        """NHWC artifacts (e.g. ``tflite --nhwc``): the contract's layout covers input and output."""
+        return self.artifact.contract.pre.layout == "NHWC"
+
+    @property
     def fixed_batch(self) -> int | None:
         """The batch size a static artifact was built for; None when dynamic."""
         dim = self.artifact.inputs[0].shape[0]
@@ -66,12 +71,19 @@ class Runner(ABC):
     @property
     def fixed_size(self) -> tuple[int, int] | None:
         """(height, width) a static artifact was built for; None when dynamic."""
-        height, width = self.artifact.inputs[0].shape[2:4]
+        shape = self.artifact.inputs[0].shape
+        height, width = shape[1:3] if self.channels_last else shape[2:4]
         return (height, width) if isinstance(height, int) and isinstance(width, int) else None
 
     def __enter__(self) -> "Runner":
         self.artifact.verify()  # never run bytes that differ from what the manifest describes
-        self.load()
+        try:
+            self.load()
+        except U2ZooError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the runtime's own refusal, as one line
+            raise RuntimeLoadError(f"{self.artifact.target} runtime could not load {self.artifact.path.name}: "
+                                   f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -89,8 +101,12 @@ class Runner(ABC):
         """Run one batch."""
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Convenience: the single input → the single (fused) output."""
-        return self.infer({self.input_name: batch})[self.output_name]
+        """Convenience: the single NCHW input → the single (fused) NCHW output, whatever the
+        artifact's own layout, so every caller compares like with like."""
+        if not self.channels_last:
+            return self.infer({self.input_name: batch})[self.output_name]
+        out = self.infer({self.input_name: np.ascontiguousarray(batch.transpose(0, 2, 3, 1))})[self.output_name]
+        return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
 @dataclass(frozen=True)
@@ -102,7 +118,9 @@ class TargetSpec:
     precisions: tuple[str, ...]
     dynamic_shapes: bool
     needs_gpu: bool
-    host_os: tuple[str, ...] | None  # platform.system() values the runtime runs on; None = any
+    # platform.system() values the *runtime* runs on; None = any. The converter runs anywhere its
+    # modules import: on other hosts the artifact is built and validated, but not run.
+    host_os: tuple[str, ...] | None
     extra: str  # pip extra that installs the backend
     requires: tuple[str, ...]  # importable modules the converter and runner need
     options_type: type
@@ -118,8 +136,14 @@ class TargetSpec:
         missing = self.missing_modules()
         if missing:
             return f"{', '.join(missing)} not installed (pip install 'u2zoo[{self.extra}]')"
+        return self.runtime_unavailable_reason()
+
+    def runtime_unavailable_reason(self) -> str | None:
+        """Why artifacts of this target cannot be *run* on this host (they may still be built)."""
         if self.host_os and platform.system() not in self.host_os:
-            return f"runtime needs {'/'.join(self.host_os)}, this host is {platform.system()}"
+            names = {"Darwin": "macOS", "Linux": "Linux", "Windows": "Windows"}
+            wanted = "/".join(names.get(os_, os_) for os_ in self.host_os)
+            return f"{self.name} runtime needs {wanted}, this host is {names.get(platform.system(), platform.system())}"
         return None
 
     def ensure_available(self) -> None:

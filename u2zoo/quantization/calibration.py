@@ -74,6 +74,11 @@ class CalibrationSet:
 
         return nncf.Dataset(list(self.samples()))
 
+    def litert_data(self, signature: str, input_name: str, channels_last: bool = False) -> dict[str, list[dict]]:
+        """ai-edge-quantizer's calibration data: {signature: [{input name: batch}, …]}."""
+        batches = (b.transpose(0, 2, 3, 1) if channels_last else b for b in self.samples())
+        return {signature: [{input_name: np.ascontiguousarray(b)} for b in batches]}
+
     def save(self, path: Path) -> Path:
         """Dump once to ``.npz`` (temp file, then rename) so other tools can replay it."""
         tmp = path.with_name(f".{path.name}.tmp.npz")
