@@ -64,3 +64,17 @@ def tiny_weights(tmp_path) -> Path:
     path = tmp_path / "tiny.pth"
     torch.save(build_arch("u2net-tiny").state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The same seeded tiny checkpoint as ``tiny_weights``, made once per session for the
+    module-scoped conversions that are too slow to repeat per test."""
+    import torch
+
+    from u2zoo.zoo.archs import build_arch
+
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("tiny_checkpoint") / "tiny.pth"
+    torch.save(build_arch("u2net-tiny").state_dict(), path)
+    return path

@@ -34,7 +34,7 @@ def _target_options(args: argparse.Namespace) -> dict[str, Any]:
                  "calib_method", "keep_fp", "accuracy_control", "max_drop", "int8_scheme", "nhwc",
                  "palettize", "image_input", "deployment_target"):
         value = getattr(args, name)
-        if value not in (None, False):
+        if value is not None and value is not False:  # 0 is a value the target must judge
             options[name] = value
     if args.keep_fp_groups:
         options["keep_fp_groups"] = tuple(_csv(args.keep_fp_groups))

@@ -52,6 +52,8 @@ def artifact_stem(arch: str, target: str, opts: Any) -> str:
         stem += "_nhwc"
     if getattr(opts, "palettize", None):
         stem += f"_pal{opts.palettize}"
+    if getattr(opts, "image_input", False):
+        stem += "_image"
     return stem
 
 
@@ -73,6 +75,10 @@ def convert_model(model: str, target: str, out_dir: str | Path, *, weights: str 
     source = ModelSource(torch_model, weights_info, contract, weights_info.arch, count_params(torch_model))
     precision = getattr(opts, "precision", "fp32")
     stem = artifact_stem(weights_info.arch, target, opts)
+    if tolerance is None and getattr(opts, "palettize", None):
+        tolerance = DEFAULT_TOLERANCES["int8-weights"]  # compressed weights: judged like int8 weights
+    elif tolerance is None and getattr(opts, "image_input", False) and precision == "fp32":
+        tolerance = DEFAULT_TOLERANCES["fp16"]  # the RGB input is rounded to 8 bits
     tolerance = tolerance or DEFAULT_TOLERANCES.get(precision, Tolerance())
     images = parity_images or sample_images()
 
