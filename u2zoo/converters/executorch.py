@@ -30,10 +30,10 @@ import numpy as np
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
+from u2zoo.quantization.onnx_int8 import TOP_LEVEL, check_module_groups
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "mask"
-TOP_LEVEL = "top-level"  # ops of the network's own forward (decoder upsampling, concatenations, sigmoid)
 PRECISIONS = ("fp32", "int8")
 
 
@@ -79,17 +79,6 @@ def _in_group(node, group: str) -> bool:
     if group == TOP_LEVEL:
         return bool(paths) and all(p == "" for p in paths)
     return group.replace("/", ".") in paths
-
-
-def check_groups(model, groups: tuple[str, ...]) -> list[str]:
-    """Validate ``groups`` against the model's module tree before anything slow runs."""
-    modules = {name for name, _ in model.named_modules() if name}
-    unknown = [g for g in groups if g != TOP_LEVEL and g.replace("/", ".") not in modules]
-    if unknown:
-        top = [name for name, _ in model.named_children()]
-        raise ConfigError(f"unknown layer group(s) {', '.join(map(repr, unknown))} (groups: {', '.join(top)}, "
-                          f"{TOP_LEVEL}, or a sub-path such as stage2d/rebnconv1d)")
-    return list(dict.fromkeys(groups))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +189,7 @@ def convert(source: ModelSource, options: ExecuTorchOptions, out_dir: Path, stem
     height = options.height or source.contract.pre.size[0]
     width = options.width or source.contract.pre.size[1]
     model = source.model.eval()
-    kept = check_groups(model, options.keep_fp_groups)  # before any slow or noisy import
+    kept = check_module_groups(model, options.keep_fp_groups)  # before any slow or noisy import
     try:
         import torch
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner

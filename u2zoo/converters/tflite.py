@@ -38,7 +38,7 @@ import numpy as np
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
-from u2zoo.quantization.onnx_int8 import TOP_LEVEL
+from u2zoo.quantization.onnx_int8 import TOP_LEVEL, check_module_groups
 from u2zoo.zoo.weights import file_digest
 
 QUANTIZED = ("int8", "dynamic-int8")
@@ -80,16 +80,6 @@ def group_regex(group: str) -> str:
         return r"^[^/;]+(;|$)"
     path = "/".join(rf"[\w.]*_{re.escape(part)}" for part in group.split("/"))
     return rf"(^|/){path}(/|;|$)"
-
-
-def check_groups(model, groups: tuple[str, ...] | list[str]) -> None:
-    """Group names are module paths of the torch model (``stage2d``, ``stage2d/rebnconv1d``)."""
-    known = {name.replace(".", "/") for name, _ in model.named_modules() if name} | {TOP_LEVEL}
-    unknown = [g for g in groups if g not in known]
-    if unknown:
-        top = sorted(name for name, _ in model.named_children()) + [TOP_LEVEL]
-        raise ConfigError(f"unknown layer group(s) {', '.join(unknown)} (groups: {', '.join(top)}, "
-                          "or sub-modules such as stage2d/rebnconv1d)")
 
 
 # One fp32 export per (weights, shape, layout) per process: the litert-torch conversion is the
@@ -257,7 +247,7 @@ def convert(source: ModelSource, options: TFLiteOptions, out_dir: Path, stem: st
     size = (options.height or source.contract.pre.size[0], options.width or source.contract.pre.size[1])
     started = time.perf_counter()
     # bad groups or calibration images fail before the slow conversion
-    check_groups(source.model, options.keep_fp_groups)
+    check_module_groups(source.model, options.keep_fp_groups)
     calib = None
     if options.precision == "int8":
         from u2zoo.quantization.calibration import calibration_set

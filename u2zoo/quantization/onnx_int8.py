@@ -51,6 +51,19 @@ def layer_groups(model) -> dict[str, list[str]]:
 TOP_LEVEL = "top-level"
 
 
+def check_module_groups(model, groups: tuple[str, ...] | list[str]) -> list[str]:
+    """Validate group names against the torch model itself (module paths such as ``stage2d``
+    or ``stage2d/rebnconv1d``, or ``top-level``), for targets that quantize without ONNX.
+    Returns the groups without repeats."""
+    known = {name.replace(".", "/") for name, _ in model.named_modules() if name} | {TOP_LEVEL}
+    unknown = [g for g in groups if g not in known]
+    if unknown:
+        top = [name for name, _ in model.named_children()] + [TOP_LEVEL]
+        raise ConfigError(f"unknown layer group(s) {', '.join(map(repr, unknown))} (groups: {', '.join(top)}, "
+                          "or sub-modules such as stage2d/rebnconv1d)")
+    return list(dict.fromkeys(groups))
+
+
 def group_pattern(group: str) -> str:
     """Regex for the node names of a group: a module path at any depth ("stage2d",
     "stage2d/rebnconv1d"), a module's own op ("stage2d/Add" matches "/stage2d/Add_3"), or
