@@ -44,6 +44,19 @@ def healthy_tiny(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture
+def dead_stage3_tiny(tmp_path, healthy_tiny):
+    """healthy_tiny with one layer of stage3 killed on purpose (BatchNorm bias −1000, so its ReLU
+    outputs are exactly zero for any input): the dead-layer check must name that group."""
+    import torch
+
+    state = torch.load(healthy_tiny, weights_only=True)
+    state["stage3.rebnconv1.bn_s1.bias"].fill_(-1000.0)
+    path = tmp_path / "dead_stage3.pth"
+    torch.save(state, path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def calib_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("calib")
@@ -154,12 +167,12 @@ def test_empty_calibration_folder_is_refused(capsys, tmp_path, healthy_tiny):
 
 
 @pytest.mark.slow
-def test_dead_layers_are_named_instead_of_an_opaque_xnnpack_failure(capsys, tmp_path, tiny_weights, calib_dir):
-    code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--weights", tiny_weights, "--target",
+def test_dead_layers_are_named_instead_of_an_opaque_xnnpack_failure(capsys, tmp_path, dead_stage3_tiny, calib_dir):
+    code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--weights", dead_stage3_tiny, "--target",
                            "tflite", "--int8", "--calib", calib_dir, "--height", "64", "--width", "64",
                            "--out", tmp_path / "o")
-    assert_one_line_error(code, err, "constant on the calibration images")
-    assert "--keep-fp-groups" in err and not any((tmp_path / "o").iterdir())
+    assert_one_line_error(code, err, r"layer group\(s\) stage3 are constant on the calibration images")
+    assert "--keep-fp-groups stage3" in err and not any((tmp_path / "o").iterdir())
 
 
 @pytest.mark.slow

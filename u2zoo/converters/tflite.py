@@ -22,8 +22,10 @@ TFLite builds fixed-shape models: one per input size. ``nhwc=True`` wraps the mo
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -157,6 +159,14 @@ def _float_groups(source: ModelSource, options: TFLiteOptions, calib, size: tupl
     return kept, ranking
 
 
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    """ai-edge-quantizer draws tqdm bars on stderr with no switch to turn them off, which breaks
+    `u2zoo -q` and the one-line error contract; they last seconds, so swallow them."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def quantize_tflite(fp32: Path, out: Path, source: ModelSource, options: TFLiteOptions, size: tuple[int, int],
                     calib=None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """fp16 / dynamic-int8 / int8 (with ``calib``, a CalibrationSet) from the fp32 .tflite;
@@ -189,9 +199,11 @@ def quantize_tflite(fp32: Path, out: Path, source: ModelSource, options: TFLiteO
     if q.need_calibration:
         signature, input_name = _signature(fp32)
         data = calib.litert_data(signature, input_name, channels_last=options.nhwc)
-        result = q.calibrate(data, num_threads=os.cpu_count() or 1)
+        with _quiet_progress_bars():
+            result = q.calibrate(data, num_threads=os.cpu_count() or 1)
         calibration = calib.describe()
-    q.quantize(result, enable_progress_report=False).export_model(out, overwrite=True)
+    with _quiet_progress_bars():
+        q.quantize(result, enable_progress_report=False).export_model(out, overwrite=True)
     if options.precision == "int8":
         _refuse_empty_ranges(out)
     return calibration, settings
