@@ -56,7 +56,16 @@ def test_matrix_cells_results_files_and_gate(capsys, tmp_path, tiny_weights, dat
     dumped = np.load(tmp_path / "b" / "calibration" / "u2net-tiny.npz")
     assert manifest["calibration"]["sha256"] == str(dumped["digest"]) and manifest["calibration"]["num_images"] == 3
     assert manifest["quantization"]["kept_in_float"] == ["outconv"]
-    assert "not implemented" in cells[("tensorrt", "fp32")]["reason"]
+    # without TensorRT (and a GPU) the cells say so, and carry the parity of the TensorRT-ready ONNX
+    from u2zoo.converters import TARGETS
+
+    for precision in ("fp32", "int8") if TARGETS["tensorrt"].unavailable_reason() else ():
+        trt = cells[("tensorrt", precision)]
+        assert trt["status"] == "unavailable" and trt["device"] == "cuda" and trt["speed"] is None
+        assert "engine not built" in trt["reason"] and "ONNX Runtime" in trt["reason"]
+    assert cells[("tensorrt", "fp32")]["parity"]["max_abs"] <= 5e-4
+    assert cells[("tensorrt", "int8")]["artifact"]["file"] == "u2net-tiny_onnx_int8_dynamic_tensorrt.onnx"
+    assert cells[("tensorrt", "int8")]["parity"]["iou50"] >= 0.9
     # printed and written table, CSV with the same cells
     assert "| u2net-tiny" in out and "2 cell(s) unavailable" in out
     with open(tmp_path / "b" / "results.csv", newline="") as fh:

@@ -96,6 +96,18 @@ def test_merge_and_host_labels(results):
     assert host_label(gpu) == "gpu-1 · Intel Xeon @ 2.20GHz · 1t · NVIDIA H100"
 
 
+def test_gpu_cells_show_their_device_and_fps_per_batch():
+    """CPU and GPU hosts side by side: the device column and FPS at each batch the cell ran."""
+    cpu, gpu = _cells("20261125T120000Z-aaaaaa", 1)[0], _cells("20261125T130000Z-bbbbbb", 1)[0]
+    gpu = dict(gpu, target="tensorrt", device="cuda", host=dict(gpu["host"], gpu="NVIDIA H100"),
+               speed=dict(gpu["speed"], throughput={"16": 2400.0, "1": 410.25, "8": 1900.5}))
+    flat = {r["device"]: r for r in comparison_rows([cpu, gpu])}
+    assert flat["cuda"]["fps_by_batch"] == "1: 410.2 · 8: 1900.5 · 16: 2400.0"
+    assert flat["cpu"]["device"] == "cpu" and "NVIDIA H100" in flat["cuda"]["host"]
+    md = render_markdown([cpu, gpu])
+    assert "FPS by batch" in md and "| tensorrt | fp32 | cuda | ok |" in md
+
+
 def test_bench_results_round_trip(tmp_path):
     """`u2zoo bench` writes with write_results; `u2zoo report` must read exactly that back."""
     rows = _cells("20261125T120000Z-aaaaaa", 1)
@@ -110,7 +122,7 @@ def test_markdown_and_csv(results, tmp_path):
     rows = load_results(results)
     paths = write_report(rows, tmp_path / "out")
     md = paths["markdown"].read_text(encoding="utf-8")
-    assert "| ci-1 · AMD EPYC 7B13 · 1t | u2netp | onnx | fp32 | ok | 4.66 | 8.5e-05 | 9e-07 | 1.000 | 0 | 95.1 | 102.7 |" in md
+    assert "| ci-1 · AMD EPYC 7B13 · 1t | u2netp | onnx | fp32 | cpu | ok | 4.66 | 8.5e-05 | 9e-07 | 1.000 | 0 | 95.1 | 102.7 |" in md
     assert "| 47.5 |" in md or "| 47.6 |" in md  # 95.1 / 2
     assert "0.00123" in md and "140.3" in md
     assert "openvino not installed (pip install 'u2zoo[openvino]')" in md
@@ -247,5 +259,5 @@ def test_null_sections_and_odd_values_do_not_crash(tmp_path):
                                   "artifact": None, "gate": None, "reason": "multi\nline"}
     rows = load_results([_write(tmp_path / "r.jsonl", [row, weird])])
     md = render_markdown(rows)
-    assert "| unknown host | u2netp | onnx | fp32 | ok | - |" in md
+    assert "| unknown host | u2netp | onnx | fp32 | cpu | ok | - |" in md
     assert "multi line" in md

@@ -32,7 +32,8 @@ def _target_options(args: argparse.Namespace) -> dict[str, Any]:
         options["precision"] = chosen[0]
     for name in ("dynamic", "opset", "batch", "height", "width", "exporter", "calib", "calib_size",
                  "calib_method", "keep_fp", "accuracy_control", "max_drop", "int8_scheme", "nhwc",
-                 "palettize", "image_input", "deployment_target"):
+                 "palettize", "image_input", "deployment_target", "device", "min_batch", "opt_batch", "max_batch",
+                 "workspace_mb", "timing_cache", "onnx", "compile_mode"):
         value = getattr(args, name)
         if value is not None and value is not False:  # 0 is a value the target must judge
             options[name] = value
@@ -137,6 +138,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from u2zoo.converters.base import ensure_writable_dir
 
     gates = load_gates(None if args.gate in (None, "default") else args.gate)
+    if args.batches is None:  # GPUs are judged at the batches servers use
+        args.batches = "1,8,16" if args.device == "cuda" else "1,4,8,16"
     try:
         batches = tuple(int(b) for b in _csv(args.batches))
     except ValueError:
@@ -145,7 +148,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         models=_csv(args.model), targets=_csv(args.targets), precisions=_csv(args.precisions),
         data=Path(args.data), gt=Path(args.gt) if args.gt else None, out=Path(args.out), gates=gates,
         weights=args.weights, weights_sha256=args.weights_sha256, random_weights=args.random_weights,
-        runs=args.runs, warmup=args.warmup, batches=batches, boundary_band=args.boundary_band,
+        runs=args.runs, warmup=args.warmup, batches=batches, boundary_band=args.boundary_band, device=args.device,
         calib=Path(args.calib) if args.calib else None, calib_size=args.calib_size, keep_fp=args.keep_fp,
         keep_fp_groups=tuple(_csv(args.keep_fp_groups)) if args.keep_fp_groups else (),
         **({"threads": args.threads} if args.threads else {}),
@@ -250,6 +253,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     core = tool_versions("torch", "numpy", "pillow", "scikit-image", "tqdm", "filelock")
     print(f"python {platform.python_version()} on {platform.system()} {platform.machine()}")
     print("core: " + ", ".join(f"{k} {v or 'MISSING'}" for k, v in core.items()))
+    from u2zoo.gpu import cuda_device_info, cuda_unavailable_reason
+
+    no_gpu = cuda_unavailable_reason()
+    print(f"cuda: {no_gpu}" if no_gpu else "cuda: " + ", ".join(f"{k} {v}" for k, v in cuda_device_info().items()))
     print("\ntargets:")
     for spec in TARGETS.values():
         reason = spec.unavailable_reason()
@@ -259,7 +266,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             state = f"convert only (artifacts are validated, not run): {reason}"
         else:
             state = "ok" if reason is None else "unavailable: " + reason
-        print(f"  {spec.name:<10} {state}  [{detail}]")
+        print(f"  {spec.name:<13} {'/'.join(spec.devices):<8} {state}  [{detail}]")
+        if spec.handoff and reason:
+            print(f"  {'':<13} {'':<8} without it, `u2zoo convert --target {spec.name}` still writes the proven "
+                  "ONNX and the command that finishes the build on the device")
     from u2zoo.benchmarks.matrix import KNOWN_TARGETS
 
     planned = [t for t in KNOWN_TARGETS if t not in TARGETS]
@@ -342,7 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-method", help="int8: minmax (default), entropy or percentile")
     p.add_argument("--keep-fp", type=int, help="int8: keep the N most sensitive layer groups in float")
     p.add_argument("--keep-fp-groups", help="int8: comma-separated layer groups to keep in float")
-    p.add_argument("--int8-scheme", help="onnx int8: u8s8-reduce-range (default, fast on AVX2) or s8s8")
+    p.add_argument("--int8-scheme", help="onnx int8: u8s8-reduce-range (default, fast on AVX2), s8s8, or tensorrt "
+                                         "(symmetric Q/DQ that TensorRT builds from)")
+    p.add_argument("--device", help="aoti/torch/torch-compile: cpu (default) or cuda")
+    p.add_argument("--min-batch", type=int, help="tensorrt: smallest batch of the optimization profile (default 1)")
+    p.add_argument("--opt-batch", type=int, help="tensorrt: batch the engine is tuned for (default 8)")
+    p.add_argument("--max-batch", type=int, help="tensorrt/aoti: largest batch (default 16)")
+    p.add_argument("--workspace-mb", type=int, help="tensorrt: builder workspace limit in MB")
+    p.add_argument("--timing-cache", help="tensorrt: timing cache file reused across builds "
+                                          "(default: <U2ZOO_HOME>/tensorrt/timing.cache)")
+    p.add_argument("--onnx", help="tensorrt: build from this ONNX (fp32, fp16, or Q/DQ int8 made elsewhere)")
+    p.add_argument("--compile-mode", help="torch-compile: default, reduce-overhead or max-autotune")
     p.add_argument("--accuracy-control", action="store_true",
                    help="openvino int8: nncf.quantize_with_accuracy_control on the parity metric")
     p.add_argument("--max-drop", type=float, help="openvino int8 accuracy control: allowed drop (default 0.01)")
@@ -379,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="threads for every runtime (default: all cores)")
     p.add_argument("--runs", type=int, default=20, help="timed runs per cell (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up runs (default 3)")
-    p.add_argument("--batches", default="1,4,8,16", help="batch sizes for throughput (dynamic artifacts)")
+    p.add_argument("--batches", help="batch sizes for throughput (dynamic artifacts; default 1,4,8,16 on CPU, "
+                                     "1,8,16 with --device cuda)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where torch, torch-compile and aoti "
+                                                   "cells run (tensorrt always runs on cuda)")
     p.add_argument("--boundary-band", type=int, default=5, help="band width in px for the boundary error")
     p.add_argument("--calib", help="int8 calibration images (default: the readable images of --data)")
     p.add_argument("--calib-size", type=int, help="int8: use the first N calibration images")

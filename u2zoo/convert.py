@@ -20,7 +20,7 @@ from u2zoo.artifact import Artifact
 from u2zoo.benchmarks.compare import DEFAULT_TOLERANCES, Parity, Tolerance, compare
 from u2zoo.converters import ModelSource, get_target
 from u2zoo.converters.base import ensure_writable_dir
-from u2zoo.errors import ParityError
+from u2zoo.errors import BackendUnavailable, ParityError
 from u2zoo.pipeline import network_size, preprocess_files, run_batched
 from u2zoo.zoo.archs import count_params
 from u2zoo.zoo.reference import TorchPredictor, sample_images
@@ -38,8 +38,10 @@ def measure_parity(runner, reference: TorchPredictor, images: list[Path], tolera
 
 
 def measure_odd_shape_parity(runner, reference: TorchPredictor, tolerance: Tolerance) -> Parity:
-    """Dynamic artifacts must hold on a shape nobody exports with: batch 2 of 97×131."""
-    odd = np.random.default_rng(0).standard_normal(ODD_SHAPE).astype(np.float32)
+    """Dynamic artifacts must hold on a shape nobody exports with: batch 2 of 97×131 (at the
+    artifact's own height and width when only its batch is dynamic)."""
+    shape = ODD_SHAPE if runner.fixed_size is None else (ODD_SHAPE[0], 3, *runner.fixed_size)
+    odd = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     return compare(reference.predict(odd), runner.predict(odd), tolerance)
 
 
@@ -52,6 +54,8 @@ def artifact_stem(arch: str, target: str, opts: Any) -> str:
         stem += "_nhwc"
     if getattr(opts, "palettize", None):
         stem += f"_pal{opts.palettize}"
+    if getattr(opts, "int8_scheme", "u8s8-reduce-range") != "u8s8-reduce-range":
+        stem += f"_{opts.int8_scheme}"
     if getattr(opts, "image_input", False):
         stem += "_image"
     return stem
@@ -64,34 +68,74 @@ def convert_model(model: str, target: str, out_dir: str | Path, *, weights: str 
     """Convert ``model`` for ``target`` into ``out_dir`` and prove it; return the artifact.
 
     ``options`` are the target's typed options (e.g. ``precision="fp16", dynamic=True``); one
-    the target does not have raises ``ConfigError`` rather than being ignored.
+    the target does not have raises ``ConfigError`` rather than being ignored. A target that
+    builds from ONNX (TensorRT) gets its ONNX as an artifact of its own first, proven in ONNX
+    Runtime and published beside it; where the target cannot finish on this host, its handoff
+    (e.g. a trtexec script) is written and the conversion fails with the reason.
     """
     spec = get_target(target)
     opts = spec.make_options(**options)
-    spec.ensure_available()
+    (get_target("onnx") if spec.source == "onnx" else spec).ensure_available()
     out_dir = ensure_writable_dir(Path(out_dir))
     torch_model, weights_info, contract = load_model(model, weights, weights_sha256, random_weights,
                                                      deploy=True, progress=progress)
     source = ModelSource(torch_model, weights_info, contract, weights_info.arch, count_params(torch_model))
+    images = parity_images or sample_images()
+    parent = None
+    if spec.source == "onnx":
+        parent = _onnx_input(spec, opts, source, out_dir, images)
+        reason = spec.unavailable_reason()
+        if reason:
+            raise BackendUnavailable(f"cannot build the {target} artifact here: {reason}; "
+                                     f"{spec.handoff(parent, opts, out_dir)}")
+    return _convert_and_prove(spec, opts, source, out_dir, images, tolerance, parent)
+
+
+def _onnx_input(spec, opts: Any, source: ModelSource, out_dir: Path, images: list[Path]) -> Artifact:
+    """The ONNX an onnx-source target builds from: the user's file (``opts.onnx``), proven
+    against the model in ONNX Runtime, or a new ONNX artifact made for it."""
+    onnx_spec = get_target("onnx")
+    given = getattr(opts, "onnx", None)
+    if not given:
+        onnx_opts = onnx_spec.make_options(**spec.onnx_options(opts))
+        return _convert_and_prove(onnx_spec, onnx_opts, source, out_dir, images, None)
+    from u2zoo.converters.onnx import adopt_onnx
+
+    artifact = adopt_onnx(Path(given), source)
+    tolerance = DEFAULT_TOLERANCES.get(artifact.precision, Tolerance())
+    with onnx_spec.runner(artifact) as runner:
+        parity = measure_parity(runner, TorchPredictor(source.model), images, tolerance)
+    artifact.manifest["parity"] = parity.to_dict() | {"status": "ok" if parity else "failed"}
+    if not parity:
+        raise ParityError(f"{given} does not reproduce {source.arch} with these weights in ONNX Runtime: "
+                          f"{parity.summary()}")
+    return artifact
+
+
+def _convert_and_prove(spec, opts: Any, source: ModelSource, out_dir: Path, images: list[Path],
+                       tolerance: Tolerance | None, parent: Artifact | None = None) -> Artifact:
+    """Convert into a staging folder, measure parity in the real runtime, then publish."""
     precision = getattr(opts, "precision", "fp32")
-    stem = artifact_stem(weights_info.arch, target, opts)
+    stem = artifact_stem(source.arch, spec.name, opts)
     if tolerance is None and getattr(opts, "palettize", None):
         tolerance = DEFAULT_TOLERANCES["int8-weights"]  # compressed weights: judged like int8 weights
     elif tolerance is None and getattr(opts, "image_input", False) and precision == "fp32":
         tolerance = DEFAULT_TOLERANCES["fp16"]  # the RGB input is rounded to 8 bits
     tolerance = tolerance or DEFAULT_TOLERANCES.get(precision, Tolerance())
-    images = parity_images or sample_images()
 
     staging = Path(tempfile.mkdtemp(prefix=".u2zoo-staging-", dir=out_dir))
     try:
-        artifact = spec.convert(source, opts, staging, stem)
+        if parent is None:
+            artifact = spec.convert(source, opts, staging, stem)
+        else:
+            artifact = spec.convert(source, opts, staging, stem, parent)
         not_runnable = spec.runtime_unavailable_reason()
         if not_runnable:
             # Built and validated by the converter (see manifest "validation"), but its runtime
             # is not on this host: say so in the manifest instead of claiming parity.
             artifact.manifest["parity"] = {"status": "not_run", "reason": not_runnable}
             return _publish(artifact, staging, out_dir)
-        reference = TorchPredictor(torch_model)
+        reference = TorchPredictor(source.model)
         with spec.runner(artifact) as runner:
             parity = measure_parity(runner, reference, images, tolerance)
             record = parity.to_dict() | {"images": [p.name for p in images]}
@@ -104,7 +148,7 @@ def convert_model(model: str, target: str, out_dir: str | Path, *, weights: str 
                 failures += [] if odd else [odd.summary()]
         artifact.manifest["parity"] = record | {"status": "ok" if not failures else "failed"}
         if failures:
-            raise ParityError(f"{target} {precision} artifact rejected: {'; '.join(failures)}")
+            raise ParityError(f"{spec.name} {precision} artifact rejected: {'; '.join(failures)}")
         return _publish(artifact, staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -8,6 +8,7 @@ cell ends with a status — ``ok``, ``unavailable``, ``convert_failed``, ``run_f
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import secrets
@@ -26,6 +27,7 @@ from u2zoo.benchmarks.report import RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION
 from u2zoo.benchmarks.timing import measure_latency, peak_rss_mb, reset_peak_rss
 from u2zoo.converters import TARGETS
 from u2zoo.errors import ConfigError, U2ZooError, did_you_mean
+from u2zoo.gpu import cuda_unavailable_reason
 from u2zoo.pipeline import run_batched
 from u2zoo.zoo.contract import Contract, postprocess, preprocess
 from u2zoo.zoo.images import IMAGE_SUFFIXES, list_images, load_rgb
@@ -33,7 +35,8 @@ from u2zoo.zoo.reference import TorchPredictor
 from u2zoo.zoo.weights import load_model
 
 # Every target the project plans; those not yet implemented report `unavailable`.
-KNOWN_TARGETS = ("onnx", "openvino", "tensorrt", "tflite", "coreml", "executorch", "aoti")
+KNOWN_TARGETS = ("onnx", "openvino", "tensorrt", "tflite", "coreml", "executorch", "aoti", "torch", "torch-compile")
+DEVICES = ("cpu", "cuda")
 # int8 = static (calibrated) activations; dynamic-int8 = TFLite dynamic range; int8-weights = weight-only
 KNOWN_PRECISIONS = ("fp32", "fp16", "int8", "dynamic-int8", "int8-weights")
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "coremltools",
@@ -61,8 +64,11 @@ class BenchConfig:
     calib_size: int | None = None
     keep_fp: int = 0  # int8: keep the N most sensitive layer groups in float
     keep_fp_groups: tuple[str, ...] = ()  # int8: these layer groups stay in float too
+    device: str = "cpu"  # where targets that can run on either device run (GPU-only ones: cuda)
 
     def validate(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r} (choose from: {', '.join(DEVICES)})")
         for target in self.targets:
             if target not in KNOWN_TARGETS:
                 raise ConfigError(f"unknown target {target!r}{did_you_mean(target, KNOWN_TARGETS)}")
@@ -189,11 +195,11 @@ def measure_speed(runner, data: BenchData, cfg: BenchConfig, load_s: float) -> d
 
 
 def _row(run_id: str, model: str, target: str, precision: str, weights: dict | None,
-         status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
+         status: str, reason: str | None = None, device: str = "cpu", **extra: Any) -> dict[str, Any]:
     return {
         "schema": RESULTS_SCHEMA, "schema_version": RESULTS_SCHEMA_VERSION, "run_id": run_id,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model, "weights": weights, "target": target, "precision": precision,
+        "model": model, "weights": weights, "target": target, "precision": precision, "device": device,
         "options": extra.pop("options", {}), "status": status, "reason": reason,
         "artifact": extra.pop("artifact", None), "parity": extra.pop("parity", None),
         "accuracy": extra.pop("accuracy", None), "speed": extra.pop("speed", None),
@@ -218,31 +224,62 @@ def dump_calibration(cfg: BenchConfig, model: str, data: BenchData) -> Path:
     return calib.save(folder / f"{model}.npz")
 
 
-def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: str,
-             data: BenchData, reference: np.ndarray, weights: dict, calib: Path | None = None) -> dict[str, Any]:
-    """Convert, load, compare and time one cell; every failure becomes the cell's status."""
-    from u2zoo.convert import convert_model
-
-    def row(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
-        return _row(run_id, model, target, precision, weights, status, reason, notes=data.notes, **extra)
-
-    spec = TARGETS.get(target)
-    if spec is None:
-        return row("unavailable", f"target {target!r} is not implemented in this version of u2zoo")
-    if precision not in spec.precisions:
-        return row("unavailable", f"{target} does not support {precision} (supported: {', '.join(spec.precisions)})")
-    missing = spec.missing_modules()
-    if missing:
-        return row("unavailable", spec.unavailable_reason())
+def cell_options(cfg: BenchConfig, spec, precision: str, calib: Path | None) -> dict[str, Any]:
+    """The target options of one cell: only those its options type has, so none is dropped."""
+    fields = {f.name for f in dataclasses.fields(spec.options_type)}
     options: dict[str, Any] = {"precision": precision}
-    if spec.dynamic_shapes:
+    if spec.dynamic_shapes and "dynamic" in fields:
         options["dynamic"] = True
+    if "device" in fields:
+        options["device"] = cfg.device
+    if "max_batch" in fields and max(cfg.batches) > 16:
+        options["max_batch"] = max(cfg.batches)  # the default profile/package range is 1..16
     if precision == "int8":
         options["calib"] = str(calib)
         if cfg.keep_fp:
             options["keep_fp"] = cfg.keep_fp
     if precision in ("int8", "dynamic-int8") and cfg.keep_fp_groups:
         options["keep_fp_groups"] = cfg.keep_fp_groups
+    return options
+
+
+def cell_device(cfg: BenchConfig, spec) -> str:
+    return "cuda" if spec.gpu_only else cfg.device
+
+
+def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: str,
+             data: BenchData, reference: np.ndarray, weights: dict, calib: Path | None = None,
+             options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Convert, load, compare and time one cell; every failure becomes the cell's status."""
+    from u2zoo.convert import convert_model
+
+    spec = TARGETS.get(target)
+    device = cfg.device if spec is None else cell_device(cfg, spec)
+
+    def row(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        return _row(run_id, model, target, precision, weights, status, reason, device=device, notes=data.notes,
+                    **extra)
+
+    if spec is None:
+        return row("unavailable", f"target {target!r} is not implemented in this version of u2zoo")
+    if precision not in spec.precisions:
+        return row("unavailable", f"{target} does not support {precision} (supported: {', '.join(spec.precisions)})")
+    if device not in spec.devices:
+        return row("unavailable", f"{target} runs on {'/'.join(spec.devices)} only, not {device}")
+    if options is None:
+        options = cell_options(cfg, spec, precision, calib)
+    try:
+        typed = spec.make_options(**options)
+    except ConfigError as exc:  # a combination this target does not offer (e.g. fp16 on CPU)
+        return row("unavailable", _one_line(exc), options=options)
+    if spec.source == "onnx" and spec.unavailable_reason() and not TARGETS["onnx"].missing_modules():
+        return _handoff_cell(cfg, run_id, model, spec, typed, options, data, reference, weights, row)
+    missing = spec.missing_modules()
+    if missing:
+        return row("unavailable", spec.unavailable_reason())
+    no_gpu = cuda_unavailable_reason() if device == "cuda" else None
+    if no_gpu:
+        return row("unavailable", f"{target} on cuda: {no_gpu}", options=options)
     try:
         artifact = convert_model(model, target, cfg.out / "artifacts" / model.replace("/", "_"),
                                  weights=cfg.weights, weights_sha256=cfg.weights_sha256,
@@ -258,7 +295,7 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
         notes = [*data.notes, *(f"{k}: {v}" for k, v in validation.get("summary", {}).items())]
         return _row(run_id, model, target, precision, weights, "unavailable",
                     f"{not_runnable}; artifact built and validated, parity and speed not measured",
-                    notes=notes, options=options, artifact=art)
+                    device=device, notes=notes, options=options, artifact=art)
     reset_peak_rss()
     try:
         started = time.perf_counter()
@@ -275,6 +312,24 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
     gate = {"passed": not failures, "failures": failures, "source": cfg.gates.source}
     return row("parity_failed" if failures else "ok", "; ".join(failures) or None, options=options,
                artifact=art, parity=parity, accuracy=accuracy, speed=speed, gate=gate)
+
+
+def _handoff_cell(cfg: BenchConfig, run_id: str, model: str, spec, typed: Any, options: dict[str, Any],
+                  data: BenchData, reference: np.ndarray, weights: dict, row: Callable[..., dict]) -> dict[str, Any]:
+    """A chain target that cannot finish here (TensorRT without TensorRT or a GPU): prove the
+    ONNX it would build from, in ONNX Runtime, and report that parity under an ``unavailable``
+    status — never ``ok``, and never with the ONNX's CPU speed in the target's row."""
+    reason = spec.unavailable_reason()
+    onnx_options = spec.onnx_options(typed)
+    onnx_row = run_cell(dataclasses.replace(cfg, device="cpu"), run_id, model, "onnx", typed.precision, data, reference, weights,
+                        options={k: v for k, v in onnx_options.items() if v is not None})
+    if onnx_row["status"] != "ok":
+        return row(onnx_row["status"], f"{spec.name}-ready ONNX: {onnx_row['reason']}", options=options,
+                   artifact=onnx_row["artifact"], parity=onnx_row["parity"], gate=onnx_row["gate"])
+    return row("unavailable", f"{reason}; engine not built. Parity shown is of the {spec.name}-ready ONNX "
+                              f"({onnx_row['artifact']['file']}) in ONNX Runtime on CPU", options=options,
+               artifact=onnx_row["artifact"], parity=onnx_row["parity"], accuracy=onnx_row["accuracy"],
+               gate=onnx_row["gate"])
 
 
 def _one_line(exc: BaseException) -> str:

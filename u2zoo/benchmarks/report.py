@@ -32,14 +32,15 @@ RESULTS_SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("schema", "schema_version", "status", "model", "target", "precision")
 STATUSES = ("ok", "unavailable", "convert_failed", "run_failed", "parity_failed")
 
-COLUMNS = ("host", "model", "target", "precision", "status", "size_mb", "max_abs", "mean_abs",
-           "iou50", "delta_mae", "p50_ms", "p90_ms", "fps", "e2e_ms", "peak_rss_mb", "gate", "reason")
+COLUMNS = ("host", "model", "target", "precision", "device", "status", "size_mb", "max_abs", "mean_abs",
+           "iou50", "delta_mae", "p50_ms", "p90_ms", "fps", "fps_by_batch", "e2e_ms", "peak_rss_mb", "gate",
+           "reason")
 # Ground-truth accuracy columns: shown only when some row was benchmarked with --gt.
 ACCURACY_COLUMNS = ("max_f", "mae")
 
 _HEADERS = {"size_mb": "size MB", "max_abs": "max abs", "mean_abs": "mean abs", "iou50": "IoU@0.5",
             "delta_mae": "ΔMAE", "p50_ms": "p50 ms", "p90_ms": "p90 ms", "fps": "FPS", "e2e_ms": "e2e ms",
-            "peak_rss_mb": "peak RSS MB", "max_f": "max F (GT)", "mae": "MAE (GT)"}
+            "peak_rss_mb": "peak RSS MB", "fps_by_batch": "FPS by batch", "max_f": "max F (GT)", "mae": "MAE (GT)"}
 _FORMATS = {"size_mb": "{:.2f}", "max_abs": "{:.3g}", "mean_abs": "{:.3g}", "iou50": "{:.3f}",
             "delta_mae": "{:.3g}", "p50_ms": "{:.1f}", "p90_ms": "{:.1f}", "fps": "{:.1f}",
             "e2e_ms": "{:.1f}", "peak_rss_mb": "{:.0f}", "max_f": "{:.3f}", "mae": "{:.3g}"}
@@ -178,16 +179,30 @@ def _gate(row: dict[str, Any]) -> str:
     return "-" if passed is None else ("pass" if passed else "fail")
 
 
+def _device(row: dict[str, Any]) -> str:
+    """cpu or cuda; rows written before the device field existed ran on CPU."""
+    return str(row.get("device") or _get(row, "options", "device") or "cpu")
+
+
+def _fps_by_batch(row: dict[str, Any]) -> str | None:
+    """'1: 5.3 · 8: 41.0 · 16: 70.2' from the cell's throughput runs."""
+    throughput = _get(row, "speed", "throughput")
+    if not isinstance(throughput, dict) or not throughput:
+        return None
+    items = sorted(((int(b), _num(v)) for b, v in throughput.items() if str(b).isdigit()), key=lambda x: x[0])
+    return " · ".join(f"{b}: {v:.1f}" for b, v in items if v is not None) or None
+
+
 def _flat(row: dict[str, Any], host: str) -> dict[str, Any]:
     size = _num(_get(row, "artifact", "size_bytes"))
     return {
         "host": host, "model": row.get("model"), "target": row.get("target"),
-        "precision": row.get("precision"), "status": row.get("status"),
+        "precision": row.get("precision"), "device": _device(row), "status": row.get("status"),
         "size_mb": None if size is None else size / 1e6,
         "max_abs": _num(_get(row, "parity", "max_abs")), "mean_abs": _num(_get(row, "parity", "mean_abs")),
         "iou50": _num(_get(row, "parity", "iou50")), "delta_mae": _num(_get(row, "parity", "delta_mae")),
         "p50_ms": _num(_get(row, "speed", "latency_ms_p50")), "p90_ms": _num(_get(row, "speed", "latency_ms_p90")),
-        "fps": _num(_get(row, "speed", "fps")), "e2e_ms": _num(_get(row, "speed", "e2e_ms_p50")),
+        "fps": _num(_get(row, "speed", "fps")), "fps_by_batch": _fps_by_batch(row), "e2e_ms": _num(_get(row, "speed", "e2e_ms_p50")),
         "peak_rss_mb": _num(_get(row, "speed", "peak_rss_mb")), "gate": _gate(row),
         "reason": row.get("reason"),
         "max_f": _num(_get(row, "accuracy", "max_f")), "mae": _num(_get(row, "accuracy", "mae")),

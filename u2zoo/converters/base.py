@@ -117,16 +117,20 @@ class TargetSpec:
     source: str  # "torch" or "onnx": what the converter consumes
     precisions: tuple[str, ...]
     dynamic_shapes: bool
-    needs_gpu: bool
+    devices: tuple[str, ...]  # where the runtime computes: ("cpu",), ("cuda",) or both
     # platform.system() values the *runtime* runs on; None = any. The converter runs anywhere its
     # modules import: on other hosts the artifact is built and validated, but not run.
     host_os: tuple[str, ...] | None
-    extra: str  # pip extra that installs the backend
+    extra: str  # pip extra that installs the backend ("" = core dependencies only)
     requires: tuple[str, ...]  # importable modules the converter and runner need
     options_type: type
     convert: Callable[..., Artifact]  # (source, options, out_dir) -> Artifact
     runner: type[Runner]
     description: str = ""
+    # source="onnx" targets: the ONNX artifact's options for given target options, and what to
+    # leave the user (e.g. a trtexec script) when this host cannot finish the chain
+    onnx_options: Callable[[Any], dict[str, Any]] | None = None
+    handoff: Callable[[Artifact, Any, Path], str] | None = None
 
     def missing_modules(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
@@ -135,11 +139,22 @@ class TargetSpec:
         """Why this target cannot convert *and run* here, or None when it can."""
         missing = self.missing_modules()
         if missing:
-            return f"{', '.join(missing)} not installed (pip install 'u2zoo[{self.extra}]')"
+            how = f" (pip install 'u2zoo[{self.extra}]')" if self.extra else ""
+            return f"{', '.join(missing)} not installed{how}"
         return self.runtime_unavailable_reason()
+
+    @property
+    def gpu_only(self) -> bool:
+        return self.devices == ("cuda",)
 
     def runtime_unavailable_reason(self) -> str | None:
         """Why artifacts of this target cannot be *run* on this host (they may still be built)."""
+        if self.gpu_only:
+            from u2zoo.gpu import cuda_unavailable_reason
+
+            reason = cuda_unavailable_reason()
+            if reason:
+                return f"{self.name} needs an NVIDIA GPU: {reason}"
         if self.host_os and platform.system() not in self.host_os:
             names = {"Darwin": "macOS", "Linux": "Linux", "Windows": "Windows"}
             wanted = "/".join(names.get(os_, os_) for os_ in self.host_os)

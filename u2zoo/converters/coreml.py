@@ -792,7 +792,7 @@ class CoreMLRunner(Runner):
 
 
 SPEC = register(TargetSpec(
-    name="coreml", source="torch", precisions=PRECISIONS, dynamic_shapes=False, needs_gpu=False,
+    name="coreml", source="torch", precisions=PRECISIONS, dynamic_shapes=False, devices=("cpu",),
     host_os=("Darwin",), extra="coreml", requires=("coremltools",),
     options_type=CoreMLOptions, convert=convert, runner=CoreMLRunner,
     description="Core ML ML program (.mlpackage) via torch.export; built and validated anywhere, run on macOS",

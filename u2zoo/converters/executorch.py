@@ -293,7 +293,7 @@ class ExecuTorchRunner(Runner):
 
 
 register(TargetSpec(
-    name="executorch", source="torch", precisions=PRECISIONS, dynamic_shapes=False, needs_gpu=False,
+    name="executorch", source="torch", precisions=PRECISIONS, dynamic_shapes=False, devices=("cpu",),
     host_os=None, extra="executorch", requires=("executorch", "torchao"),
     options_type=ExecuTorchOptions, convert=convert, runner=ExecuTorchRunner,
     description="ExecuTorch .pte lowered to XNNPACK, run by ExecuTorch's Python runtime (INT8 by PT2E)",

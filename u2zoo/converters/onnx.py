@@ -30,6 +30,7 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "mask"
 _DYNAMIC_DIMS = {0: "batch", 2: "height", 3: "width"}
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 3: "int8", 2: "uint8"}
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class OnnxOptions:
     calib: str | None = None  # folder of calibration images (or a dumped .npz)
     calib_size: int | None = None  # use the first N images (sorted); default all
     calib_method: str = "minmax"  # minmax | entropy | percentile
-    int8_scheme: str = "u8s8-reduce-range"  # or "s8s8" (symmetric, TensorRT-style); see quantization.onnx_int8
+    int8_scheme: str = "u8s8-reduce-range"  # or "s8s8", "tensorrt"; see quantization.onnx_int8
     keep_fp: int = 0  # keep the N most sensitive layer groups in float (runs the sensitivity analysis)
     keep_fp_groups: tuple[str, ...] = ()  # or name the groups to keep in float
 
@@ -187,6 +188,37 @@ def convert(source: ModelSource, options: OnnxOptions, out_dir: Path, stem: str)
                           calibration=calibration, quantization=quantization)
 
 
+def onnx_precision(model) -> str:
+    """What the graph computes in: int8 (it has Q/DQ nodes), fp16 (float16 weights) or fp32."""
+    if any(node.op_type in QDQ_OPS for node in model.graph.node):
+        return "int8"
+    return "fp16" if any(init.data_type == 10 for init in model.graph.initializer) else "fp32"
+
+
+def adopt_onnx(path: Path, source: ModelSource) -> Artifact:
+    """An ONNX file given by the user as a chain's input: its own u2zoo artifact when a manifest
+    lies beside it (sha256 checked), else a manifest made in memory that says where it came
+    from (never written beside the user's file)."""
+    import onnx
+
+    from u2zoo.artifact import manifest_path_for, new_manifest, open_artifact
+
+    if manifest_path_for(path).is_file():
+        return open_artifact(path)
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - a corrupt file, as one line
+        raise ConfigError(f"{path} is not a readable ONNX model: {type(exc).__name__}") from None
+    inputs, outputs = _io_specs(model)
+    weights = source.weights.to_dict() | {"note": f"user-supplied ONNX {path.name}; parity is measured against "
+                                                  "these weights"}
+    manifest = new_manifest(target="onnx", precision=onnx_precision(model), files=[path], parent=None,
+                            weights=weights, contract=source.contract, inputs=inputs, outputs=outputs,
+                            options={"origin": "user-supplied"}, tools=tool_versions("onnx", "onnxruntime"),
+                            arch=source.arch, num_params=source.num_params)
+    return Artifact(path, manifest)
+
+
 class OnnxRuntimeRunner(Runner):
     """ONNX Runtime on CPU (or the providers given), threads fixed when asked."""
 
@@ -218,7 +250,7 @@ class OnnxRuntimeRunner(Runner):
 
 
 register(TargetSpec(
-    name="onnx", source="torch", precisions=("fp32", "fp16", "int8"), dynamic_shapes=True, needs_gpu=False,
+    name="onnx", source="torch", precisions=("fp32", "fp16", "int8"), dynamic_shapes=True, devices=("cpu",),
     host_os=None, extra="onnx", requires=("onnx", "onnxruntime", "onnxslim", "onnxconverter_common"),
     options_type=OnnxOptions, convert=convert, runner=OnnxRuntimeRunner,
     description="ONNX (opset ≥ 17) run by ONNX Runtime",

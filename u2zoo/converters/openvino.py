@@ -141,7 +141,7 @@ class OpenVinoRunner(Runner):
 
 register(TargetSpec(
     name="openvino", source="torch", precisions=("fp32", "fp16", "int8"), dynamic_shapes=True,
-    needs_gpu=False, host_os=None, extra="openvino",
+    devices=("cpu",), host_os=None, extra="openvino",
     requires=("openvino", "nncf", "onnx", "onnxslim", "onnxruntime"),
     options_type=OpenVinoOptions, convert=convert, runner=OpenVinoRunner,
     description="OpenVINO IR run by OpenVINO Runtime on CPU (INT8 by NNCF)",

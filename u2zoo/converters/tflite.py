@@ -339,7 +339,7 @@ def _from_tensor(y: np.ndarray, detail: dict) -> np.ndarray:
 
 register(TargetSpec(
     name="tflite", source="torch", precisions=("fp32", "fp16", "dynamic-int8", "int8"), dynamic_shapes=False,
-    needs_gpu=False, host_os=None, extra="tflite", requires=("litert_torch", "ai_edge_quantizer", "ai_edge_litert"),
+    devices=("cpu",), host_os=None, extra="tflite", requires=("litert_torch", "ai_edge_quantizer", "ai_edge_litert"),
     options_type=TFLiteOptions, convert=convert, runner=TFLiteRunner,
     description="TFLite/LiteRT via litert-torch, quantized by ai-edge-quantizer, run by ai-edge-litert (XNNPACK)",
 ))

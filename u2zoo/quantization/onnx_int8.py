@@ -7,9 +7,13 @@ remedies, and both are offered (``scheme``):
 - ``u8s8-reduce-range`` (default): uint8 activations, int8 per-channel weights limited to
   7 bits so the 16-bit sums cannot saturate. It keeps ORT's fast U8S8 kernels: measured
   here on real U2NETP (2 threads) 299 ms vs 367 ms fp32, IoU 0.989 vs torch.
-- ``s8s8``: signed int8 activations and weights, full 8-bit weights, no saturation path, and
-  the symmetric layout TensorRT consumes — but without VNNI ORT runs it slower than fp32
-  (605 ms vs ~400 ms measured here), so it is the portable choice, not the CPU-fast one.
+- ``s8s8``: signed int8 activations and weights, full 8-bit weights, no saturation path — but
+  without VNNI ORT runs it slower than fp32 (605 ms vs ~400 ms measured here), so it is the
+  portable choice, not the CPU-fast one.
+- ``tensorrt``: ``s8s8`` in the layout TensorRT's explicit quantization consumes: symmetric
+  (zero-point 0) int8 activations, symmetric per-channel int8 weights kept as float behind a
+  Q/DQ pair (TensorRT quantizes them at build time), float biases (TensorRT dequantizes int8
+  only), and a dedicated Q/DQ pair per consumer so each convolution fuses its own input.
 
 ``quant_pre_process`` (shape inference + graph optimisation) runs first, as ORT recommends.
 """
@@ -28,7 +32,7 @@ from u2zoo.errors import ConfigError, ConversionError
 from u2zoo.quantization.calibration import CalibrationSet
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-SCHEMES = ("u8s8-reduce-range", "s8s8")
+SCHEMES = ("u8s8-reduce-range", "s8s8", "tensorrt")
 
 
 def layer_groups(model) -> dict[str, list[str]]:
@@ -123,7 +127,11 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: CalibrationSet, input_
     calibrate_method = _method(method)
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown int8 scheme {scheme!r} (choose from: {', '.join(SCHEMES)})")
-    s8s8 = scheme == "s8s8"
+    s8s8 = scheme in ("s8s8", "tensorrt")
+    extra = {"ActivationSymmetric": s8s8, "WeightSymmetric": True}
+    if scheme == "tensorrt":
+        # float bias: TensorRT's DequantizeLinear takes int8 (not ORT's int32 bias) and folds the bias itself
+        extra |= {"AddQDQPairToWeight": True, "DedicatedQDQPair": True, "QuantizeBias": False}
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         try:
@@ -134,7 +142,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: CalibrationSet, input_
                 activation_type=QuantType.QInt8 if s8s8 else QuantType.QUInt8,
                 nodes_to_quantize=only_nodes, nodes_to_exclude=exclude_nodes or None,
                 calibrate_method=calibrate_method, calibration_cache_path=str(cache) if cache else None,
-                extra_options={"ActivationSymmetric": s8s8, "WeightSymmetric": True},
+                extra_options=extra,
             )
         except ConfigError:
             raise
@@ -145,8 +153,11 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: CalibrationSet, input_
             "activations": "int8 symmetric" if s8s8 else "uint8 asymmetric",
             "weights": "int8 symmetric per-channel" + ("" if s8s8 else ", 7-bit range (reduce_range)"),
             "calibration_method": method,
-            "why": "AVX2 without VNNI: U8S8 sums can saturate in 16 bits; "
-                   + ("S8S8 avoids that path" if s8s8 else "reduce_range keeps them in range on the fast U8S8 kernels")}
+            "why": {"u8s8-reduce-range": "AVX2 without VNNI: U8S8 sums can saturate in 16 bits; reduce_range keeps "
+                                         "them in range on the fast U8S8 kernels",
+                    "s8s8": "AVX2 without VNNI: U8S8 sums can saturate in 16 bits; S8S8 avoids that path",
+                    "tensorrt": "TensorRT explicit quantization: symmetric int8 Q/DQ, float weights behind Q/DQ "
+                                "pairs, one pair per consumer"}[scheme]}
 
 
 @dataclass(frozen=True)
