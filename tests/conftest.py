@@ -79,3 +79,37 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_checkpoint") / "tiny.pth"
     torch.save(build_arch("u2net-tiny").state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def healthy_tiny(tmp_path_factory) -> str:
+    """Seeded tiny weights whose ReLUs stay alive (BatchNorm bias 0.1): plain random init leaves
+    whole layers at zero, which full-INT8 TFLite rightly refuses and which makes INT8 parity
+    meaningless."""
+    import torch
+
+    from u2zoo.zoo.archs import build_arch
+
+    torch.manual_seed(3)
+    model = build_arch("u2net-tiny")
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.bias.data.fill_(0.1)
+    path = tmp_path_factory.mktemp("healthy") / "healthy_tiny.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def calib_dir(tmp_path_factory) -> str:
+    """Six small varied photos-like images for INT8 calibration of the tiny network."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("calib")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        base = rng.integers(0, 255, (1, 1, 3), dtype=np.uint8)
+        image = np.clip(base + rng.integers(-60, 60, (72, 90, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(folder / f"c{i}.png")
+    return str(folder)

@@ -15,6 +15,7 @@ from u2zoo.converters import TARGETS
 from u2zoo.convert import convert_model
 from u2zoo.errors import ConfigError, RuntimeLoadError
 from u2zoo.gpu import cuda_unavailable_reason
+from u2zoo.pipeline import run_batched
 
 pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                                 reason="AOTInductor CPU packages need a C++ compiler")
@@ -45,6 +46,8 @@ def test_runner_takes_batches_in_range_and_refuses_others(cpu_package):
         assert runner.predict(np.zeros((3, 3, 64, 64), np.float32)).shape == (3, 1, 64, 64)
         with pytest.raises(ConfigError, match="batch 5 is outside this package's range 1..4"):
             runner.predict(np.zeros((5, 3, 64, 64), np.float32))
+        assert runner.max_batch == 4  # so the matrix splits larger image sets into batches of 4
+        assert run_batched(runner, np.zeros((9, 3, 64, 64), np.float32)).shape == (9, 1, 64, 64)
 
 
 @pytest.mark.slow  # compiling even the tiny network with g++ takes 1.5–5 min on 2 cores

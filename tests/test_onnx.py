@@ -124,11 +124,19 @@ def test_every_target_has_a_converter_a_runner_and_typed_options():
 
     from u2zoo.converters.base import Runner
 
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
     assert "onnx" in TARGETS
     for name, spec in TARGETS.items():
         assert spec.name == name and callable(spec.convert) and issubclass(spec.runner, Runner)
-        assert dataclasses.is_dataclass(spec.options_type) and spec.precisions and spec.extra
-        assert spec.source in ("torch", "onnx")
+        assert dataclasses.is_dataclass(spec.options_type) and spec.precisions
+        # the extra a missing backend points to exists; "" = core dependencies (torch) only
+        assert spec.extra in extras if spec.extra else set(spec.requires) <= {"torch"}
+        assert spec.devices and set(spec.devices) <= {"cpu", "cuda"}
+        assert spec.source == "torch" or (spec.source == "onnx" and spec.onnx_options and spec.handoff)
 
 
 @pytest.mark.slow

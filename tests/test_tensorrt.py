@@ -9,7 +9,6 @@ import shlex
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("onnxruntime")
 
@@ -23,34 +22,6 @@ TRT_REASON = TARGETS["tensorrt"].unavailable_reason()
 needs_tensorrt = pytest.mark.skipif(TRT_REASON is not None, reason=f"TensorRT engines cannot be built here: {TRT_REASON}")
 without_tensorrt = pytest.mark.skipif(TRT_REASON is None, reason="TensorRT and a GPU are present: nothing is handed off")
 SIZE = ("--height", "64", "--width", "64")
-
-
-@pytest.fixture(scope="module")
-def healthy_tiny(tmp_path_factory):
-    """Seeded tiny weights whose ReLUs stay alive (BatchNorm bias 0.1), so INT8 parity means something."""
-    import torch
-
-    from u2zoo.zoo.archs import build_arch
-
-    torch.manual_seed(3)
-    model = build_arch("u2net-tiny")
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.bias.data.fill_(0.1)
-    path = tmp_path_factory.mktemp("w") / "healthy_tiny.pth"
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def calib_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("calib")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        base = rng.integers(0, 255, (1, 1, 3), dtype=np.uint8)
-        image = np.clip(base + rng.integers(-60, 60, (72, 90, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(image).save(folder / f"c{i}.png")
-    return str(folder)
 
 
 def convert(capsys, weights, out, *extra):
@@ -141,6 +112,7 @@ def test_without_tensorrt_the_ready_onnx_and_trtexec_script_are_left(capsys, tmp
     assert session.run(None, {"input": np.zeros((16, 3, 64, 64), np.float32)})[0].shape == (16, 1, 64, 64)
     script = (out / "u2net-tiny_tensorrt_int8_dynamic_tensorrt.trtexec.sh").read_text()
     assert f"--onnx={onnx_path.name}" in script and "--maxShapes=input:16x3x64x64" in script
+    assert "--timingCacheFile=timing.cache" in script  # relative: the folder travels to the device
     assert not list(out.glob("*.engine")) and not list(out.glob(".u2zoo-staging-*"))
 
 

@@ -12,7 +12,6 @@ import re
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_quantizer")
@@ -26,24 +25,6 @@ from u2zoo.converters.tflite import TFLiteRunner, group_regex  # noqa: E402
 SIZE = {"height": 64, "width": 64}
 
 
-@pytest.fixture(scope="module")
-def healthy_tiny(tmp_path_factory):
-    """Seeded tiny weights whose ReLUs stay alive (BatchNorm bias 0.1): plain random init leaves
-    whole layers at zero, which full-INT8 TFLite rightly refuses (see test_dead_layers…)."""
-    import torch
-
-    from u2zoo.zoo.archs import build_arch
-
-    torch.manual_seed(3)
-    model = build_arch("u2net-tiny")
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.bias.data.fill_(0.1)
-    path = tmp_path_factory.mktemp("w") / "healthy_tiny.pth"
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
 @pytest.fixture
 def dead_stage3_tiny(tmp_path, healthy_tiny):
     """healthy_tiny with one layer of stage3 killed on purpose (BatchNorm bias −1000, so its ReLU
@@ -55,17 +36,6 @@ def dead_stage3_tiny(tmp_path, healthy_tiny):
     path = tmp_path / "dead_stage3.pth"
     torch.save(state, path)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def calib_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("calib")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        base = rng.integers(0, 255, (1, 1, 3), dtype=np.uint8)
-        image = np.clip(base + rng.integers(-60, 60, (72, 90, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(image).save(folder / f"c{i}.png")
-    return str(folder)
 
 
 def convert(weights, out, **options):

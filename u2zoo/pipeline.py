@@ -27,8 +27,9 @@ class Predictor(Protocol):
 
 
 def run_batched(predictor: Predictor, inputs: np.ndarray) -> np.ndarray:
-    """Run (N, 3, H, W) through ``predictor``, honouring a static batch size by padding."""
-    step = predictor.fixed_batch or len(inputs)
+    """Run (N, 3, H, W) through ``predictor``, honouring a static batch size by padding and a
+    dynamic one's upper bound (``max_batch``: a TensorRT profile, an AOTInductor package)."""
+    step = predictor.fixed_batch or min(len(inputs), getattr(predictor, "max_batch", None) or len(inputs))
     outputs = []
     for start in range(0, len(inputs), step):
         chunk = inputs[start:start + step]

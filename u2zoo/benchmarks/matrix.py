@@ -175,8 +175,8 @@ def measure_speed(runner, data: BenchData, cfg: BenchConfig, load_s: float) -> d
     latency = measure_latency(runner, one, cfg.runs, cfg.warmup, cfg.threads)
     throughput = {}
     for batch in cfg.batches:
-        if runner.fixed_batch not in (None, batch):
-            continue  # a static artifact runs only the batch it was built for
+        if runner.fixed_batch not in (None, batch) or batch > (runner.max_batch or batch):
+            continue  # a static artifact runs only its batch; a bounded one up to its maximum
         result = measure_latency(runner, np.repeat(one, batch, axis=0), max(3, cfg.runs // 4), 1, cfg.threads)
         throughput[str(batch)] = round(result.fps, 3)
     contract = data.contract

@@ -188,8 +188,12 @@ class AotiRunner(Runner):
         out = out[0] if isinstance(out, (list, tuple)) else out
         return {self.output_name: out.float().cpu().numpy()}
 
+    @property
+    def max_batch(self) -> int | None:
+        return (self.artifact.manifest.get("aoti") or {}).get("max_batch")
+
     def _check_batch(self, batch: int) -> None:
-        limit = (self.artifact.manifest.get("aoti") or {}).get("max_batch")
+        limit = self.max_batch
         fixed = self.fixed_batch
         if fixed is not None and batch != fixed:
             raise ConfigError(f"this aoti package was built for batch {fixed}, not {batch} (rebuild with --dynamic)")

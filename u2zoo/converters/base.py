@@ -69,6 +69,12 @@ class Runner(ABC):
         return dim if isinstance(dim, int) and dim > 0 else None
 
     @property
+    def max_batch(self) -> int | None:
+        """The largest batch a dynamic artifact takes (a TensorRT profile, an AOTInductor
+        package's range); None when unbounded."""
+        return None
+
+    @property
     def fixed_size(self) -> tuple[int, int] | None:
         """(height, width) a static artifact was built for; None when dynamic."""
         shape = self.artifact.inputs[0].shape

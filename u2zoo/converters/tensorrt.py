@@ -134,14 +134,14 @@ def _profile_shapes(options: TensorRTOptions, size: tuple[int, int]) -> dict[str
 
 
 def trtexec_command(onnx_path: Path, engine_path: Path, input_name: str, options: TensorRTOptions,
-                    size: tuple[int, int]) -> str:
+                    size: tuple[int, int], timing_cache: Path | None = None) -> str:
     """The ``trtexec`` line that builds the same engine (TensorRT ≥ 10, strongly typed)."""
     shapes = _profile_shapes(options, size)
     dims = {k: "x".join(map(str, v)) for k, v in shapes.items()}
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", "--stronglyTyped",
             f"--minShapes={input_name}:{dims['min']}", f"--optShapes={input_name}:{dims['opt']}",
             f"--maxShapes={input_name}:{dims['max']}",
-            f"--timingCacheFile={options.timing_cache or default_timing_cache()}"]
+            f"--timingCacheFile={timing_cache or options.timing_cache or default_timing_cache()}"]
     if options.workspace_mb:
         args.append(f"--memPoolSize=workspace:{options.workspace_mb}M")
     return shlex.join(args)
@@ -153,7 +153,9 @@ def handoff(parent: Artifact, options: TensorRTOptions, out_dir: Path) -> str:
     size = _size_of(parent)
     engine = out_dir / f"{parent.path.stem.replace('_onnx_', '_tensorrt_')}.engine"
     script = out_dir / f"{engine.stem}.trtexec.sh"
-    command = trtexec_command(Path(parent.path.name), Path(engine.name), parent.inputs[0].name, options, size)
+    # paths relative to the script's folder, which the user copies to the device
+    command = trtexec_command(Path(parent.path.name), Path(engine.name), parent.inputs[0].name, options, size,
+                              Path(options.timing_cache or "timing.cache"))
     atomic_write_text(script, "#!/bin/sh\n# Build the TensorRT engine on the GPU that will run it "
                               "(an engine is tied to one GPU generation and TensorRT version).\n"
                               f"cd \"$(dirname \"$0\")\" && {command}\n")
@@ -280,6 +282,10 @@ class TensorRTRunner(Runner):
         self.input_names = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         profile = built.get("profile", {})
         self.batch_range = (profile.get("min", [1])[0], profile.get("max", [1])[0])
+
+    @property
+    def max_batch(self) -> int | None:
+        return (self.artifact.manifest.get("tensorrt", {}).get("profile", {}).get("max") or [None])[0]
 
     def close(self) -> None:
         self.context = self.engine = self.runtime = None
