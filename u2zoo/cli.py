@@ -218,6 +218,114 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace, default_loss: str):
+    from u2zoo.training.trainer import TrainConfig
+
+    config = TrainConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         weight_decay=args.weight_decay, optimizer=args.optimizer, warmup_epochs=args.warmup_epochs,
+                         loss=args.loss or default_loss, seed=args.seed, amp=not args.no_amp,
+                         grad_checkpoint=args.grad_checkpoint, device=args.device, workers=args.workers,
+                         resume=args.resume, max_steps_per_epoch=args.max_steps_per_epoch)
+    config.validate()
+    return config
+
+
+def _size(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.replace("x", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"--size must be N or H,W, not {value!r}") from None
+    if len(parts) not in (1, 2) or min(parts) < 32:
+        raise ConfigError(f"--size must be N or H,W with each ≥ 32, not {value!r}")
+    return (parts[0], parts[-1])
+
+
+def _report_training(history: list, out: str) -> None:
+    last = history[-1] if history else {}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
+    print(f"trained {len(history)} epoch(s); last: {shown}")
+    print(f"wrote {out}/best.pth (weights), last.pt (resumable), history.json, curves.png")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune on image + mask folders."""
+    from u2zoo.training.data import Augment, FolderDataset
+    from u2zoo.training.trainer import fit
+    from u2zoo.zoo.weights import load_model
+
+    config = _train_config(args, "bce=1")
+    model, info, contract = load_model(args.model, args.weights, args.weights_sha256, args.random_weights,
+                                       deploy=False, progress=not args.quiet)
+    size = _size(args.size)
+    train_set = FolderDataset(args.images, contract, masks_dir=args.masks, size=size, augment=Augment(),
+                              seed=args.seed, soft_masks=args.soft_masks)
+    val_set = None
+    if args.val_images:
+        if not args.val_masks:
+            raise ConfigError("--val-images needs --val-masks")
+        val_set = FolderDataset(args.val_images, contract, masks_dir=args.val_masks, size=size,
+                                soft_masks=args.soft_masks)
+    history = fit(model, info.arch, train_set, val_set, config, lambda batch: batch["mask"], progress=not args.quiet,
+                  extra_state={"weights": info.to_dict(), "contract": contract.to_dict()})
+    _report_training(history, args.out)
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Train a student on a teacher's soft maps of unlabeled images."""
+    from u2zoo.training.distill import distill
+
+    config = _train_config(args, "bce=1,edge=0.5")
+    history = distill(args.teacher, args.student, args.images, config, teacher_weights=args.weights,
+                      val_images=args.val_images, size=_size(args.size), student_weights=args.student_weights,
+                      progress=not args.quiet)
+    _report_training(history, args.out)
+    return 0
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (best.pth, last.pt, history.json, curves.png)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
+    p.add_argument("--batch-size", type=int, default=4, help="batch size per process (default 4)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3, cosine schedule)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (default 1e-4)")
+    p.add_argument("--optimizer", default="adamw", help="adam or adamw (default)")
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the cosine decay")
+    p.add_argument("--loss", help="e.g. bce=1,dice=0.5,edge=0.2 (terms: bce, wbce, dice, edge)")
+    p.add_argument("--size", help="training size N or H,W (default: the contract's 320)")
+    p.add_argument("--seed", type=int, default=0, help="seed of shuffling and augmentation (default 0)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute RSU stages in backward (less memory)")
+    p.add_argument("--resume", help="continue from a last.pt of the same architecture")
+    p.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (quick runs)")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Structured channel pruning (torch-pruning), optionally recovered by distillation."""
+    from u2zoo.converters.base import ensure_writable_dir
+    from u2zoo.pruning.prune import prune_and_recover
+
+    config = None
+    if args.recover_epochs:
+        args.epochs, args.out_train = args.recover_epochs, str(Path(args.out) / "recovery")
+        config = _train_config(argparse.Namespace(**{**vars(args), "out": args.out_train}), "bce=1,edge=0.5")
+    record = prune_and_recover(args.model, args.weights, args.ratio, ensure_writable_dir(Path(args.out)),
+                               importance=args.importance, round_to=args.round_to, images=args.images,
+                               train_config=config, size=_size(args.size), random_weights=args.random_weights,
+                               progress=not args.quiet)
+    print(f"pruned {args.model} by {args.ratio:.0%} ({record['importance']} importance): "
+          f"{record['params_before']:,} → {record['params_after']:,} parameters")
+    for key in ("mae_vs_unpruned", "mae_vs_unpruned_after_recovery"):
+        if key in record:
+            print(f"{key.replace('_', ' ')}: {record[key]:.4f}")
+    print(f"wrote {record['weights']} and {record['shapes']} (use them as --weights anywhere)")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from u2zoo.zoo.archs import ARCHS, build_arch, count_macs, count_params
     from u2zoo.zoo.weights import REGISTRY
@@ -422,6 +530,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-method", help="minmax (default), entropy or percentile")
     p.add_argument("--eval-images", type=int, default=8, help="images the error is measured on (default 8)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads")
+
+    p = add("train", cmd_train, "fine-tune on image + mask folders (masks paired by file stem)")
+    p.add_argument("--model", required=True, help="architecture or weights name to start from")
+    _add_weights_args(p)
+    p.add_argument("--images", required=True, help="folder of training images")
+    p.add_argument("--masks", required=True, help="folder of masks, one per image with the same stem")
+    p.add_argument("--val-images", help="folder of validation images")
+    p.add_argument("--val-masks", help="folder of validation masks")
+    p.add_argument("--soft-masks", action="store_true", help="keep masks soft instead of binarising at 0.5")
+    _add_training_args(p)
+
+    p = add("distill", cmd_distill, "train a student on a teacher's soft maps of unlabeled images")
+    p.add_argument("--teacher", required=True, help="teacher model or weights name, e.g. u2netp")
+    p.add_argument("--weights", help="teacher weights (path); default: the registry's")
+    p.add_argument("--student", required=True, help="student architecture, e.g. u2net-lite")
+    p.add_argument("--student-weights", help="start the student from these weights")
+    p.add_argument("--images", required=True, help="folder of unlabeled training images")
+    p.add_argument("--val-images", help="folder of validation images (scored against the teacher)")
+    _add_training_args(p)
+
+    p = add("prune", cmd_prune, "structured channel pruning; side heads and the fuse conv stay whole")
+    p.add_argument("--model", required=True, help="architecture or weights name")
+    _add_weights_args(p)
+    p.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove, in (0, 0.9]")
+    p.add_argument("--round-to", type=int, help="keep channel counts multiples of N (e.g. 8)")
+    p.add_argument("--importance", default="magnitude", help="magnitude (default) or taylor (needs --images)")
+    p.add_argument("--images", help="images to measure the damage on, rank channels (taylor) and recover")
+    p.add_argument("--recover-epochs", type=int, default=0, help="recovery epochs of distillation from the unpruned model")
+    _add_training_args(p)
+    p.set_defaults(epochs=0)
 
     p = add("fetch", cmd_fetch, "download (or import with --from) registered weights into the cache, verified")
     p.add_argument("name", help="registered weights name")

@@ -1,4 +1,1 @@
-"""Structured channel pruning with torch-pruning.
-
-Not implemented yet: tracked by the training/pruning issue.
-"""
+"""Structured channel pruning with torch-pruning: see :mod:`u2zoo.pruning.prune`."""

@@ -102,6 +102,11 @@ def _resize_plane(plane: np.ndarray, height: int, width: int, filter_name: str,
     return np.asarray(img.resize((width, height), _FILTERS[filter_name]), dtype=np.float32)
 
 
+def resize_plane(plane: np.ndarray, height: int, width: int, filter_name: str = "bilinear") -> np.ndarray:
+    """Resize one (H, W) float plane with the contract's filters (for masks in training)."""
+    return _resize_plane(plane, height, width, filter_name)
+
+
 def preprocess(image: np.ndarray, pre: Preprocess, size: tuple[int, int] | None = None) -> np.ndarray:
     """One RGB image (H, W, 3) in [0, 1] → (3, h, w) float32 network input.
 

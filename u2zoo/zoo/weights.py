@@ -293,10 +293,23 @@ def load_model(name: str, weights: str | None = None, weights_sha256: str | None
     known = entry_for_sha256(sha)
     if known is None and entry is not None and entry.cache_path() == Path(path):
         known = entry
+    model = _pruned_or(model, path, arch, deploy)
     apply_state_dict(model, read_state_dict(path), arch, str(path))
     if known is not None:
         contract = known.contract
     return model, WeightsInfo(known.name if known else None, str(weights or path), sha, arch), contract
+
+
+def _pruned_or(model: U2NetBase, path: Path, arch: str, deploy: bool) -> U2NetBase:
+    """A pruned checkpoint (``.arch.json`` beside it) rebuilds the model with its channel shapes."""
+    from u2zoo.pruning.prune import read_shapes, rebuild_pruned
+
+    pruned = read_shapes(path)
+    if pruned is None:
+        return model
+    if pruned["arch"] != arch:
+        raise WeightsError(f"{path.name} holds a pruned {pruned['arch']}, not {arch}")
+    return rebuild_pruned(arch, pruned["shapes"], build_arch, deploy=deploy)
 
 
 def cached_entries(arch: str) -> list[WeightsEntry]:

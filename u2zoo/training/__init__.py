@@ -1,0 +1,1 @@
+"""Training: folder datasets, losses, the trainer, and distillation from a teacher."""
