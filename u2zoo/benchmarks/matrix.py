@@ -30,7 +30,7 @@ from u2zoo.errors import ConfigError, U2ZooError, did_you_mean
 from u2zoo.gpu import cuda_unavailable_reason
 from u2zoo.pipeline import run_batched
 from u2zoo.zoo.contract import Contract, postprocess, preprocess
-from u2zoo.zoo.images import IMAGE_SUFFIXES, list_images, load_rgb
+from u2zoo.zoo.images import IMAGE_SUFFIXES, list_images, load_mask, load_rgb
 from u2zoo.zoo.reference import TorchPredictor
 from u2zoo.zoo.weights import load_model
 
@@ -101,18 +101,6 @@ def _find_gt(gt_dir: Path, stem: str) -> Path | None:
     return next((gt_dir / f"{stem}{s}" for s in sorted(IMAGE_SUFFIXES) if (gt_dir / f"{stem}{s}").is_file()), None)
 
 
-def _read_gt(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
-    """GT mask as float [0,1] at the image's size (nearest-resized when it differs)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        gray = img.convert("L")
-        resized = gray.size != (size[1], size[0])
-        if resized:
-            gray = gray.resize((size[1], size[0]), Image.Resampling.NEAREST)
-        return np.asarray(gray, np.float32) / 255.0, resized
-
-
 def load_bench_data(data_dir: Path, gt_dir: Path | None, contract: Contract) -> BenchData:
     """Read every image once (mixed sizes/modes converted; unreadable ones skipped and noted)."""
     paths, images, notes = [], [], []
@@ -133,7 +121,7 @@ def load_bench_data(data_dir: Path, gt_dir: Path | None, contract: Contract) -> 
                               f"(e.g. {', '.join(missing[:3])}); masks pair with images by file stem")
         gts, resized = [], 0
         for path, image in zip(paths, images):
-            mask, was_resized = _read_gt(found[path], image.shape[:2])
+            mask, was_resized = load_mask(found[path], image.shape[:2])
             gts.append(mask)
             resized += was_resized
         if resized:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from u2zoo.errors import ConfigError
 from u2zoo.zoo.contract import Contract, preprocess, resize_plane
-from u2zoo.zoo.images import IMAGE_SUFFIXES, list_images, load_rgb
+from u2zoo.zoo.images import IMAGE_SUFFIXES, list_images, load_mask, load_rgb
 
 
 @dataclass(frozen=True)
@@ -42,16 +42,6 @@ def pair_masks(images: list[Path], masks_dir: Path) -> list[Path]:
         raise ConfigError(f"{len(missing)} of {len(images)} image(s) have no mask in {masks_dir} with the same stem "
                           f"(e.g. {', '.join(missing[:3])}){hint}")
     return [masks[p.stem] for p in images]
-
-
-def load_mask(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
-    """Mask as float [0, 1] at ``size`` (H, W), bilinear when it must be resized; and whether it was."""
-    with Image.open(path) as img:
-        gray = img.convert("L")
-        resized = gray.size != (size[1], size[0])
-        if resized:
-            gray = gray.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-        return np.asarray(gray, np.float32) / 255.0, resized
 
 
 def _random_crop_box(rng: np.random.Generator, height: int, width: int, aug: Augment) -> tuple[int, int, int, int]:
@@ -111,19 +101,23 @@ class FolderDataset:
             raise ConfigError(f"no images in {images_dir}")
         self.contract, self.size = contract, size or contract.pre.size
         self.augment, self.seed, self.soft_masks, self.epoch = augment, seed, soft_masks, 0
-        # big photos are kept at most 3× the training size: crops and resizes stay cheap
-        self.images = [_cap_size(load_rgb(p), 3 * max(self.size)) for p in self.paths]
-        self.masks: list[np.ndarray] | None = None
-        self.resized_masks = 0
+        mask_paths = None
         if masks_dir is not None:
-            masks_dir = Path(masks_dir)
-            if not masks_dir.is_dir():
+            if not Path(masks_dir).is_dir():
                 raise ConfigError(f"mask folder not found: {masks_dir}")
-            self.masks = []
-            for image, path in zip(self.images, pair_masks(self.paths, masks_dir)):
-                mask, resized = load_mask(path, image.shape[:2])
-                self.masks.append(mask)
+            mask_paths = pair_masks(self.paths, Path(masks_dir))
+        self.images, self.masks, self.resized_masks = [], None if mask_paths is None else [], 0
+        longest = 3 * max(self.size)  # big photos are kept at most 3× the training size: crops stay cheap
+        for index, path in enumerate(self.paths):
+            image = load_rgb(path)
+            if mask_paths is not None:
+                mask, resized = load_mask(mask_paths[index], image.shape[:2], "bilinear")  # to its own image
                 self.resized_masks += resized
+                image = _cap_size(image, longest)
+                self.masks.append(resize_plane(mask, *image.shape[:2]))
+            else:
+                image = _cap_size(image, longest)
+            self.images.append(image)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -60,3 +60,18 @@ def list_images(inputs: list[str | Path]) -> list[Path]:
         else:
             raise ImageError(f"input not found: {path}")
     return found
+
+
+def load_mask(path: str | Path, size: tuple[int, int], resample: str = "nearest") -> tuple[np.ndarray, bool]:
+    """A mask as float [0, 1] at ``size`` (H, W) and whether it had to be resized (``nearest``
+    keeps ground truth binary for scoring; ``bilinear`` suits training targets)."""
+    filters = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
+    try:
+        with Image.open(path) as img:
+            gray = img.convert("L")
+            resized = gray.size != (size[1], size[0])
+            if resized:
+                gray = gray.resize((size[1], size[0]), filters[resample])
+            return np.asarray(gray, np.float32) / 255.0, resized
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"cannot read mask {path}: {exc}") from None

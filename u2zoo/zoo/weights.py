@@ -29,6 +29,7 @@ from u2zoo.zoo.archs import ARCHS, U2NetBase, build_arch
 from u2zoo.zoo.contract import PORTRAIT, SALIENCY, Contract
 
 _OFFICIAL_ORIGIN = "xuebinqin/U-2-Net (Qin et al. 2020), official release"
+BUNDLED_DIR = Path(__file__).parent / "bundled"
 _GDRIVE = "https://drive.google.com/uc?export=download&id="
 
 
@@ -49,8 +50,11 @@ class WeightsEntry:
     origin: str = _OFFICIAL_ORIGIN
     contract: Contract = field(default_factory=Contract)
     notes: str = ""
+    bundled: bool = False  # shipped inside the package (u2zoo/zoo/bundled/): no download, hash still checked
 
     def cache_path(self) -> Path:
+        if self.bundled:
+            return BUNDLED_DIR / self.filename
         return cache_dir() / "weights" / self.filename
 
 
