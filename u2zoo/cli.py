@@ -243,6 +243,10 @@ def _size(value: str | None) -> tuple[int, int] | None:
 
 
 def _report_training(history: list, out: str) -> None:
+    from u2zoo.training.trainer import distributed_context
+
+    if distributed_context()[0] != 0:
+        return  # under torchrun only rank 0 writes and reports
     last = history[-1] if history else {}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
     print(f"trained {len(history)} epoch(s); last: {shown}")
