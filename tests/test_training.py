@@ -208,3 +208,16 @@ def test_torchrun_ddp_on_cpu_splits_the_data_and_rank0_writes(tmp_path, pairs):
     assert result.stdout.count("trained 1 epoch(s)") == 1  # rank 0 only
     history = json.loads((tmp_path / "ddp" / "history.json").read_text())
     assert history[0]["steps"] == 2  # 4 images over 2 processes at batch 1
+
+
+def test_frozen_batchnorm_keeps_its_statistics(tmp_path, pairs):
+    images, masks = pairs
+    model = build_arch("u2net-tiny")
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    first_conv = model.stage1.rebnconvin.conv_s1.weight.detach().clone()
+    data = FolderDataset(images, SALIENCY, masks_dir=masks, size=(64, 64))
+    config = TrainConfig(out=str(tmp_path / "f"), epochs=1, batch_size=2, freeze_bn=True)
+    fit(model, "u2net-tiny", data, None, config, lambda batch: batch["mask"], progress=False)
+    after = {k: v for k, v in model.state_dict().items() if "running_" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(first_conv, model.stage1.rebnconvin.conv_s1.weight)  # the weights did train

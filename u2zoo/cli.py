@@ -224,7 +224,9 @@ def _train_config(args: argparse.Namespace, default_loss: str):
     config = TrainConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, optimizer=args.optimizer, warmup_epochs=args.warmup_epochs,
                          loss=args.loss or default_loss, seed=args.seed, amp=not args.no_amp,
-                         grad_checkpoint=args.grad_checkpoint, device=args.device, workers=args.workers,
+                         grad_checkpoint=args.grad_checkpoint,
+                         freeze_bn=args.freeze_bn or getattr(args, "recover_epochs", 0) > 0,
+                         device=args.device, workers=args.workers,
                          resume=args.resume, max_steps_per_epoch=args.max_steps_per_epoch)
     config.validate()
     return config
@@ -304,6 +306,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute RSU stages in backward (less memory)")
+    p.add_argument("--freeze-bn", action="store_true",
+                   help="keep BatchNorm statistics fixed (fine-tuning; always on for pruning recovery)")
     p.add_argument("--resume", help="continue from a last.pt of the same architecture")
     p.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (quick runs)")
 

@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # used on CUDA only
     grad_checkpoint: bool = False
+    freeze_bn: bool = False  # keep BatchNorm statistics fixed (fine-tuning pretrained or BN-folded weights)
     device: str = "auto"  # auto | cpu | cuda
     workers: int = 0
     resume: str | None = None
@@ -259,6 +260,8 @@ def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: Ta
         if sampler is not None:
             sampler.set_epoch(epoch)
         net.train()
+        if config.freeze_bn:
+            _freeze_batchnorm(model)
         running, terms = [], {}
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not progress or rank != 0, leave=False)
@@ -296,6 +299,17 @@ def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: Ta
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float))
                 print(f"epoch {epoch + 1}/{config.epochs}: {shown}", flush=True)
     return history
+
+
+def _freeze_batchnorm(model) -> None:
+    """BatchNorm layers use and keep their running statistics while the rest trains: with small
+    batches, or BN-folded checkpoints whose BN layers are identities, batch statistics would
+    otherwise replace what the weights were trained with."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def _save(model, arch: str, optimizer, scheduler, epoch: int, history: list[dict[str, Any]], config: TrainConfig,
