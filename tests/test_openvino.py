@@ -90,3 +90,31 @@ def test_int8_with_accuracy_control_on_our_parity_metric(tmp_path):
                              max_drop=0.01, progress=False, tolerance=Tolerance(mean_abs=0.05))
     assert artifact.manifest["quantization"]["accuracy_control"] is True
     assert artifact.manifest["parity"]["mean_abs"] <= 0.01  # the drop NNCF was asked to respect, measured by us
+
+
+def test_int8_qat_fine_tunes_against_the_float_model(tmp_path, healthy_tiny, calib_dir):
+    """NNCF QAT: PTQ ranges, then fine-tuning on the float model's own maps (no labels), then IR."""
+    artifact = convert_model("u2net-tiny", "openvino", tmp_path, weights=healthy_tiny, precision="int8-qat",
+                             calib=calib_dir, qat_epochs=2, qat_lr=1e-4, dynamic=True, height=64, width=64,
+                             progress=False)
+    manifest = artifact.manifest
+    assert artifact.path.name == "u2net-tiny_openvino_int8-qat_dynamic.xml"
+    assert manifest["parity"]["status"] == "ok" and manifest["parity"]["iou50"] >= 0.98
+    assert manifest["quantization"]["tool"] == "nncf (QAT)" and len(manifest["quantization"]["history"]) == 2
+    assert manifest["calibration"]["num_images"] == 6
+    xml = artifact.path.read_text()
+    assert "FakeQuantize" in xml  # real int8 quantization in the IR
+
+
+@pytest.mark.parametrize("options, pattern", [
+    ({"precision": "int8-qat"}, "needs calibration images"),
+    ({"precision": "int8-qat", "calib": "c", "qat_epochs": 0}, "QAT needs ≥ 1 epoch"),
+    ({"precision": "int8-qat", "calib": "c", "keep_fp": 2}, "int8-qat keeps named groups only"),
+    ({"precision": "int8", "calib": "c", "qat_epochs": 2}, "only apply to --int8-qat"),
+])
+def test_int8_qat_bad_options(options, pattern):
+    from u2zoo.converters.openvino import OpenVinoOptions
+    from u2zoo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=pattern):
+        OpenVinoOptions(**options)

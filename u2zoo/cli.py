@@ -19,7 +19,7 @@ def _add_weights_args(p: argparse.ArgumentParser) -> None:
 
 
 # precision flags of `convert`; each one is also the precision's name in manifests and bench
-_PRECISION_FLAGS = ("fp16", "int8", "dynamic-int8", "int8-weights")
+_PRECISION_FLAGS = ("fp16", "int8", "int8-qat", "dynamic-int8", "int8-weights")
 
 
 def _target_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def _target_options(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("dynamic", "opset", "batch", "height", "width", "exporter", "calib", "calib_size",
                  "calib_method", "keep_fp", "accuracy_control", "max_drop", "int8_scheme", "nhwc",
                  "palettize", "image_input", "deployment_target", "device", "min_batch", "opt_batch", "max_batch",
-                 "workspace_mb", "timing_cache", "onnx", "compile_mode"):
+                 "workspace_mb", "timing_cache", "onnx", "compile_mode", "qat_epochs", "qat_lr"):
         value = getattr(args, name)
         if value is not None and value is not False:  # 0 is a value the target must judge
             options[name] = value
@@ -448,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="onnx, … (see `u2zoo doctor`)")
     p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic")
     p.add_argument("--int8", action="store_true", help="int8 weights and activations (calibrated with --calib)")
+    p.add_argument("--int8-qat", action="store_true",
+                   help="openvino: int8 by NNCF quantization-aware fine-tuning against the float model (--calib)")
+    p.add_argument("--qat-epochs", type=int, help="int8-qat: fine-tuning epochs (default 3)")
+    p.add_argument("--qat-lr", type=float, help="int8-qat: learning rate (default 1e-5)")
     p.add_argument("--dynamic-int8", action="store_true",
                    help="tflite: dynamic-range quantization (int8 weights, activations quantized at run time)")
     p.add_argument("--int8-weights", action="store_true",

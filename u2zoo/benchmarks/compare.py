@@ -32,6 +32,7 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs=1e-3),
     "fp16": Tolerance(mean_abs=5e-3),
     "int8": Tolerance(iou50_min=0.98),
+    "int8-qat": Tolerance(iou50_min=0.98),  # int8 after quantization-aware fine-tuning
     "dynamic-int8": Tolerance(iou50_min=0.98),  # int8 weights, activations quantized at run time
     "int8-weights": Tolerance(iou50_min=0.98),  # int8 weights dequantized to float at load time
 }

@@ -38,7 +38,7 @@ from u2zoo.zoo.weights import load_model
 KNOWN_TARGETS = ("onnx", "openvino", "tensorrt", "tflite", "coreml", "executorch", "aoti", "torch", "torch-compile")
 DEVICES = ("cpu", "cuda")
 # int8 = static (calibrated) activations; dynamic-int8 = TFLite dynamic range; int8-weights = weight-only
-KNOWN_PRECISIONS = ("fp32", "fp16", "int8", "dynamic-int8", "int8-weights")
+KNOWN_PRECISIONS = ("fp32", "fp16", "int8", "int8-qat", "dynamic-int8", "int8-weights")
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "coremltools",
          "ai-edge-litert", "litert-torch", "executorch")
 
@@ -222,11 +222,11 @@ def cell_options(cfg: BenchConfig, spec, precision: str, calib: Path | None) -> 
         options["device"] = cfg.device
     if "max_batch" in fields and max(cfg.batches) > 16:
         options["max_batch"] = max(cfg.batches)  # the default profile/package range is 1..16
-    if precision == "int8":
+    if precision in ("int8", "int8-qat"):
         options["calib"] = str(calib)
-        if cfg.keep_fp:
+        if cfg.keep_fp and precision == "int8":
             options["keep_fp"] = cfg.keep_fp
-    if precision in ("int8", "dynamic-int8") and cfg.keep_fp_groups:
+    if precision in ("int8", "int8-qat", "dynamic-int8") and cfg.keep_fp_groups:
         options["keep_fp_groups"] = cfg.keep_fp_groups
     return options
 
@@ -335,7 +335,7 @@ def run_matrix(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | None
                                                  deploy=True, progress=False)
         data = load_bench_data(cfg.data, cfg.gt, contract)
         reference = run_batched(TorchPredictor(torch_model, threads=cfg.threads), data.inputs)
-        calib = dump_calibration(cfg, model, data) if "int8" in cfg.precisions else None
+        calib = dump_calibration(cfg, model, data) if {"int8", "int8-qat"} & set(cfg.precisions) else None
         for target in cfg.targets:
             for precision in cfg.precisions:
                 row = run_cell(cfg, run_id, model, target, precision, data, reference, info.to_dict(), calib)

@@ -20,7 +20,7 @@ import numpy as np
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
 from u2zoo.converters.onnx import INPUT_NAME, OnnxOptions, export_onnx
-from u2zoo.errors import BackendUnavailable, ConversionError, U2ZooError
+from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
 
 _DIM_NAMES = {0: "batch", 2: "height", 3: "width"}
 
@@ -38,11 +38,21 @@ class OpenVinoOptions:
     keep_fp_groups: tuple[str, ...] = ()
     accuracy_control: bool = False  # nncf.quantize_with_accuracy_control on our mean-abs parity
     max_drop: float = 0.01  # accuracy control: largest allowed drop of (1 - mean abs error)
+    qat_epochs: int | None = None  # int8-qat: fine-tuning epochs over the (mirrored) calibration images; 3
+    qat_lr: float | None = None  # int8-qat: Adam learning rate; 1e-5 (NNCF recommends small ones)
 
     def __post_init__(self) -> None:
-        check_int8_options(self.precision, self.calib, self.keep_fp, {
+        qat = self.precision == "int8-qat"
+        check_int8_options("int8" if qat else self.precision, self.calib, self.keep_fp, {
             "calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp,
             "keep_fp_groups": self.keep_fp_groups, "accuracy_control": self.accuracy_control})
+        if qat and (self.keep_fp or self.accuracy_control):
+            raise ConfigError("int8-qat keeps named groups only (--keep-fp-groups); --keep-fp N and accuracy "
+                              "control are post-training options")
+        if not qat and (self.qat_epochs is not None or self.qat_lr is not None):
+            raise ConfigError("--qat-epochs and --qat-lr only apply to --int8-qat")
+        if (self.qat_epochs is not None and self.qat_epochs < 1) or (self.qat_lr is not None and self.qat_lr <= 0):
+            raise ConfigError("QAT needs ≥ 1 epoch and a positive learning rate")
 
 
 def _spec(port) -> TensorSpec:
@@ -85,6 +95,27 @@ def _quantize(ov_model, onnx_path: Path, source: ModelSource, options: OpenVinoO
     return quantized, calib.describe(), settings
 
 
+def _quantize_aware(source: ModelSource, options: OpenVinoOptions,
+                    size: tuple[int, int]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """int8-qat: NNCF quantization of the torch module, fine-tuned against the float model."""
+    import openvino as ov
+
+    from u2zoo.quantization.calibration import calibration_set
+    from u2zoo.quantization.onnx_int8 import check_module_groups
+    from u2zoo.quantization.qat import qat_openvino
+
+    calib = calibration_set(options.calib, source.contract, options.calib_size, size)
+    kept = check_module_groups(source.model, options.keep_fp_groups)
+    images = np.concatenate([calib.inputs, calib.inputs[..., ::-1]]).astype(np.float32)  # + mirrored
+    ov_model, record = qat_openvino(source.model, calib, np.ascontiguousarray(images), epochs=options.qat_epochs or 3,
+                                    lr=options.qat_lr or 1e-5, keep_groups=kept)
+    if options.dynamic:
+        ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, 3, -1, -1])})
+    ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
+    ov_model.outputs[0].get_tensor().set_names({"mask"})
+    return ov_model, calib.describe(), record
+
+
 def convert(source: ModelSource, options: OpenVinoOptions, out_dir: Path, stem: str) -> Artifact:
     """torch → ONNX (shared graph) → OpenVINO IR, optionally NNCF-quantized."""
     try:
@@ -104,6 +135,8 @@ def convert(source: ModelSource, options: OpenVinoOptions, out_dir: Path, stem: 
             ov_model = ov.convert_model(str(onnx_path))
             if options.precision == "int8":
                 ov_model, calibration, quantization = _quantize(ov_model, onnx_path, source, options, (height, width))
+            elif options.precision == "int8-qat":
+                ov_model, calibration, quantization = _quantize_aware(source, options, (height, width))
             ov.save_model(ov_model, str(xml), compress_to_fp16=options.precision == "fp16")
         except U2ZooError:
             raise
@@ -140,7 +173,7 @@ class OpenVinoRunner(Runner):
 
 
 register(TargetSpec(
-    name="openvino", source="torch", precisions=("fp32", "fp16", "int8"), dynamic_shapes=True,
+    name="openvino", source="torch", precisions=("fp32", "fp16", "int8", "int8-qat"), dynamic_shapes=True,
     devices=("cpu",), host_os=None, extra="openvino",
     requires=("openvino", "nncf", "onnx", "onnxslim", "onnxruntime"),
     options_type=OpenVinoOptions, convert=convert, runner=OpenVinoRunner,
