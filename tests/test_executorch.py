@@ -154,9 +154,11 @@ def test_executorch_missing_backend(tmp_path, monkeypatch):
 @needs_shared
 def test_real_u2netp_fp32_and_int8_keeping_stage2d(tmp_path):
     images = sorted((TEST_DATA / "test_images").iterdir())
+    # XNNPACK's fp32 summation order: 8.4e-5 on an AVX2 EPYC, 1.4e-4 on an AVX-512 Xeon (the
+    # default gate's 2e-4; TFLite's XNNPACK gives the same figure, see default_gates.yaml)
     fp32 = convert_model("u2netp", "executorch", tmp_path / "fp32", weights=str(REAL_WEIGHTS), progress=False,
-                         parity_images=images, tolerance=Tolerance(max_abs=1e-4))
-    assert fp32.manifest["parity"]["max_abs"] <= 1e-4, fp32.manifest["parity"]
+                         parity_images=images, tolerance=Tolerance(max_abs=2e-4))
+    assert fp32.manifest["parity"]["max_abs"] <= 2e-4, fp32.manifest["parity"]
     int8 = convert_model("u2netp", "executorch", tmp_path / "int8", weights=str(REAL_WEIGHTS), precision="int8",
                          calib=str(TEST_DATA / "test_human_images"), keep_fp_groups=("stage2d",), progress=False,
                          parity_images=images, tolerance=Tolerance(iou50_min=0.98))
