@@ -69,6 +69,7 @@ def test_cli_prune_with_taylor_importance_and_recovery(capsys, tmp_path, calib_d
     (("--ratio", "0.3", "--importance", "l1"), "unknown importance 'l1'"),
     (("--ratio", "0.3", "--importance", "taylor"), "taylor importance needs images"),
     (("--ratio", "0.3", "--recover-epochs", "1"), "recovery fine-tuning needs --images"),
+    (("--ratio", "0.3", "--epochs", "2"), "use --recover-epochs N, not --epochs"),
 ])
 def test_bad_pruning_options(capsys, tmp_path, extra, pattern):
     code, _, err = run_cli(capsys, "prune", "--model", "u2net-tiny", "--random-weights", *extra, "--out", tmp_path / "p")

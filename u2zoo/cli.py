@@ -218,16 +218,16 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(args: argparse.Namespace, default_loss: str):
+def _train_config(args: argparse.Namespace, default_loss: str, **overrides: Any):
+    """The training options of the command line; ``overrides`` are what a command fixes itself."""
     from u2zoo.training.trainer import TrainConfig
 
-    config = TrainConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, optimizer=args.optimizer, warmup_epochs=args.warmup_epochs,
-                         loss=args.loss or default_loss, seed=args.seed, amp=not args.no_amp,
-                         grad_checkpoint=args.grad_checkpoint,
-                         freeze_bn=args.freeze_bn or getattr(args, "recover_epochs", 0) > 0,
-                         device=args.device, workers=args.workers,
-                         resume=args.resume, max_steps_per_epoch=args.max_steps_per_epoch)
+    given = dict(out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                 weight_decay=args.weight_decay, optimizer=args.optimizer, warmup_epochs=args.warmup_epochs,
+                 loss=args.loss or default_loss, seed=args.seed, amp=not args.no_amp,
+                 grad_checkpoint=args.grad_checkpoint, freeze_bn=args.freeze_bn, device=args.device,
+                 workers=args.workers, resume=args.resume, max_steps_per_epoch=args.max_steps_per_epoch)
+    config = TrainConfig(**(given | overrides))
     config.validate()
     return config
 
@@ -317,10 +317,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from u2zoo.converters.base import ensure_writable_dir
     from u2zoo.pruning.prune import prune_and_recover
 
+    if args.epochs:
+        raise ConfigError("prune trains only to recover: use --recover-epochs N, not --epochs")
     config = None
-    if args.recover_epochs:
-        args.epochs, args.out_train = args.recover_epochs, str(Path(args.out) / "recovery")
-        config = _train_config(argparse.Namespace(**{**vars(args), "out": args.out_train}), "bce=1,edge=0.5")
+    if args.recover_epochs:  # distillation from the unpruned model, BatchNorm statistics kept
+        config = _train_config(args, "bce=1,edge=0.5", out=str(Path(args.out) / "recovery"),
+                               epochs=args.recover_epochs, freeze_bn=True)
     record = prune_and_recover(args.model, args.weights, args.ratio, ensure_writable_dir(Path(args.out)),
                                importance=args.importance, round_to=args.round_to, images=args.images,
                                train_config=config, size=_size(args.size), random_weights=args.random_weights,

@@ -309,8 +309,8 @@ def _handoff_cell(cfg: BenchConfig, run_id: str, model: str, spec, typed: Any, o
     status — never ``ok``, and never with the ONNX's CPU speed in the target's row."""
     reason = spec.unavailable_reason()
     onnx_options = spec.onnx_options(typed)
-    onnx_row = run_cell(dataclasses.replace(cfg, device="cpu"), run_id, model, "onnx", typed.precision, data, reference, weights,
-                        options={k: v for k, v in onnx_options.items() if v is not None})
+    onnx_row = run_cell(dataclasses.replace(cfg, device="cpu"), run_id, model, "onnx", typed.precision, data,
+                        reference, weights, options={k: v for k, v in onnx_options.items() if v is not None})
     if onnx_row["status"] != "ok":
         return row(onnx_row["status"], f"{spec.name}-ready ONNX: {onnx_row['reason']}", options=options,
                    artifact=onnx_row["artifact"], parity=onnx_row["parity"], gate=onnx_row["gate"])

@@ -195,20 +195,27 @@ def onnx_precision(model) -> str:
     return "fp16" if any(init.data_type == 10 for init in model.graph.initializer) else "fp32"
 
 
+def read_onnx(path: Path):
+    """A user-given ONNX file, or a one-line error when it is missing or not a readable model."""
+    import onnx
+
+    if not path.is_file():
+        raise ConfigError(f"ONNX file not found: {path}")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - a corrupt file, as one line
+        raise ConfigError(f"{path} is not a readable ONNX model: {type(exc).__name__}") from None
+
+
 def adopt_onnx(path: Path, source: ModelSource) -> Artifact:
     """An ONNX file given by the user as a chain's input: its own u2zoo artifact when a manifest
     lies beside it (sha256 checked), else a manifest made in memory that says where it came
     from (never written beside the user's file)."""
-    import onnx
-
     from u2zoo.artifact import manifest_path_for, new_manifest, open_artifact
 
     if manifest_path_for(path).is_file():
         return open_artifact(path)
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - a corrupt file, as one line
-        raise ConfigError(f"{path} is not a readable ONNX model: {type(exc).__name__}") from None
+    model = read_onnx(path)
     inputs, outputs = _io_specs(model)
     weights = source.weights.to_dict() | {"note": f"user-supplied ONNX {path.name}; parity is measured against "
                                                   "these weights"}

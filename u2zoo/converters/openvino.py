@@ -19,7 +19,7 @@ import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
-from u2zoo.converters.onnx import INPUT_NAME, OnnxOptions, export_onnx
+from u2zoo.converters.onnx import INPUT_NAME, OUTPUT_NAME, OnnxOptions, export_onnx
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
 
 _DIM_NAMES = {0: "batch", 2: "height", 3: "width"}
@@ -112,7 +112,7 @@ def _quantize_aware(source: ModelSource, options: OpenVinoOptions,
     if options.dynamic:
         ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, 3, -1, -1])})
     ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
-    ov_model.outputs[0].get_tensor().set_names({"mask"})
+    ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
     return ov_model, calib.describe(), record
 
 
@@ -128,15 +128,17 @@ def convert(source: ModelSource, options: OpenVinoOptions, out_dir: Path, stem: 
     started = time.perf_counter()
     calibration = quantization = None
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        onnx_path = Path(tmp) / "graph.onnx"
-        export_onnx(source.model, onnx_path, OnnxOptions(dynamic=options.dynamic, batch=options.batch,
-                                                          height=height, width=width), height, width)
         try:
-            ov_model = ov.convert_model(str(onnx_path))
-            if options.precision == "int8":
-                ov_model, calibration, quantization = _quantize(ov_model, onnx_path, source, options, (height, width))
-            elif options.precision == "int8-qat":
+            if options.precision == "int8-qat":  # QAT trains the torch module: no ONNX step
                 ov_model, calibration, quantization = _quantize_aware(source, options, (height, width))
+            else:
+                onnx_path = Path(tmp) / "graph.onnx"
+                export_onnx(source.model, onnx_path, OnnxOptions(dynamic=options.dynamic, batch=options.batch,
+                                                                  height=height, width=width), height, width)
+                ov_model = ov.convert_model(str(onnx_path))
+                if options.precision == "int8":
+                    ov_model, calibration, quantization = _quantize(ov_model, onnx_path, source, options,
+                                                                    (height, width))
             ov.save_model(ov_model, str(xml), compress_to_fp16=options.precision == "fp16")
         except U2ZooError:
             raise

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, atomic_write_bytes, atomic_write_text, host_info, tool_versions
-from u2zoo.converters.onnx import QDQ_OPS, onnx_precision
+from u2zoo.converters.onnx import QDQ_OPS, onnx_precision, read_onnx
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
 from u2zoo.errors import ConfigError, ConversionError, RuntimeLoadError
 from u2zoo.gpu import cuda_device_info, timed
@@ -78,15 +78,9 @@ class TensorRTOptions:
 def check_onnx_for_tensorrt(path: Path, precision: str, min_batch: int = 1, max_batch: int = 1) -> None:
     """Refuse an ONNX whose own types do not give ``precision`` (TensorRT would silently build
     what the file says), or whose Q/DQ TensorRT cannot use (asymmetric or uint8)."""
-    import onnx
     from onnx import numpy_helper
 
-    if not path.is_file():
-        raise ConfigError(f"ONNX file not found: {path}")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - a corrupt file, as one line
-        raise ConfigError(f"{path} is not a readable ONNX model: {type(exc).__name__}") from None
+    model = read_onnx(path)
     found = onnx_precision(model)
     if precision == "int8" and found != "int8":
         raise ConfigError(f"--int8 needs an ONNX with Q/DQ nodes; {path.name} has none (it is {found}). Quantize "
@@ -121,10 +115,11 @@ def onnx_options(options: TensorRTOptions) -> dict[str, Any]:
     return chosen
 
 
-def default_timing_cache() -> Path:
+def timing_cache_path(options: TensorRTOptions) -> Path:
+    """--timing-cache, else one shared file under <U2ZOO_HOME>/tensorrt."""
     from u2zoo.zoo.weights import cache_dir
 
-    return cache_dir() / "tensorrt" / "timing.cache"
+    return Path(options.timing_cache) if options.timing_cache else cache_dir() / "tensorrt" / "timing.cache"
 
 
 def _profile_shapes(options: TensorRTOptions, size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
@@ -141,7 +136,7 @@ def trtexec_command(onnx_path: Path, engine_path: Path, input_name: str, options
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", "--stronglyTyped",
             f"--minShapes={input_name}:{dims['min']}", f"--optShapes={input_name}:{dims['opt']}",
             f"--maxShapes={input_name}:{dims['max']}",
-            f"--timingCacheFile={timing_cache or options.timing_cache or default_timing_cache()}"]
+            f"--timingCacheFile={timing_cache or timing_cache_path(options)}"]
     if options.workspace_mb:
         args.append(f"--memPoolSize=workspace:{options.workspace_mb}M")
     return shlex.join(args)
@@ -202,7 +197,7 @@ def build_engine(onnx_path: Path, input_name: str, options: TensorRTOptions, siz
     shapes = _profile_shapes(options, size)
     profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
     config.add_optimization_profile(profile)
-    cache_path = Path(options.timing_cache) if options.timing_cache else default_timing_cache()
+    cache_path = timing_cache_path(options)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
@@ -280,12 +275,16 @@ class TensorRTRunner(Runner):
         self.stream = torch.cuda.Stream()
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        profile = built.get("profile", {})
-        self.batch_range = (profile.get("min", [1])[0], profile.get("max", [1])[0])
+
+    @property
+    def batch_range(self) -> tuple[int, int]:
+        """(min, max) batch of the engine's optimization profile, from the manifest."""
+        profile = self.artifact.manifest.get("tensorrt", {}).get("profile", {})
+        return profile.get("min", [1])[0], profile.get("max", [1])[0]
 
     @property
     def max_batch(self) -> int | None:
-        return (self.artifact.manifest.get("tensorrt", {}).get("profile", {}).get("max") or [None])[0]
+        return self.batch_range[1]
 
     def close(self) -> None:
         self.context = self.engine = self.runtime = None

@@ -184,11 +184,12 @@ def prune_and_recover(name: str, weights: str | None, ratio: float, out: Path, *
     model, info, contract = load_model(name, weights, random_weights=random_weights, deploy=False, progress=progress)
     unpruned = copy.deepcopy(model).eval()
     size = size or contract.pre.size
-    probe = None
+    probe = plain = None
     if images:
         from u2zoo.training.data import FolderDataset
 
-        probe = [FolderDataset(images, contract, size=size)[i]["image"] for i in range(min(8, len(list(Path(images).iterdir()))))]
+        plain = FolderDataset(images, contract, size=size)  # read once: probe, ranking and validation
+        probe = [plain[i]["image"] for i in range(min(8, len(plain)))]
     batches = [torch.from_numpy(x[None]) for x in probe] if probe and importance == "taylor" else None
     record = prune_model(model, ratio, importance=importance, round_to=round_to, size=size, calib_batches=batches)
     if probe:
@@ -199,7 +200,7 @@ def prune_and_recover(name: str, weights: str | None, ratio: float, out: Path, *
         from u2zoo.training.trainer import fit
 
         train_set = FolderDataset(images, contract, size=size, augment=Augment(), seed=train_config.seed)
-        history = fit(model, info.arch, train_set, FolderDataset(images, contract, size=size), train_config,
+        history = fit(model, info.arch, train_set, plain, train_config,
                       teacher_targets(unpruned), progress=progress)
         model.load_state_dict(torch.load(Path(train_config.out) / "best.pth", weights_only=True))
         record["recovery"] = {"epochs": len(history), "loss": train_config.loss, "images": str(images)}

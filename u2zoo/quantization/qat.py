@@ -21,6 +21,7 @@ import numpy as np
 
 from u2zoo.errors import ConversionError
 from u2zoo.training.losses import CompositeLoss
+from u2zoo.training.trainer import freeze_batchnorm
 
 QAT_LOSS = "bce=1,edge=0.5"
 
@@ -55,9 +56,7 @@ def qat_openvino(model, calib, images: np.ndarray, *, epochs: int, lr: float, ba
     rng = np.random.default_rng(seed)
     history = []
     quantized.train()
-    for module in quantized.modules():  # BN statistics stay as calibrated
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eval()
+    freeze_batchnorm(quantized)  # BN statistics stay as calibrated
     for epoch in range(epochs):
         order, losses = rng.permutation(len(images)), []
         for start in range(0, len(images), batch_size):

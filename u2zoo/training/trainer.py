@@ -261,7 +261,7 @@ def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: Ta
             sampler.set_epoch(epoch)
         net.train()
         if config.freeze_bn:
-            _freeze_batchnorm(model)
+            freeze_batchnorm(model)
         running, terms = [], {}
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not progress or rank != 0, leave=False)
@@ -301,7 +301,7 @@ def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: Ta
     return history
 
 
-def _freeze_batchnorm(model) -> None:
+def freeze_batchnorm(model) -> None:
     """BatchNorm layers use and keep their running statistics while the rest trains: with small
     batches, or BN-folded checkpoints whose BN layers are identities, batch statistics would
     otherwise replace what the weights were trained with."""
