@@ -164,3 +164,13 @@ def test_names_resolve_with_suggestions_and_no_silent_random_weights():
         W.load_model("u2netp.fp16_bnfolded")
     _, info, _ = W.load_model("u2net-tiny", random_weights=True)
     assert info.source == "random" and info.sha256 is None
+
+
+def test_random_weights_are_the_same_on_every_call():
+    """The bench builds the reference and every artifact from separate load_model calls."""
+    torch.manual_seed(123)
+    first, _, _ = W.load_model("u2net-tiny", random_weights=True)
+    second, _, _ = W.load_model("u2net-tiny", random_weights=True)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.initial_seed() == 123  # the caller's generator is left alone

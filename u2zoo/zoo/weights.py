@@ -30,6 +30,7 @@ from u2zoo.zoo.contract import PORTRAIT, SALIENCY, Contract
 
 _OFFICIAL_ORIGIN = "xuebinqin/U-2-Net (Qin et al. 2020), official release"
 BUNDLED_DIR = Path(__file__).parent / "bundled"
+RANDOM_WEIGHTS_SEED = 0  # --random-weights models are reproducible across calls and runs
 _GDRIVE = "https://drive.google.com/uc?export=download&id="
 
 
@@ -271,12 +272,17 @@ def load_model(name: str, weights: str | None = None, weights_sha256: str | None
     explicitly — nothing ever falls back to random weights silently.
     """
     arch, entry = resolve_model_name(name)
-    model = build_arch(arch, deploy=deploy)
     contract = entry.contract if entry else SALIENCY
     if random_weights:
         if weights:
             raise ConfigError("--random-weights and --weights exclude each other")
+        # Seeded, so that the reference and every artifact of one run (each built from its
+        # own load_model call) hold the same "random" weights.
+        with torch.random.fork_rng():
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = build_arch(arch, deploy=deploy)
         return model, WeightsInfo(None, "random", None, arch), contract
+    model = build_arch(arch, deploy=deploy)
     if weights and "://" in weights:
         if not weights_sha256:
             raise ConfigError("a weights URL needs its sha256 (--weights-sha256): downloads are verified before use")
