@@ -100,7 +100,8 @@ def test_int8_qat_fine_tunes_against_the_float_model(tmp_path, healthy_tiny, cal
     manifest = artifact.manifest
     assert artifact.path.name == "u2net-tiny_openvino_int8-qat_dynamic.xml"
     assert manifest["parity"]["status"] == "ok" and manifest["parity"]["iou50"] >= 0.98
-    assert manifest["quantization"]["tool"] == "nncf (QAT)" and len(manifest["quantization"]["history"]) == 2
+    assert manifest["quantization"]["tool"] == "nncf (QAT)"
+    assert [h["epoch"] for h in manifest["quantization"]["history"]] == [0, 1, 2]  # 0: the PTQ start
     assert manifest["calibration"]["num_images"] == 6
     xml = artifact.path.read_text()
     assert "FakeQuantize" in xml  # real int8 quantization in the IR

@@ -388,6 +388,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if spec.handoff and reason:
             print(f"  {'':<13} {'':<8} without it, `u2zoo convert --target {spec.name}` still writes the proven "
                   "ONNX and the command that finishes the build on the device")
+    print("\nfeatures:")
+    for feature, module, extra in (("prune", "torch_pruning", "prune"), ("onnx --int8-qat", "torchao", "qat"),
+                                   ("report plots", "matplotlib", "report")):
+        version = tool_versions(module.replace("_", "-"))[module.replace("_", "-")]
+        state = f"ok [{module} {version}]" if version else f"unavailable: pip install 'u2zoo[{extra}]'"
+        print(f"  {feature:<22} {state}")
     from u2zoo.benchmarks.matrix import KNOWN_TARGETS
 
     planned = [t for t in KNOWN_TARGETS if t not in TARGETS]
@@ -451,9 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic")
     p.add_argument("--int8", action="store_true", help="int8 weights and activations (calibrated with --calib)")
     p.add_argument("--int8-qat", action="store_true",
-                   help="openvino: int8 by NNCF quantization-aware fine-tuning against the float model (--calib)")
-    p.add_argument("--qat-epochs", type=int, help="int8-qat: fine-tuning epochs (default 3)")
-    p.add_argument("--qat-lr", type=float, help="int8-qat: learning rate (default 1e-5)")
+                   help="int8 by quantization-aware fine-tuning against the float model (--calib): "
+                        "openvino (NNCF) or onnx (pt2e, a symmetric QDQ graph)")
+    p.add_argument("--qat-epochs", type=int, help="int8-qat: fine-tuning epochs (default 2)")
+    p.add_argument("--qat-lr", type=float, help="int8-qat: Adam learning rate (default 2e-6)")
     p.add_argument("--dynamic-int8", action="store_true",
                    help="tflite: dynamic-range quantization (int8 weights, activations quantized at run time)")
     p.add_argument("--int8-weights", action="store_true",

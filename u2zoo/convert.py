@@ -142,7 +142,7 @@ def _convert_and_prove(spec, opts: Any, source: ModelSource, out_dir: Path, imag
             failures = [] if parity else [parity.summary()]
             if getattr(opts, "dynamic", False):
                 # int8 ranges come from photos, so noise at an odd shape only proves the shape runs
-                odd_tolerance = Tolerance() if precision == "int8" else tolerance
+                odd_tolerance = Tolerance() if precision.startswith("int8") else tolerance
                 odd = measure_odd_shape_parity(runner, reference, odd_tolerance)
                 record["odd_shape"] = odd.to_dict()
                 failures += [] if odd else [odd.summary()]

@@ -207,6 +207,14 @@ def check_int8_options(precision: str, calib: str | None, keep_fp: int, int8_onl
         raise ConfigError("--keep-fp must be ≥ 0")
 
 
+def check_qat_options(qat: bool, epochs: int | None, lr: float | None) -> None:
+    """QAT-only options given for another precision are an error, not silently ignored."""
+    if not qat and (epochs is not None or lr is not None):
+        raise ConfigError("--qat-epochs and --qat-lr only apply to --int8-qat")
+    if (epochs is not None and epochs < 1) or (lr is not None and lr <= 0):
+        raise ConfigError("QAT needs ≥ 1 epoch and a positive learning rate")
+
+
 def build_artifact(source: ModelSource, options: Any, *, target: str, files: list[Path], inputs: list[TensorSpec],
                    outputs: list[TensorSpec], tools: dict[str, Any], size: tuple[int, int], started: float,
                    parent: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,

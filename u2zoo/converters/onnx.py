@@ -9,6 +9,8 @@ runner feeds the same float32 tensors the contract produces.
 int8: static QDQ quantization by ONNX Runtime from a calibration folder (see
 :mod:`u2zoo.quantization.onnx_int8`), optionally keeping the most sensitive layer groups in
 float; the manifest records the calibration digest and what stayed in float.
+int8-qat: pt2e quantization-aware fine-tuning (see :mod:`u2zoo.quantization.qat`), exported by
+the dynamo exporter as a symmetric QDQ graph (no onnxslim: it would fold weights' Q/DQ away).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
-from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
+from u2zoo.converters.base import (ModelSource, Runner, TargetSpec, build_artifact, check_int8_options,
+                                  check_qat_options, register)
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
 from u2zoo.zoo.weights import file_digest
 
@@ -50,9 +53,16 @@ class OnnxOptions:
     int8_scheme: str = "u8s8-reduce-range"  # or "s8s8", "tensorrt"; see quantization.onnx_int8
     keep_fp: int = 0  # keep the N most sensitive layer groups in float (runs the sensitivity analysis)
     keep_fp_groups: tuple[str, ...] = ()  # or name the groups to keep in float
+    qat_epochs: int | None = None  # int8-qat: fine-tuning epochs (default 2)
+    qat_lr: float | None = None  # int8-qat: Adam learning rate (default 2e-6)
 
     def __post_init__(self) -> None:
-        check_int8_options(self.precision, self.calib, self.keep_fp, {
+        qat = self.precision == "int8-qat"
+        if qat and (self.keep_fp or self.calib_method != "minmax" or self.int8_scheme != "u8s8-reduce-range"):
+            raise ConfigError("int8-qat uses symmetric int8 with min/max ranges and keeps named groups only "
+                              "(--keep-fp-groups); --keep-fp N, --calib-method and --int8-scheme are for --int8")
+        check_qat_options(qat, self.qat_epochs, self.qat_lr)
+        check_int8_options("int8" if qat else self.precision, self.calib, self.keep_fp, {
             "calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp,
             "keep_fp_groups": self.keep_fp_groups, "calib_method": self.calib_method != "minmax",
             "int8_scheme": self.int8_scheme != "u8s8-reduce-range"})
@@ -125,6 +135,46 @@ def _quantize(fp32: Path, final: Path, source: ModelSource, options: OnnxOptions
     return calib.describe(), settings
 
 
+def _quantize_aware(source: ModelSource, options: OnnxOptions, size: tuple[int, int]):
+    """int8-qat: pt2e QAT of the torch module; returns (module with Q/DQ ops, its dynamic
+    shapes, calibration record, quantization record)."""
+    from u2zoo.quantization.calibration import calibration_set
+    from u2zoo.quantization.onnx_int8 import check_module_groups
+    from u2zoo.quantization.qat import DEFAULT_QAT_EPOCHS, DEFAULT_QAT_LR, qat_qdq
+
+    kept = check_module_groups(source.model, options.keep_fp_groups)
+    calib = calibration_set(options.calib, source.contract, options.calib_size, size)
+    images = np.concatenate([calib.inputs, calib.inputs[..., ::-1]]).astype(np.float32)  # + mirrored
+    module, shapes, record = qat_qdq(source.model, calib, np.ascontiguousarray(images), dynamic=options.dynamic,
+                                     epochs=options.qat_epochs or DEFAULT_QAT_EPOCHS,
+                                     lr=options.qat_lr or DEFAULT_QAT_LR, keep_groups=kept)
+    example = np.ascontiguousarray(images[:2] if options.dynamic else np.repeat(images[:1], options.batch, axis=0))
+    return module, shapes, example, calib.describe(), record
+
+
+def _export_qdq(module, shapes, example: np.ndarray, path: Path, options: OnnxOptions):
+    """The converted pt2e module → a QDQ ONNX (dynamo exporter; quantized_decomposed ops map to
+    QuantizeLinear/DequantizeLinear)."""
+    import onnx
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (torch.from_numpy(example),), str(path), dynamo=True,
+                              opset_version=options.opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_shapes=shapes, external_data=False, verbose=False)
+        proto = onnx.load(str(path))
+        _name_dynamic_dims(proto)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(path))
+        return proto
+    except Exception as exc:  # noqa: BLE001 - the exporter's own failure, as one line
+        path.unlink(missing_ok=True)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConversionError(f"ONNX export of the QAT model failed: {type(exc).__name__}: {first}") from exc
+
+
 def export_onnx(model, path: Path, options: OnnxOptions, height: int, width: int, fp16: bool = False):
     """torch module → simplified, checked ONNX at ``path`` (fp32, or fp16 with fp32 I/O).
 
@@ -178,6 +228,9 @@ def convert(source: ModelSource, options: OnnxOptions, out_dir: Path, stem: str)
         finally:
             fp32.unlink(missing_ok=True)
         model = onnx.load(str(final))
+    elif options.precision == "int8-qat":
+        module, shapes, example, calibration, quantization = _quantize_aware(source, options, (height, width))
+        model = _export_qdq(module, shapes, example, final, options)
     else:
         model = export_onnx(source.model, final, options, height, width, fp16=options.precision == "fp16")
     inputs, outputs = _io_specs(model)
@@ -257,7 +310,7 @@ class OnnxRuntimeRunner(Runner):
 
 
 register(TargetSpec(
-    name="onnx", source="torch", precisions=("fp32", "fp16", "int8"), dynamic_shapes=True, devices=("cpu",),
+    name="onnx", source="torch", precisions=("fp32", "fp16", "int8", "int8-qat"), dynamic_shapes=True, devices=("cpu",),
     host_os=None, extra="onnx", requires=("onnx", "onnxruntime", "onnxslim", "onnxconverter_common"),
     options_type=OnnxOptions, convert=convert, runner=OnnxRuntimeRunner,
     description="ONNX (opset ≥ 17) run by ONNX Runtime",

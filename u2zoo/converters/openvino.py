@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
-from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
+from u2zoo.converters.base import (ModelSource, Runner, TargetSpec, build_artifact, check_int8_options,
+                                  check_qat_options, register)
 from u2zoo.converters.onnx import INPUT_NAME, OUTPUT_NAME, OnnxOptions, export_onnx
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
 
@@ -38,8 +39,8 @@ class OpenVinoOptions:
     keep_fp_groups: tuple[str, ...] = ()
     accuracy_control: bool = False  # nncf.quantize_with_accuracy_control on our mean-abs parity
     max_drop: float = 0.01  # accuracy control: largest allowed drop of (1 - mean abs error)
-    qat_epochs: int | None = None  # int8-qat: fine-tuning epochs over the (mirrored) calibration images; 3
-    qat_lr: float | None = None  # int8-qat: Adam learning rate; 1e-5 (NNCF recommends small ones)
+    qat_epochs: int | None = None  # int8-qat: fine-tuning epochs over the (mirrored) calibration images; 2
+    qat_lr: float | None = None  # int8-qat: Adam learning rate; 2e-6
 
     def __post_init__(self) -> None:
         qat = self.precision == "int8-qat"
@@ -49,10 +50,7 @@ class OpenVinoOptions:
         if qat and (self.keep_fp or self.accuracy_control):
             raise ConfigError("int8-qat keeps named groups only (--keep-fp-groups); --keep-fp N and accuracy "
                               "control are post-training options")
-        if not qat and (self.qat_epochs is not None or self.qat_lr is not None):
-            raise ConfigError("--qat-epochs and --qat-lr only apply to --int8-qat")
-        if (self.qat_epochs is not None and self.qat_epochs < 1) or (self.qat_lr is not None and self.qat_lr <= 0):
-            raise ConfigError("QAT needs ≥ 1 epoch and a positive learning rate")
+        check_qat_options(qat, self.qat_epochs, self.qat_lr)
 
 
 def _spec(port) -> TensorSpec:
@@ -102,13 +100,13 @@ def _quantize_aware(source: ModelSource, options: OpenVinoOptions,
 
     from u2zoo.quantization.calibration import calibration_set
     from u2zoo.quantization.onnx_int8 import check_module_groups
-    from u2zoo.quantization.qat import qat_openvino
+    from u2zoo.quantization.qat import DEFAULT_QAT_EPOCHS, DEFAULT_QAT_LR, qat_openvino
 
     calib = calibration_set(options.calib, source.contract, options.calib_size, size)
     kept = check_module_groups(source.model, options.keep_fp_groups)
     images = np.concatenate([calib.inputs, calib.inputs[..., ::-1]]).astype(np.float32)  # + mirrored
-    ov_model, record = qat_openvino(source.model, calib, np.ascontiguousarray(images), epochs=options.qat_epochs or 3,
-                                    lr=options.qat_lr or 1e-5, keep_groups=kept)
+    ov_model, record = qat_openvino(source.model, calib, np.ascontiguousarray(images), epochs=options.qat_epochs or DEFAULT_QAT_EPOCHS,
+                                    lr=options.qat_lr or DEFAULT_QAT_LR, keep_groups=kept)
     if options.dynamic:
         ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, 3, -1, -1])})
     ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})

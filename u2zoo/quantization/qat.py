@@ -1,29 +1,89 @@
-"""Quantization-aware training for the OpenVINO path (NNCF), with the distillation loss.
+"""Quantization-aware training (QAT): two flows, one fine-tuning loop.
 
-NNCF's documented QAT flow: ``nncf.quantize`` the torch module (post-training ranges from the
-calibration set, fake-quantizers inserted), fine-tune it with a small learning rate, then
-``ov.convert_model`` turns the fake-quantizers into an INT8 IR. The fine-tuning needs no
-labels: the float model is the teacher, and the loss (BCE on probabilities + Sobel edge, as in
-distillation) pulls the quantized model's fused map back onto the float one. The calibration
-images double as the training images, augmented.
+Both start from post-training ranges on the calibration set, then fine-tune the
+fake-quantized model against the float model's own fused map (no labels needed). The loss is
+the mean absolute error between the two maps: that is the parity metric itself. BCE + edge,
+as in distillation, lowered the training loss but raised the parity error.
 
-NNCF's torch export keeps OpenVINO-only FakeQuantize nodes, so this path yields OpenVINO IR
-only, never a plain QDQ ONNX.
+- **OpenVINO** (:func:`qat_openvino`): NNCF quantizes the torch module; ``ov.convert_model``
+  turns its fake-quantizers into an INT8 IR. NNCF's torch export keeps OpenVINO-only
+  FakeQuantize nodes, so this flow never yields a plain ONNX.
+- **QDQ ONNX** (:func:`qat_qdq`): PyTorch's pt2e flow (torchao). ``torch.export``, then
+  ``prepare_qat_pt2e`` with symmetric int8 activations and per-channel symmetric int8
+  weights, fine-tuning, then ``convert_pt2e``. The ONNX exporter writes the result as standard
+  QuantizeLinear/DequantizeLinear pairs. ONNX Runtime runs it, and so does TensorRT:
+  zero points are 0 and the Q/DQ pairs sit on the conv inputs.
+
+Measured on the real U2NETP (official test images, stage2d kept in float, pt2e):
+- PTQ ranges alone: mean abs 0.00285, IoU 0.989.
+- 2 epochs of L1 fine-tuning at lr 2e-6: mean abs 0.00212, IoU 0.991.
+- BCE + edge at lr 1e-5: mean abs 0.0036.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from typing import Any
 
 import numpy as np
 
-from u2zoo.errors import ConversionError
-from u2zoo.training.losses import CompositeLoss
+from u2zoo.errors import BackendUnavailable, ConversionError
 from u2zoo.training.trainer import freeze_batchnorm
 
-QAT_LOSS = "bce=1,edge=0.5"
+QAT_LOSS = "l1 (mean abs error of the fused map against the float model)"
+DEFAULT_QAT_EPOCHS = 2
+DEFAULT_QAT_LR = 2e-6
+
+
+def fine_tune(student, teacher, images: np.ndarray, *, epochs: int, lr: float, batch_size: int = 4,
+              seed: int = 0, progress: bool = False) -> list[dict[str, float]]:
+    """Adam on ``student`` (fake-quantized) so its fused map matches ``teacher``'s on ``images``.
+
+    Returns the history: after each epoch (and before the first, epoch 0: the post-training
+    start) the mean abs error over ``images`` in fixed order, so epochs compare like for like.
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+
+    def batches(order):
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(images[order[start:start + batch_size]])
+            with torch.no_grad():
+                target = teacher(batch)
+            yield batch, target
+
+    def error() -> float:
+        with torch.no_grad():
+            return float(np.mean([float((student(b) - t).abs().mean()) for b, t in batches(np.arange(len(images)))]))
+
+    history = [{"epoch": 0, "l1": error()}]
+    for epoch in range(1, epochs + 1):
+        losses = []
+        for batch, target in batches(rng.permutation(len(images))):
+            value = (student(batch) - target).abs().mean()
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            losses.append(float(value.detach()))
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "l1": error()})
+        if progress:
+            print(f"QAT epoch {epoch}/{epochs}: L1 {history[-1]['l1']:.5f} (start {history[0]['l1']:.5f})", flush=True)
+    return history
+
+
+def _record(tool: str, epochs: int, lr: float, history: list[dict], keep_groups: list[str] | None,
+            **extra: Any) -> dict[str, Any]:
+    return {"tool": tool, "loss": QAT_LOSS, "epochs": epochs, "lr": lr, "history": history,
+            "teacher": "the float model itself (no labels)", "kept_in_float": keep_groups or [], **extra}
+
+
+def _one_line(what: str, exc: Exception) -> ConversionError:
+    return ConversionError(f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
 
 def _group_patterns(groups: list[str]) -> list[str]:
@@ -33,8 +93,9 @@ def _group_patterns(groups: list[str]) -> list[str]:
     return [rf"(^|.*[/.]){re.escape(g.replace('/', '.'))}([/.\[].*|$)" for g in groups]
 
 
-def qat_openvino(model, calib, images: np.ndarray, *, epochs: int, lr: float, batch_size: int = 4,
-                 keep_groups: list[str] | None = None, seed: int = 0, progress: bool = False) -> tuple[Any, dict]:
+def qat_openvino(model, calib, images: np.ndarray, *, epochs: int = DEFAULT_QAT_EPOCHS,
+                 lr: float = DEFAULT_QAT_LR, batch_size: int = 4, keep_groups: list[str] | None = None,
+                 seed: int = 0, progress: bool = False) -> tuple[Any, dict]:
     """NNCF-quantize a deploy-mode torch ``model`` on ``calib`` (a CalibrationSet), fine-tune it
     against the float model on ``images`` (N, 3, H, W), and convert to an OpenVINO model."""
     import nncf
@@ -49,37 +110,105 @@ def qat_openvino(model, calib, images: np.ndarray, *, epochs: int, lr: float, ba
     try:
         quantized = nncf.quantize(student, dataset, subset_size=len(calib.inputs), ignored_scope=ignored)
     except Exception as exc:  # noqa: BLE001 - NNCF's own failure, as one line
-        raise ConversionError(f"NNCF could not quantize the torch model: {type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:300]}") from exc
-    loss_fn = CompositeLoss(QAT_LOSS)
-    optimizer = torch.optim.Adam(quantized.parameters(), lr=lr)
-    rng = np.random.default_rng(seed)
-    history = []
+        raise _one_line("NNCF could not quantize the torch model", exc) from exc
     quantized.train()
     freeze_batchnorm(quantized)  # BN statistics stay as calibrated
-    for epoch in range(epochs):
-        order, losses = rng.permutation(len(images)), []
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(images[order[start:start + batch_size]])
-            with torch.no_grad():
-                target = teacher(batch)
-            value = loss_fn([quantized(batch)], target)
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            optimizer.step()
-            losses.append(float(value.detach()))
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses))})
-        if progress:
-            print(f"QAT epoch {epoch + 1}/{epochs}: loss {history[-1]['loss']:.4f}", flush=True)
+    history = fine_tune(quantized, teacher, images, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                        progress=progress)
     quantized.eval()
-    example = torch.from_numpy(images[:1])
     try:
         with warnings.catch_warnings():  # the tracer's float-drift notes on fake-quantized graphs
             warnings.simplefilter("ignore")
-            ov_model = ov.convert_model(quantized, example_input=example)
+            ov_model = ov.convert_model(quantized, example_input=torch.from_numpy(images[:1]))
     except Exception as exc:  # noqa: BLE001
-        raise ConversionError(f"OpenVINO could not convert the QAT model: {type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:300]}") from exc
-    record = {"tool": "nncf (QAT)", "loss": QAT_LOSS, "epochs": epochs, "lr": lr, "history": history,
-              "teacher": "the float model itself (no labels)", "kept_in_float": keep_groups or []}
-    return ov_model, record
+        raise _one_line("OpenVINO could not convert the QAT model", exc) from exc
+    return ov_model, _record("nncf (QAT)", epochs, lr, history, keep_groups)
+
+
+def fold_batchnorm(model):
+    """A copy of ``model`` with every conv unit's BatchNorm folded into its conv (REBNCONV's
+    ``conv_s1``, DSREBNCONV's ``conv_pw``): pt2e then sees plain conv → ReLU patterns."""
+    import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    for module in folded.modules():
+        bn = getattr(module, "bn_s1", None)
+        conv_name = "conv_pw" if hasattr(module, "conv_pw") else "conv_s1"
+        if isinstance(bn, torch.nn.BatchNorm2d) and hasattr(module, conv_name):
+            setattr(module, conv_name, fuse_conv_bn_eval(getattr(module, conv_name), bn))
+            module.bn_s1 = torch.nn.Identity()
+    return folded
+
+
+def symmetric_int8_config():
+    """torchao's x86 QAT config, with two changes.
+
+    - Activations are symmetric int8 (zero point 0): the layout TensorRT's explicit
+      quantization requires. Weights stay per-channel symmetric int8.
+    - The observers are min/max over the whole calibration set. The stock fused moving-average
+      observers weigh each new batch by 0.01, so their ranges stay close to the first image's.
+      On noise inputs at 97×131, that cost IoU 0.76 vs float (ORT's min/max PTQ passes).
+    """
+    import torch
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize
+    from torchao.quantization.pt2e.observer import MinMaxObserver, PerChannelMinMaxObserver
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import get_default_x86_inductor_quantization_config
+
+    config = get_default_x86_inductor_quantization_config(is_qat=True)
+    activation = dataclasses.replace(
+        config.input_activation, dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_symmetric,
+        observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=MinMaxObserver, eps=2**-12))
+    weight = dataclasses.replace(
+        config.weight, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=PerChannelMinMaxObserver,
+                                                                         eps=2**-12))
+    return dataclasses.replace(config, input_activation=activation, output_activation=activation, weight=weight)
+
+
+def qat_qdq(model, calib, images: np.ndarray, *, dynamic: bool, epochs: int = DEFAULT_QAT_EPOCHS,
+            lr: float = DEFAULT_QAT_LR, batch_size: int = 4, keep_groups: list[str] | None = None,
+            seed: int = 0, progress: bool = False) -> tuple[Any, dict | None, dict]:
+    """pt2e QAT of a deploy-mode torch ``model``.
+
+    Returns the converted module (quantize/dequantize ops in its graph, ready for the ONNX
+    exporter), the ``dynamic_shapes`` to export it with (None: static), and the quantization record.
+    """
+    try:
+        from torchao.quantization.pt2e import disable_observer
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+    except ImportError:
+        raise BackendUnavailable("int8-qat to a QDQ ONNX needs torchao (pt2e quantization)", extra="qat") from None
+    import torch
+
+    torch.manual_seed(seed)
+    teacher = model.eval()
+    # torch.export's module shares parameters with what it exported: train a folded copy.
+    student = fold_batchnorm(model)
+    quantizer = X86InductorQuantizer().set_global(symmetric_int8_config())
+    for group in keep_groups or []:
+        quantizer.set_module_name_qconfig(group.replace("/", "."), None)
+    # Exported with a dynamic batch and size, so it trains on batches; an example batch of 1
+    # would be specialized to a static 1. The ONNX export later fixes what the user asked for.
+    dim = torch.export.Dim.DYNAMIC
+    shapes = {"x": {0: dim, 2: dim, 3: dim}}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(student, (torch.from_numpy(images[:2]),), dynamic_shapes=shapes).module()
+            prepared = prepare_qat_pt2e(exported, quantizer)
+    except Exception as exc:  # noqa: BLE001 - torch.export's or torchao's failure, as one line
+        raise _one_line("pt2e could not prepare the model for QAT", exc) from exc
+    with torch.no_grad():  # post-training ranges from the calibration set
+        for sample in calib.samples():
+            prepared(torch.from_numpy(sample))
+    prepared.apply(disable_observer)  # ranges stay fixed; fine-tuning moves the weights onto the grid
+    history = fine_tune(prepared, teacher, images, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                        progress=progress)
+    try:
+        converted = convert_pt2e(prepared)
+    except Exception as exc:  # noqa: BLE001
+        raise _one_line("pt2e could not convert the QAT model", exc) from exc
+    record = _record("torchao pt2e (QAT)", epochs, lr, history, keep_groups,
+                     scheme="int8 symmetric activations (zero point 0), per-channel symmetric int8 weights")
+    return converted, shapes if dynamic else None, record
