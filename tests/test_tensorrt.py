@@ -35,6 +35,8 @@ def convert(capsys, weights, out, *extra):
     ({"workspace_mb": 0}, "workspace"),
     ({"precision": "int8"}, "--int8 needs calibration images"),
     ({"calib": "x"}, "only apply to --int8"),
+    ({"precision": "int8-qat", "calib": "c", "keep_fp": 1}, "int8-qat keeps named groups only"),
+    ({"precision": "int8", "calib": "c", "qat_epochs": 1}, "only apply to --int8-qat"),
 ])
 def test_bad_options_are_refused(options, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -114,6 +116,24 @@ def test_without_tensorrt_the_ready_onnx_and_trtexec_script_are_left(capsys, tmp
     assert f"--onnx={onnx_path.name}" in script and "--maxShapes=input:16x3x64x64" in script
     assert "--timingCacheFile=timing.cache" in script  # relative: the folder travels to the device
     assert not list(out.glob("*.engine")) and not list(out.glob(".u2zoo-staging-*"))
+
+
+@without_tensorrt
+def test_int8_qat_handoff_is_the_pt2e_qdq_onnx(capsys, tmp_path, healthy_tiny, calib_dir):
+    pytest.importorskip("torchao")
+    out = tmp_path / "o"
+    code, _, err = convert(capsys, healthy_tiny, out, "--int8-qat", "--calib", calib_dir, "--qat-epochs", "1")
+    assert code != 0 and "trtexec" in err
+    onnx_path = out / "u2net-tiny_onnx_int8-qat_dynamic.onnx"
+    manifest = json.loads(onnx_path.with_suffix(".u2zoo.json").read_text())
+    assert manifest["quantization"]["tool"] == "torchao pt2e (QAT)" and manifest["parity"]["status"] == "ok"
+    check_onnx_for_tensorrt(onnx_path, "int8-qat", 1, 16)
+    assert (out / "u2net-tiny_tensorrt_int8-qat_dynamic.trtexec.sh").is_file()
+
+
+def test_int8_qat_with_a_given_onnx_is_refused(tiny_onnx):
+    with pytest.raises(ConfigError, match="--int8 --onnx"):
+        TensorRTOptions(precision="int8-qat", onnx=str(tiny_onnx))
 
 
 @without_tensorrt

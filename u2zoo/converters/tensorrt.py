@@ -32,11 +32,12 @@ import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, atomic_write_bytes, atomic_write_text, host_info, tool_versions
 from u2zoo.converters.onnx import QDQ_OPS, onnx_precision, read_onnx
-from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
+from u2zoo.converters.base import (ModelSource, Runner, TargetSpec, build_artifact, check_int8_options,
+                                  check_qat_options, register)
 from u2zoo.errors import ConfigError, ConversionError, RuntimeLoadError
 from u2zoo.gpu import cuda_device_info, timed
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-qat")
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,13 @@ class TensorRTOptions:
     calib_method: str = "minmax"
     keep_fp: int = 0
     keep_fp_groups: tuple[str, ...] = ()
+    # int8-qat: u2zoo's pt2e QAT makes the symmetric QDQ ONNX (see quantization.qat)
+    qat_epochs: int | None = None
+    qat_lr: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_fp_groups", tuple(self.keep_fp_groups))
+        qat = self.precision == "int8-qat"
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise ConfigError(f"the batch profile needs 1 ≤ min ≤ opt ≤ max, got {self.min_batch}/"
                               f"{self.opt_batch}/{self.max_batch}")
@@ -67,8 +72,14 @@ class TensorRTOptions:
         quantizer_options = {"calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp,
                              "keep_fp_groups": self.keep_fp_groups, "calib_method": self.calib_method != "minmax"}
         if self.onnx is None:
-            check_int8_options(self.precision, self.calib, self.keep_fp, quantizer_options)
+            if qat and (self.keep_fp or self.calib_method != "minmax"):
+                raise ConfigError("int8-qat keeps named groups only (--keep-fp-groups) and uses min/max ranges")
+            check_qat_options(qat, self.qat_epochs, self.qat_lr)
+            check_int8_options("int8" if qat else self.precision, self.calib, self.keep_fp, quantizer_options)
             return
+        if qat:
+            raise ConfigError(f"int8-qat runs u2zoo's QAT; a QDQ ONNX made elsewhere is built with --int8 --onnx "
+                              f"{self.onnx}")
         used = [name for name, value in quantizer_options.items() if value]
         if used:
             raise ConfigError(f"{', '.join(used)} apply when u2zoo quantizes; --onnx {self.onnx} is built as it is")
@@ -82,6 +93,7 @@ def check_onnx_for_tensorrt(path: Path, precision: str, min_batch: int = 1, max_
 
     model = read_onnx(path)
     found = onnx_precision(model)
+    precision = "int8" if precision == "int8-qat" else precision  # both are Q/DQ graphs
     if precision == "int8" and found != "int8":
         raise ConfigError(f"--int8 needs an ONNX with Q/DQ nodes; {path.name} has none (it is {found}). Quantize "
                           f"first: u2zoo convert --target onnx --int8 --int8-scheme tensorrt --dynamic --calib DIR, "
@@ -112,6 +124,9 @@ def onnx_options(options: TensorRTOptions) -> dict[str, Any]:
     if options.precision == "int8":
         chosen |= {"calib": options.calib, "calib_size": options.calib_size, "calib_method": options.calib_method,
                    "keep_fp": options.keep_fp, "keep_fp_groups": options.keep_fp_groups, "int8_scheme": "tensorrt"}
+    elif options.precision == "int8-qat":  # pt2e QAT already writes symmetric int8 Q/DQ
+        chosen |= {"calib": options.calib, "calib_size": options.calib_size, "keep_fp_groups": options.keep_fp_groups,
+                   "qat_epochs": options.qat_epochs, "qat_lr": options.qat_lr}
     return chosen
 
 
