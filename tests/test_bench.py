@@ -107,6 +107,22 @@ def test_bad_bench_options(capsys, tmp_path, tiny_weights, data_dir, extra, patt
     assert_one_line_error(code, err, re.escape(pattern))
 
 
+def test_two_checkpoints_of_one_model_in_one_run(capsys, tmp_path, tiny_weights, healthy_tiny, data_dir):
+    """NAME@PATH: e.g. pruned vs unpruned, timed in the same run; rows and artifacts stay apart."""
+    args = bench_args(tiny_weights, data_dir, tmp_path / "b", "--gate", "default")
+    args[args.index("u2net-tiny")] = f"u2net-tiny,u2net-tiny@{healthy_tiny}"
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["u2net-tiny", "u2net-tiny@healthy_tiny"]
+    assert rows[0]["weights"]["sha256"] != rows[1]["weights"]["sha256"]
+    assert all(r["status"] == "ok" and r["gate"]["passed"] for r in rows)  # gates of u2net-tiny apply to both
+    assert sorted(p.name for p in (tmp_path / "b" / "artifacts").iterdir()) == ["u2net-tiny", "u2net-tiny@healthy_tiny"]
+    code, _, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "c", "--weights", healthy_tiny,
+                                           "--model", f"u2net-tiny@{tmp_path / 'missing.pth'}"))
+    assert_one_line_error(code, err, "weights file not found")
+
+
 def test_empty_data_missing_gt_and_bad_gate(capsys, tmp_path, tiny_weights, data_dir):
     empty = tmp_path / "empty"
     empty.mkdir()

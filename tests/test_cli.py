@@ -132,21 +132,29 @@ def test_doctor_reports_targets_and_the_cache(capsys):
     assert "u2zoo fetch u2netp" in out  # the cache is empty in tests: say how to fill it
 
 
-def test_demo_runs_offline_and_says_when_weights_are_random(capsys, tmp_path):
+def test_demo_runs_offline_on_the_shipped_lite_weights(capsys, tmp_path):
     code, out, err = run(capsys, "demo", "--out", tmp_path)
     assert code == 0, err
-    assert "RANDOM weights" in out and "u2zoo fetch u2netp" in out
+    assert "weights: u2net-lite (shipped in the package)" in out and "RANDOM" not in out
     masks = sorted(p.name for p in (tmp_path / "masks").iterdir())
     assert masks == ["astronaut.png", "astronaut_cutout.png", "chelsea.png", "chelsea_cutout.png",
                      "coffee.png", "coffee_cutout.png", "rocket.png", "rocket_cutout.png"]
+    astronaut = np.asarray(Image.open(tmp_path / "masks" / "astronaut.png"), np.float32) / 255
+    assert 0.15 < astronaut.mean() < 0.7  # a real salient-object mask, neither empty nor full
+
+
+def test_demo_says_when_weights_are_random(capsys, tmp_path):
+    code, out, err = run(capsys, "demo", "--model", "u2netp", "--out", tmp_path)
+    assert code == 0, err
+    assert "RANDOM weights" in out and "u2zoo fetch u2netp" in out
 
 
 @needs_shared
 def test_demo_uses_cached_real_weights(capsys, tmp_path):
     assert run(capsys, "fetch", "u2netp.fp16_bnfolded", "--from", REAL_WEIGHTS)[0] == 0
-    code, out, err = run(capsys, "demo", "--out", tmp_path)
+    code, out, err = run(capsys, "demo", "--model", "u2netp", "--out", tmp_path)
     assert code == 0, err
-    assert "weights: u2netp.fp16_bnfolded from the cache" in out and "RANDOM" not in out
+    assert "weights: u2netp.fp16_bnfolded (from the cache)" in out and "RANDOM" not in out
     astronaut = np.asarray(Image.open(tmp_path / "masks" / "astronaut.png"), np.float32) / 255
     assert 0.15 < astronaut.mean() < 0.7  # a real salient-object mask, neither empty nor full
 

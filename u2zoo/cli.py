@@ -408,23 +408,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded default: U2NETP → ONNX → masks and cut-outs of bundled sample photos."""
+    """The embedded default: U2NET-lite (weights shipped in the package) → ONNX → masks and
+    cut-outs of bundled sample photos. ``--model u2netp`` uses cached U2NETP weights."""
     from u2zoo.convert import convert_model
     from u2zoo.converters import get_target
     from u2zoo.pipeline import predict_files
     from u2zoo.zoo.reference import sample_images
-    from u2zoo.zoo.weights import cached_entries, cache_dir
+    from u2zoo.zoo.weights import cache_dir, cached_entries, resolve_model_name
 
     out = Path(args.out)
-    cached = cached_entries("u2netp")
-    if cached:
-        model, random_weights = cached[0].name, False
-        print(f"weights: {model} from the cache")
+    arch, entry = resolve_model_name(args.model)
+    usable = [entry] if entry and entry.cache_path().is_file() else cached_entries(arch)
+    if usable:
+        model, random_weights = usable[0].name, False
+        print(f"weights: {model} ({'shipped in the package' if usable[0].bundled else 'from the cache'})")
     else:
-        model, random_weights = "u2netp", True
-        print(f"NOTE: no U2NETP weights in {cache_dir() / 'weights'}: this demo runs on RANDOM weights, so the "
-              "masks are meaningless. Get real ones with `u2zoo fetch u2netp` (official checkpoint, needs network) "
-              "or `u2zoo fetch u2netp.fp16_bnfolded --from PATH`, then run the demo again.")
+        model, random_weights = arch, True
+        print(f"NOTE: no {arch} weights in {cache_dir() / 'weights'}: this demo runs on RANDOM weights, so the "
+              f"masks are meaningless. Get real ones with `u2zoo fetch {arch}` (needs network), or run "
+              "`u2zoo demo` without --model: its U2NET-lite weights ship in the package.")
     artifact = convert_model(model, "onnx", out / "artifacts", random_weights=random_weights, dynamic=True,
                              progress=not args.quiet)
     parity = artifact.manifest["parity"]
@@ -517,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="batch size (dynamic artifacts)")
 
     p = add("bench", cmd_bench, "parity-and-speed matrix: models × targets × precisions on your images")
-    p.add_argument("--model", required=True, help="comma-separated models, e.g. u2netp,u2net-lite")
+    p.add_argument("--model", required=True, help="comma-separated models, e.g. u2netp,u2net-lite; NAME@PATH adds "
+                   "another checkpoint of NAME to the same run, e.g. u2netp,u2netp@u2netp_pruned30.pth")
     _add_weights_args(p)
     p.add_argument("--targets", default="onnx", help="comma-separated targets (default: onnx)")
     p.add_argument("--precisions", default="fp32", help="comma-separated: fp32,fp16,int8 (default: fp32)")
@@ -588,7 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("doctor", cmd_doctor, "which backends are installed, their versions, and what to install")
 
-    p = add("demo", cmd_demo, "offline demo: U2NETP → ONNX → masks of bundled sample photos")
+    p = add("demo", cmd_demo, "offline demo: U2NET-lite (shipped weights) → ONNX → masks of bundled sample photos")
+    p.add_argument("--model", default="u2net-lite", help="model or weights name (default: u2net-lite, shipped)")
     p.add_argument("--out", default="u2zoo-demo", help="output folder (default: ./u2zoo-demo)")
     return parser
 

@@ -269,7 +269,7 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
     if no_gpu:
         return row("unavailable", f"{target} on cuda: {no_gpu}", options=options)
     try:
-        artifact = convert_model(model, target, cfg.out / "artifacts" / model.replace("/", "_"),
+        artifact = convert_model(model_name(model), target, cfg.out / "artifacts" / model.replace("/", "_"),
                                  weights=cfg.weights, weights_sha256=cfg.weights_sha256,
                                  random_weights=cfg.random_weights, parity_images=data.paths[:4],
                                  tolerance=Tolerance(), progress=False, **options)
@@ -296,7 +296,7 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
     parity = parity_metrics(reference, outputs, data, cfg.boundary_band)
     candidate = parity.pop("_candidate")
     accuracy = candidate.to_dict() if data.gts is not None else None
-    failures = cfg.gates.evaluate(model, target, precision, parity)
+    failures = cfg.gates.evaluate(model_name(model), target, precision, parity)
     gate = {"passed": not failures, "failures": failures, "source": cfg.gates.source}
     return row("parity_failed" if failures else "ok", "; ".join(failures) or None, options=options,
                artifact=art, parity=parity, accuracy=accuracy, speed=speed, gate=gate)
@@ -325,20 +325,37 @@ def _one_line(exc: BaseException) -> str:
     return text if isinstance(exc, U2ZooError) else f"{type(exc).__name__}: {text}"
 
 
+def model_name(label: str) -> str:
+    """The model a row label names: ``u2netp@u2netp_pruned30`` → ``u2netp``."""
+    return label.partition("@")[0]
+
+
+def _model_entry(cfg: BenchConfig, entry: str) -> tuple[str, BenchConfig]:
+    """``NAME`` uses --weights; ``NAME@PATH`` compares another checkpoint of NAME in the same
+    run (e.g. pruned vs unpruned): its rows are labelled ``NAME@<file stem>``."""
+    name, _, path = entry.partition("@")
+    if not path:
+        return entry, cfg
+    if cfg.random_weights:
+        raise ConfigError(f"--model {entry} names weights; --random-weights excludes them")
+    return f"{name}@{Path(path).stem}", dataclasses.replace(cfg, weights=path, weights_sha256=None)
+
+
 def run_matrix(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Run every cell of the matrix; ``on_row`` sees each row as soon as it exists."""
     cfg.validate()
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
     rows = []
-    for model in cfg.models:
-        torch_model, info, contract = load_model(model, cfg.weights, cfg.weights_sha256, cfg.random_weights,
-                                                 deploy=True, progress=False)
+    for entry in cfg.models:
+        model, model_cfg = _model_entry(cfg, entry)
+        torch_model, info, contract = load_model(model_name(model), model_cfg.weights, model_cfg.weights_sha256,
+                                                 cfg.random_weights, deploy=True, progress=False)
         data = load_bench_data(cfg.data, cfg.gt, contract)
         reference = run_batched(TorchPredictor(torch_model, threads=cfg.threads), data.inputs)
         calib = dump_calibration(cfg, model, data) if {"int8", "int8-qat"} & set(cfg.precisions) else None
         for target in cfg.targets:
             for precision in cfg.precisions:
-                row = run_cell(cfg, run_id, model, target, precision, data, reference, info.to_dict(), calib)
+                row = run_cell(model_cfg, run_id, model, target, precision, data, reference, info.to_dict(), calib)
                 rows.append(row)
                 if on_row:
                     on_row(row)
