@@ -80,7 +80,8 @@ def test_predict_skips_unreadable_images_and_exits_non_zero(capsys, tmp_path, ti
      "calibration folder not found"),
     (["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--opset", "13"], "opset 13 is too old"),
     (["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--exporter", "jit"], "unknown exporter"),
-    (["convert", "--model", "u2net-lite", "--target", "onnx"], "no registered weights for 'u2net-lite'"),
+    (["convert", "--model", "u2net-tiny", "--target", "onnx"], "no registered weights for 'u2net-tiny'"),
+    (["fetch", "u2net-lite", "--from", "/some.pth"], "ships inside the package"),
     (["predict", "--artifact", "/nonexistent.onnx", "x.png"], "artifact not found"),
     (["predict", "--model", "u2net-tiny", "--random-weights", "/nonexistent-folder"], "input not found"),
     (["fetch", "u2netp.fp16_bnfolded", "--from", "/nonexistent.pth"], "weights file not found"),
@@ -130,6 +131,7 @@ def test_doctor_reports_targets_and_the_cache(capsys):
     code, out, _ = run(capsys, "doctor")
     assert code == 0 and "onnx" in out and "ok" in out and "weights cache" in out
     assert "u2zoo fetch u2netp" in out  # the cache is empty in tests: say how to fill it
+    assert "weights shipped in the package: u2net-lite" in out
 
 
 def test_demo_runs_offline_on_the_shipped_lite_weights(capsys, tmp_path):

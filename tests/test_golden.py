@@ -57,3 +57,14 @@ def test_fp16_onnx_of_real_weights_stays_close(tmp_path):
     artifact = convert_model("u2netp", "onnx", tmp_path, weights=str(REAL_WEIGHTS), precision="fp16", progress=False)
     parity = artifact.manifest["parity"]
     assert parity["mean_abs"] <= 5e-3 and parity["iou50"] >= 0.99, parity
+
+
+def test_shipped_lite_weights_are_a_real_but_coarser_student(tmp_path):
+    """The shipped U2NET-lite against the official U2NETP outputs: measured mean MAE 0.074 (max
+    0.146) on these 18 images, which were in its distillation set. The issue's 0.03 is not met
+    on a CPU budget; this pins the shipped quality so a regression shows."""
+    model, info, contract = load_model("u2net-lite")
+    report = predict_files(TorchPredictor(model), contract, [TEST_DATA / "test_images"], tmp_path, progress=False)
+    assert len(report.written) == 18 and not report.failed
+    maes = official_mae(tmp_path)
+    assert np.mean(list(maes.values())) <= 0.08 and max(maes.values()) <= 0.16, maes

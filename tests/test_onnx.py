@@ -87,7 +87,7 @@ def test_static_fp16_artifact(tmp_path):
 
 
 def test_unsupported_options_are_refused_not_dropped(tmp_path):
-    with pytest.raises(ConfigError, match=r"precision 'int4' \(supported: fp32, fp16, int8\)"):
+    with pytest.raises(ConfigError, match=r"precision 'int4' \(supported: fp32, fp16, int8, int8-qat\)"):
         convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, precision="int4")
     with pytest.raises(ConfigError, match="--int8 needs calibration images"):
         convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, precision="int8")

@@ -1,4 +1,5 @@
 import hashlib
+import json
 import http.server
 import threading
 from functools import partial
@@ -110,7 +111,7 @@ def test_registry_entries_are_complete():
     assert W.REGISTRY["u2netp"].md5 == "e4f636406ca4e2af789941e7f139ee2e"
     for entry in W.REGISTRY.values():
         assert entry.license == "Apache-2.0" and entry.task in {"saliency", "human-seg", "portrait-drawing"}
-        assert entry.arch in {"u2net", "u2netp"} and entry.num_params
+        assert entry.arch in {"u2net", "u2netp", "u2net-lite"} and entry.num_params
     assert W.REGISTRY["u2net_portrait"].contract.post.invert is True
 
 
@@ -155,11 +156,11 @@ def test_checkpoint_of_another_architecture_names_the_keys(tmp_path):
 
 def test_names_resolve_with_suggestions_and_no_silent_random_weights():
     assert W.resolve_model_name("u2net_human_seg")[0] == "u2net"
-    assert W.resolve_model_name("u2net-lite") == ("u2net-lite", None)
+    assert W.resolve_model_name("u2net-tiny") == ("u2net-tiny", None)
     with pytest.raises(ConfigError, match="did you mean 'u2netp'"):
         W.resolve_model_name("u2nep")
     with pytest.raises(WeightsError, match="--random-weights"):
-        W.load_model("u2net-lite")
+        W.load_model("u2net-tiny")
     with pytest.raises(WeightsError, match="has no public URL"):
         W.load_model("u2netp.fp16_bnfolded")
     _, info, _ = W.load_model("u2net-tiny", random_weights=True)
@@ -174,3 +175,21 @@ def test_random_weights_are_the_same_on_every_call():
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
     assert torch.initial_seed() == 123  # the caller's generator is left alone
+
+
+def test_shipped_lite_weights_load_offline_and_are_verified(monkeypatch, tmp_path):
+    """`--model u2net-lite` needs no --weights: the package carries them, hash-pinned."""
+    entry = W.REGISTRY["u2net-lite"]
+    assert W.resolve_model_name("u2net-lite") == ("u2net-lite", entry) and entry.bundled
+    model, info, _ = W.load_model("u2net-lite")
+    assert info.name == "u2net-lite" and info.sha256 == entry.sha256 == W.file_digest(entry.cache_path())
+    assert entry.cache_path().stat().st_size == entry.file_size
+    assert sum(p.numel() for p in model.parameters()) == entry.num_params
+    record = json.loads(entry.cache_path().with_suffix(".json").read_text())
+    assert record["sha256"] == entry.sha256 and record["recipe"]["teacher"]["name"] == "u2netp.fp16_bnfolded"
+    changed = bytearray(entry.cache_path().read_bytes())
+    changed[-100] ^= 1
+    (tmp_path / entry.filename).write_bytes(changed)
+    monkeypatch.setattr(W, "BUNDLED_DIR", tmp_path)
+    with pytest.raises(WeightsError, match="hash mismatch"):
+        W.load_model("u2net-lite")

@@ -399,8 +399,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     planned = [t for t in KNOWN_TARGETS if t not in TARGETS]
     if planned:
         print(f"  planned, not in this version: {', '.join(planned)} (bench cells report `unavailable`)")
-    cached = [e.name for e in REGISTRY.values() if e.cache_path().is_file()]
-    print(f"\nweights cache: {cache_dir() / 'weights'} ({', '.join(cached) or 'empty'})")
+    shipped = [e.name for e in REGISTRY.values() if e.bundled and e.cache_path().is_file()]
+    cached = [e.name for e in REGISTRY.values() if not e.bundled and e.cache_path().is_file()]
+    print(f"\nweights shipped in the package: {', '.join(shipped) or 'none (a broken install?)'}")
+    print(f"weights cache: {cache_dir() / 'weights'} ({', '.join(cached) or 'empty'})")
     if not cached:
         print("  get real weights: `u2zoo fetch u2netp` (official, needs network) or "
               "`u2zoo fetch u2netp.fp16_bnfolded --from PATH`")

@@ -25,7 +25,7 @@ import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
 from u2zoo.converters.base import (ModelSource, Runner, TargetSpec, build_artifact, check_int8_options,
-                                  check_qat_options, register)
+                                  check_qat_options, quiet_loggers, register)
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
 from u2zoo.zoo.weights import file_digest
 
@@ -74,11 +74,16 @@ class OnnxOptions:
             raise ConfigError("batch, height and width must be positive")
 
 
+# Loggers that print routine notes on stderr during a dynamo export (torchvision ops it skips,
+# the opset down-conversion): they would bury u2zoo's own one-line output.
+_EXPORTER_CHATTER = ("torch.onnx._internal.exporter._registration", "onnxscript.version_converter")
+
+
 def _export(model, dummy, path: Path, options: OnnxOptions) -> None:
     import torch
 
     axes = {INPUT_NAME: _DYNAMIC_DIMS, OUTPUT_NAME: _DYNAMIC_DIMS} if options.dynamic else None
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), quiet_loggers(*_EXPORTER_CHATTER):
         warnings.simplefilter("ignore")
         if options.exporter == "torchscript":
             torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=options.opset,
@@ -159,7 +164,7 @@ def _export_qdq(module, shapes, example: np.ndarray, path: Path, options: OnnxOp
     import torch
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_loggers(*_EXPORTER_CHATTER):
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (torch.from_numpy(example),), str(path), dynamo=True,
                               opset_version=options.opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],

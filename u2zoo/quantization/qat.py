@@ -173,10 +173,13 @@ def qat_qdq(model, calib, images: np.ndarray, *, dynamic: bool, epochs: int = DE
     Returns the converted module (quantize/dequantize ops in its graph, ready for the ONNX
     exporter), the ``dynamic_shapes`` to export it with (None: static), and the quantization record.
     """
+    from u2zoo.converters.base import quiet_loggers
+
     try:
-        from torchao.quantization.pt2e import disable_observer
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
-        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+        with quiet_loggers("torchao"):  # its CUDA kernels fail to load on a CPU build, noisily
+            from torchao.quantization.pt2e import disable_observer
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+            from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
     except ImportError:
         raise BackendUnavailable("int8-qat to a QDQ ONNX needs torchao (pt2e quantization)", extra="qat") from None
     import torch
