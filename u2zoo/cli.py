@@ -389,10 +389,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             print(f"  {'':<13} {'':<8} without it, `u2zoo convert --target {spec.name}` still writes the proven "
                   "ONNX and the command that finishes the build on the device")
     print("\nfeatures:")
-    for feature, module, extra in (("prune", "torch_pruning", "prune"), ("onnx --int8-qat", "torchao", "qat"),
-                                   ("report plots", "matplotlib", "report")):
-        version = tool_versions(module.replace("_", "-"))[module.replace("_", "-")]
-        state = f"ok [{module} {version}]" if version else f"unavailable: pip install 'u2zoo[{extra}]'"
+    for feature, package, extra in (("prune", "torch-pruning", "prune"), ("onnx --int8-qat", "torchao", "qat"),
+                                    ("report plots", "matplotlib", "report")):
+        version = tool_versions(package)[package]
+        state = f"ok [{package} {version}]" if version else f"unavailable: pip install 'u2zoo[{extra}]'"
         print(f"  {feature:<22} {state}")
     from u2zoo.benchmarks.matrix import KNOWN_TARGETS
 

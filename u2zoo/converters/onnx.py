@@ -141,28 +141,29 @@ def _quantize(fp32: Path, final: Path, source: ModelSource, options: OnnxOptions
 
 
 def _quantize_aware(source: ModelSource, options: OnnxOptions, size: tuple[int, int]):
-    """int8-qat: pt2e QAT of the torch module; returns (module with Q/DQ ops, its dynamic
-    shapes, calibration record, quantization record)."""
+    """int8-qat: pt2e QAT of the torch module; returns (module with Q/DQ ops, calibration set,
+    quantization record)."""
     from u2zoo.quantization.calibration import calibration_set
     from u2zoo.quantization.onnx_int8 import check_module_groups
-    from u2zoo.quantization.qat import DEFAULT_QAT_EPOCHS, DEFAULT_QAT_LR, qat_qdq
+    from u2zoo.quantization.qat import qat_qdq
 
     kept = check_module_groups(source.model, options.keep_fp_groups)
     calib = calibration_set(options.calib, source.contract, options.calib_size, size)
-    images = np.concatenate([calib.inputs, calib.inputs[..., ::-1]]).astype(np.float32)  # + mirrored
-    module, shapes, record = qat_qdq(source.model, calib, np.ascontiguousarray(images), dynamic=options.dynamic,
-                                     epochs=options.qat_epochs or DEFAULT_QAT_EPOCHS,
-                                     lr=options.qat_lr or DEFAULT_QAT_LR, keep_groups=kept)
-    example = np.ascontiguousarray(images[:2] if options.dynamic else np.repeat(images[:1], options.batch, axis=0))
-    return module, shapes, example, calib.describe(), record
+    module, record = qat_qdq(source.model, calib, epochs=options.qat_epochs, lr=options.qat_lr, keep_groups=kept)
+    return module, calib, record
 
 
-def _export_qdq(module, shapes, example: np.ndarray, path: Path, options: OnnxOptions):
+def _export_qdq(module, sample: np.ndarray, path: Path, options: OnnxOptions):
     """The converted pt2e module → a QDQ ONNX (dynamo exporter; quantized_decomposed ops map to
-    QuantizeLinear/DequantizeLinear)."""
+    QuantizeLinear/DequantizeLinear). ``sample``: one preprocessed image (1, 3, H, W)."""
     import onnx
     import torch
 
+    if options.dynamic:  # batch 2: an example batch of 1 would be specialized to a static 1
+        dim = torch.export.Dim.DYNAMIC
+        example, shapes = np.repeat(sample, 2, axis=0), {"x": {0: dim, 2: dim, 3: dim}}
+    else:
+        example, shapes = np.repeat(sample, options.batch, axis=0), None
     try:
         with warnings.catch_warnings(), quiet_loggers(*_EXPORTER_CHATTER):
             warnings.simplefilter("ignore")
@@ -234,8 +235,9 @@ def convert(source: ModelSource, options: OnnxOptions, out_dir: Path, stem: str)
             fp32.unlink(missing_ok=True)
         model = onnx.load(str(final))
     elif options.precision == "int8-qat":
-        module, shapes, example, calibration, quantization = _quantize_aware(source, options, (height, width))
-        model = _export_qdq(module, shapes, example, final, options)
+        module, calib, quantization = _quantize_aware(source, options, (height, width))
+        calibration = calib.describe()
+        model = _export_qdq(module, calib.inputs[:1], final, options)
     else:
         model = export_onnx(source.model, final, options, height, width, fp16=options.precision == "fp16")
     inputs, outputs = _io_specs(model)

@@ -100,13 +100,12 @@ def _quantize_aware(source: ModelSource, options: OpenVinoOptions,
 
     from u2zoo.quantization.calibration import calibration_set
     from u2zoo.quantization.onnx_int8 import check_module_groups
-    from u2zoo.quantization.qat import DEFAULT_QAT_EPOCHS, DEFAULT_QAT_LR, qat_openvino
+    from u2zoo.quantization.qat import qat_openvino
 
     calib = calibration_set(options.calib, source.contract, options.calib_size, size)
     kept = check_module_groups(source.model, options.keep_fp_groups)
-    images = np.concatenate([calib.inputs, calib.inputs[..., ::-1]]).astype(np.float32)  # + mirrored
-    ov_model, record = qat_openvino(source.model, calib, np.ascontiguousarray(images), epochs=options.qat_epochs or DEFAULT_QAT_EPOCHS,
-                                    lr=options.qat_lr or DEFAULT_QAT_LR, keep_groups=kept)
+    ov_model, record = qat_openvino(source.model, calib, epochs=options.qat_epochs, lr=options.qat_lr,
+                                    keep_groups=kept)
     if options.dynamic:
         ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, 3, -1, -1])})
     ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})

@@ -14,10 +14,12 @@ as in distillation, lowered the training loss but raised the parity error.
   QuantizeLinear/DequantizeLinear pairs. ONNX Runtime runs it, and so does TensorRT:
   zero points are 0 and the Q/DQ pairs sit on the conv inputs.
 
-Measured on the real U2NETP (official test images, stage2d kept in float, pt2e):
-- PTQ ranges alone: mean abs 0.00285, IoU 0.989.
-- 2 epochs of L1 fine-tuning at lr 2e-6: mean abs 0.00212, IoU 0.991.
-- BCE + edge at lr 1e-5: mean abs 0.0036.
+Measured on the real U2NETP (pt2e, stage2d kept in float, calibrated on the official test
+images), mean abs error against float:
+- PTQ ranges alone: 0.0031 on the test images, 0.0038 on the held-out human images.
+- 2 epochs of L1 fine-tuning at lr 2e-6: 0.0026 and 0.0032. After 4 epochs the held-out
+  error rises again (0.0042): the images are few.
+- BCE + edge at lr 1e-5 made the error worse.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ DEFAULT_QAT_EPOCHS = 2
 DEFAULT_QAT_LR = 2e-6
 
 
+def training_images(calib) -> np.ndarray:
+    """The QAT training set: the calibration images and their mirror images."""
+    return np.ascontiguousarray(np.concatenate([calib.inputs, calib.inputs[..., ::-1]]).astype(np.float32))
+
+
 def fine_tune(student, teacher, images: np.ndarray, *, epochs: int, lr: float, batch_size: int = 4,
               seed: int = 0, progress: bool = False) -> list[dict[str, float]]:
     """Adam on ``student`` (fake-quantized) so its fused map matches ``teacher``'s on ``images``.
@@ -46,26 +53,24 @@ def fine_tune(student, teacher, images: np.ndarray, *, epochs: int, lr: float, b
     """
     import torch
 
-    rng = np.random.default_rng(seed)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    def in_batches(order):
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
-    def batches(order):
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(images[order[start:start + batch_size]])
-            with torch.no_grad():
-                target = teacher(batch)
-            yield batch, target
+    with torch.no_grad():  # the images are fixed, so the teacher runs once
+        targets = torch.cat([teacher(torch.from_numpy(images[i])) for i in in_batches(np.arange(len(images)))])
 
     def error() -> float:
         with torch.no_grad():
-            return float(np.mean([float((student(b) - t).abs().mean()) for b, t in batches(np.arange(len(images)))]))
+            return float(np.mean([float((student(torch.from_numpy(images[i])) - targets[i]).abs().mean())
+                                  for i in in_batches(np.arange(len(images)))]))
 
+    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
     history = [{"epoch": 0, "l1": error()}]
     for epoch in range(1, epochs + 1):
         losses = []
-        for batch, target in batches(rng.permutation(len(images))):
-            value = (student(batch) - target).abs().mean()
+        for index in in_batches(rng.permutation(len(images))):
+            value = (student(torch.from_numpy(images[index])) - targets[index]).abs().mean()
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
@@ -93,15 +98,16 @@ def _group_patterns(groups: list[str]) -> list[str]:
     return [rf"(^|.*[/.]){re.escape(g.replace('/', '.'))}([/.\[].*|$)" for g in groups]
 
 
-def qat_openvino(model, calib, images: np.ndarray, *, epochs: int = DEFAULT_QAT_EPOCHS,
-                 lr: float = DEFAULT_QAT_LR, batch_size: int = 4, keep_groups: list[str] | None = None,
-                 seed: int = 0, progress: bool = False) -> tuple[Any, dict]:
+def qat_openvino(model, calib, *, epochs: int | None = None, lr: float | None = None, batch_size: int = 4,
+                 keep_groups: list[str] | None = None, seed: int = 0, progress: bool = False) -> tuple[Any, dict]:
     """NNCF-quantize a deploy-mode torch ``model`` on ``calib`` (a CalibrationSet), fine-tune it
-    against the float model on ``images`` (N, 3, H, W), and convert to an OpenVINO model."""
+    against the float model on the calibration images and their mirror images, and convert to
+    an OpenVINO model. ``epochs``/``lr`` default to DEFAULT_QAT_EPOCHS/DEFAULT_QAT_LR."""
     import nncf
     import openvino as ov
     import torch
 
+    epochs, lr, images = epochs or DEFAULT_QAT_EPOCHS, lr or DEFAULT_QAT_LR, training_images(calib)
     torch.manual_seed(seed)
     teacher = copy.deepcopy(model).eval()
     student = copy.deepcopy(model).eval()
@@ -165,13 +171,12 @@ def symmetric_int8_config():
     return dataclasses.replace(config, input_activation=activation, output_activation=activation, weight=weight)
 
 
-def qat_qdq(model, calib, images: np.ndarray, *, dynamic: bool, epochs: int = DEFAULT_QAT_EPOCHS,
-            lr: float = DEFAULT_QAT_LR, batch_size: int = 4, keep_groups: list[str] | None = None,
-            seed: int = 0, progress: bool = False) -> tuple[Any, dict | None, dict]:
-    """pt2e QAT of a deploy-mode torch ``model``.
+def qat_qdq(model, calib, *, epochs: int | None = None, lr: float | None = None, batch_size: int = 4,
+            keep_groups: list[str] | None = None, seed: int = 0, progress: bool = False) -> tuple[Any, dict]:
+    """pt2e QAT of a deploy-mode torch ``model``, trained like :func:`qat_openvino`.
 
-    Returns the converted module (quantize/dequantize ops in its graph, ready for the ONNX
-    exporter), the ``dynamic_shapes`` to export it with (None: static), and the quantization record.
+    Returns the converted module (quantize/dequantize ops in its graph, dynamic batch and size,
+    ready for the ONNX exporter) and the quantization record.
     """
     from u2zoo.converters.base import quiet_loggers
 
@@ -184,6 +189,7 @@ def qat_qdq(model, calib, images: np.ndarray, *, dynamic: bool, epochs: int = DE
         raise BackendUnavailable("int8-qat to a QDQ ONNX needs torchao (pt2e quantization)", extra="qat") from None
     import torch
 
+    epochs, lr, images = epochs or DEFAULT_QAT_EPOCHS, lr or DEFAULT_QAT_LR, training_images(calib)
     torch.manual_seed(seed)
     teacher = model.eval()
     # torch.export's module shares parameters with what it exported: train a folded copy.
@@ -191,8 +197,8 @@ def qat_qdq(model, calib, images: np.ndarray, *, dynamic: bool, epochs: int = DE
     quantizer = X86InductorQuantizer().set_global(symmetric_int8_config())
     for group in keep_groups or []:
         quantizer.set_module_name_qconfig(group.replace("/", "."), None)
-    # Exported with a dynamic batch and size, so it trains on batches; an example batch of 1
-    # would be specialized to a static 1. The ONNX export later fixes what the user asked for.
+    # Exported with a dynamic batch and size, so it trains on batches (an example batch of 1
+    # would be specialized to a static 1); the ONNX export fixes what the user asked for.
     dim = torch.export.Dim.DYNAMIC
     shapes = {"x": {0: dim, 2: dim, 3: dim}}
     try:
@@ -214,4 +220,4 @@ def qat_qdq(model, calib, images: np.ndarray, *, dynamic: bool, epochs: int = DE
         raise _one_line("pt2e could not convert the QAT model", exc) from exc
     record = _record("torchao pt2e (QAT)", epochs, lr, history, keep_groups,
                      scheme="int8 symmetric activations (zero point 0), per-channel symmetric int8 weights")
-    return converted, shapes if dynamic else None, record
+    return converted, record
