@@ -113,3 +113,17 @@ def calib_dir(tmp_path_factory) -> str:
         image = np.clip(base + rng.integers(-60, 60, (72, 90, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(image).save(folder / f"c{i}.png")
     return str(folder)
+
+
+def png_header_bytes(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width``×``height`` (a decompression bomb's shape):
+    valid signature and IHDR, one empty IDAT, IEND. Readers that check the size before
+    decoding refuse it without allocating anything."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")

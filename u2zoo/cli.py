@@ -91,16 +91,27 @@ def open_predictor(args: argparse.Namespace):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Masks, cut-outs and composites of files and folders, through any model or artifact."""
     from u2zoo.converters.base import ensure_writable_dir
-    from u2zoo.pipeline import predict_files
+    from u2zoo.tasks.cli_args import open_segmenter, output_options
+    from u2zoo.tasks.folder import process_files
 
     out = ensure_writable_dir(Path(args.out))
-    context, contract = open_predictor(args)
-    with context as predictor:
-        report = predict_files(predictor, contract, args.inputs, out, cutout=args.cutout, progress=not args.quiet)
+    options = output_options(args)
+    with open_segmenter(args, args.batch) as segmenter:
+        report = process_files(segmenter, args.inputs, out, options, resume=args.resume,
+                               max_pixels=args.max_pixels, progress=not args.quiet)
     for path, reason in report.failed:
         print(f"u2zoo: skipped {path}: {reason}", file=sys.stderr)
-    print(f"wrote {len(report.written)} file(s) to {out}; {len(report.failed)} input(s) failed")
+    for path, note in report.notes:
+        print(f"u2zoo: note: {path}: {note}", file=sys.stderr)
+    if report.not_images:
+        names = ", ".join(p.name for p in report.not_images[:5]) + (", …" if len(report.not_images) > 5 else "")
+        print(f"u2zoo: skipped {len(report.not_images)} non-image file(s) in the folders: {names}", file=sys.stderr)
+    resumed = f", {len(report.resumed)} already done (--resume)" if args.resume else ""
+    print(f"wrote {len(report.written)} file(s) to {out}; {report.processed} image(s) in {report.seconds:.2f} s "
+          f"= {report.images_per_s:.2f} images/s end to end at batch {segmenter.batch_size}; "
+          f"{len(report.failed)} input(s) failed{resumed}")
     return 1 if report.failed else 0
 
 
@@ -390,12 +401,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                   "ONNX and the command that finishes the build on the device")
     print("\nfeatures:")
     for feature, package, extra in (("prune", "torch-pruning", "prune"), ("onnx --int8-qat", "torchao", "qat"),
-                                    ("report plots", "matplotlib", "report")):
+                                    ("report plots", "matplotlib", "report"),
+                                    ("portrait (face crop)", "opencv-python-headless", "portrait"),
+                                    ("portrait --align", "dlib", "landmarks"),
+                                    ("--alpha-matting", "pymatting", "matting"), ("--crf", "pydensecrf2", "crf"),
+                                    ("video", "av", "video")):
         version = tool_versions(package)[package]
         state = f"ok [{package} {version}]" if version else f"unavailable: pip install 'u2zoo[{extra}]'"
         print(f"  {feature:<22} {state}")
     from u2zoo.benchmarks.matrix import KNOWN_TARGETS
 
+    print(f"  {'serve':<22} ok [standard library]")
     planned = [t for t in KNOWN_TARGETS if t not in TARGETS]
     if planned:
         print(f"  planned, not in this version: {', '.join(planned)} (bench cells report `unavailable`)")
@@ -414,7 +430,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cut-outs of bundled sample photos. ``--model u2netp`` uses cached U2NETP weights."""
     from u2zoo.convert import convert_model
     from u2zoo.converters import get_target
-    from u2zoo.pipeline import predict_files
+    from u2zoo.tasks.engine import Segmenter
+    from u2zoo.tasks.folder import process_files
+    from u2zoo.tasks.outputs import OutputOptions
     from u2zoo.zoo.reference import sample_images
     from u2zoo.zoo.weights import cache_dir, cached_entries, resolve_model_name
 
@@ -435,13 +453,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"ONNX artifact: {artifact.path} — parity vs torch max abs {parity['max_abs']:.3g}, "
           f"IoU@0.5 {parity['iou50']:.4f}")
     with get_target("onnx").runner(artifact) as runner:
-        report = predict_files(runner, artifact.contract, sample_images(), out / "masks", cutout=True,
-                               progress=not args.quiet)
+        report = process_files(Segmenter(runner, artifact.contract), sample_images(), out / "masks",
+                               OutputOptions(kinds=("mask", "cutout")), progress=not args.quiet)
     print(f"masks and cut-outs of {len(sample_images())} sample photos: {out / 'masks'} ({len(report.written)} files)")
     return 1 if report.failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from u2zoo.tasks.cli_args import add_model_arguments, add_output_arguments
+    from u2zoo.tasks.drawing import add_portrait_arguments, cmd_portrait
+    from u2zoo.tasks.serve import add_serve_arguments, cmd_serve
+    from u2zoo.tasks.video import add_video_arguments, cmd_video
+
     parser = argparse.ArgumentParser(prog="u2zoo", description="U²-Net model zoo and deployment converter")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -502,13 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-images", help="folder of photos for the parity check (default: bundled samples)")
     p.add_argument("--out", required=True, help="output folder")
 
-    p = add("predict", cmd_predict, "write mask PNGs (and cut-outs) for images or folders")
+    p = add("predict", cmd_predict, "masks, RGBA cut-outs and composites of image files and folders (recursive)")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--model", help="architecture or weights name (torch reference)")
-    p.add_argument("--artifact", help="a converted artifact (runs in its own runtime)")
-    _add_weights_args(p)
-    p.add_argument("--cutout", action="store_true", help="also write RGBA cut-outs")
-    p.add_argument("--threads", type=int, help="intra-op threads")
+    add_model_arguments(p)
+    add_output_arguments(p)
+    p.add_argument("--resume", action="store_true", help="skip inputs whose outputs all exist (an interrupted run)")
     p.add_argument("--out", required=True, help="output folder")
 
     p = add("time", cmd_time, "median engine-call latency of a model or artifact (warm-up, then N runs)")
@@ -590,6 +611,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("fetch", cmd_fetch, "download (or import with --from) registered weights into the cache, verified")
     p.add_argument("name", help="registered weights name")
     p.add_argument("--from", dest="source", help="a local file or URL to take the weights from")
+
+    p = add("portrait", cmd_portrait, "portrait line drawings: largest face cropped to 512×512, dark lines on white")
+    add_portrait_arguments(p)
+
+    p = add("video", cmd_video, "a video file in → mask, cut-out or composite video out (u2zoo[video])")
+    add_video_arguments(p)
+
+    p = add("serve", cmd_serve, "HTTP service: POST an image, get a mask or cut-out; one session for all requests")
+    add_serve_arguments(p)
 
     add("doctor", cmd_doctor, "which backends are installed, their versions, and what to install")
 

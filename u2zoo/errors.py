@@ -28,6 +28,14 @@ class ImageError(U2ZooError):
     """An input image that cannot be read."""
 
 
+class ImageTooLarge(ImageError):
+    """An image over the pixel limit, refused from its header before decoding."""
+
+
+class VideoError(ImageError):
+    """A video that cannot be opened, decoded or written."""
+
+
 class BackendUnavailable(U2ZooError):
     """An optional runtime or converter is not installed or cannot run on this host."""
 

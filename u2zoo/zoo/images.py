@@ -7,29 +7,51 @@ precision: the contract divides by the image's max anyway); unreadable or empty 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from u2zoo.errors import ImageError
+from u2zoo.errors import ImageError, ImageTooLarge
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+# Refuse images above this many pixels before decoding them (a 20000×20000 PNG of a few KB
+# would otherwise take 4.8 GB as float RGB). 100 MP admits any camera photo; pipelines
+# take --max-pixels to change it.
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
+def load_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image file as an (H, W, 3) float32 RGB array in [0, 1]."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image not found: {path}")
     if path.stat().st_size == 0:
         raise ImageError(f"image file is empty (0 bytes): {path}")
+    return _decode(path, f"image {path}", max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, what: str = "the image") -> np.ndarray:
+    """Decode image bytes (an HTTP body, a frame) like ``load_rgb`` reads a file."""
+    if not data:
+        raise ImageError(f"{what} is empty (0 bytes)")
+    return _decode(io.BytesIO(data), what, max_pixels)
+
+
+def _decode(source, what: str, max_pixels: int | None) -> np.ndarray:
+    """Check the pixel count from the header, then decode: a huge image is refused unread."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
+            if max_pixels and img.width * img.height > max_pixels:
+                raise ImageTooLarge(f"{what} is {img.width}×{img.height} = {img.width * img.height / 1e6:.0f} MP, over "
+                                 f"the limit of {max_pixels / 1e6:g} MP (raise it with --max-pixels)")
+            if max_pixels is None or max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+                Image.MAX_IMAGE_PIXELS = None  # our limit replaces Pillow's decompression-bomb guard
             img.load()
             return pil_to_rgb(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"cannot read image {path}: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot read {what}: {exc}") from None
 
 
 def pil_to_rgb(img: Image.Image) -> np.ndarray:

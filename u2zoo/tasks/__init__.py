@@ -1,0 +1,1 @@
+"""Task-specific steps around the network (e.g. the portrait-drawing face crop)."""

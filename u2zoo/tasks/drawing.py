@@ -1,0 +1,126 @@
+"""Portrait line drawing (``u2zoo portrait``): photos → dark-lines-on-white drawings.
+
+The official ``u2net_portrait_demo.py`` recipe, on any runtime: find the largest face, crop
+and pad around it to 512×512 (``u2zoo.tasks.portrait``), run the portrait network, and keep
+its inverted output (the contract's ``invert``). A photo with no face is drawn whole,
+resized to 512×512, and the report says so. ``--align`` levels the eyes first with dlib's
+68-point landmarks when dlib and its model file are installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from u2zoo.errors import ConfigError, U2ZooError
+from u2zoo.tasks.engine import Segmenter
+from u2zoo.tasks.folder import collect_inputs, save_png
+from u2zoo.zoo.contract import to_uint8
+from u2zoo.zoo.images import load_rgb
+
+
+@dataclass
+class DrawingReport:
+    written: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    no_face: list[Path] = field(default_factory=list)  # drawn whole, as the official demo does
+    aligned: dict[Path, float] = field(default_factory=dict)  # degrees each photo was rotated by
+    drawn: int = 0
+    seconds: float = 0.0
+
+
+def check_portrait_contract(segmenter: Segmenter, what: str) -> None:
+    """Drawing needs a portrait model: its contract crops the face and inverts the output.
+    A saliency model would give a negative mask, so it is refused, not quietly re-purposed."""
+    pre, post = segmenter.contract.pre, segmenter.contract.post
+    if not (pre.face_crop and post.invert):
+        raise ConfigError(f"{what} is not a portrait-drawing model (its contract has no face crop and no inverted "
+                          "output); use u2net_portrait (`--model u2net_portrait --weights u2net_portrait.pth`) or an "
+                          "artifact converted from it")
+
+
+def draw_files(segmenter: Segmenter, inputs: list[str | Path], out_dir: Path, aligner=None,
+               save_crop: bool = False, max_pixels: int | None = None, progress: bool = True) -> DrawingReport:
+    """One 512×512 drawing per readable photo (``stem.png``), and its face crop if asked."""
+    from tqdm import tqdm
+
+    from u2zoo.tasks.portrait import FaceDetector, prepare_portrait
+
+    detector = FaceDetector()
+    size = segmenter.contract.pre.size[0]
+    images, _ = collect_inputs(inputs)
+    if not images:
+        raise U2ZooError(f"no images found in: {', '.join(map(str, inputs))}")
+    report = DrawingReport()
+    started = time.perf_counter()
+    for path, stem in tqdm(images, desc="portrait", unit="img", disable=not progress):
+        try:
+            portrait = prepare_portrait(load_rgb(path, max_pixels), detector, size=size, aligner=aligner)
+        except U2ZooError as exc:
+            report.failed.append((path, str(exc)))
+            continue
+        if portrait.face is None:
+            report.no_face.append(path)
+        if portrait.aligned_degrees is not None:
+            report.aligned[path] = portrait.aligned_degrees
+        (drawing,) = segmenter.maps([portrait.image])
+        target = out_dir / stem.with_suffix(".png")
+        save_png(Image.fromarray(to_uint8(drawing), mode="L"), target)
+        report.written.append(target)
+        report.drawn += 1
+        if save_crop:
+            crop = out_dir / stem.parent / f"{stem.name}_face.png"
+            save_png(Image.fromarray(to_uint8(portrait.image), mode="RGB"), crop)
+            report.written.append(crop)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def add_portrait_arguments(p: argparse.ArgumentParser) -> None:
+    from u2zoo.tasks.cli_args import add_model_arguments
+
+    p.add_argument("inputs", nargs="+", help="photos or folders of photos")
+    add_model_arguments(p, batch=False)
+    p.add_argument("--align", action="store_true", help="level the eyes first (dlib 68-point landmarks; "
+                                                        "u2zoo[landmarks] and --landmarks-model)")
+    p.add_argument("--landmarks-model", help="dlib's shape_predictor_68_face_landmarks.dat (for --align)")
+    p.add_argument("--save-crop", action="store_true", help="also write the 512×512 face crop the network saw")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def cmd_portrait(args: argparse.Namespace) -> int:
+    from u2zoo.converters.base import ensure_writable_dir
+    from u2zoo.tasks.cli_args import open_segmenter
+
+    if args.landmarks_model and not args.align:
+        raise ConfigError("--landmarks-model is for --align; add --align or drop it")
+    aligner = None
+    if args.align:
+        from u2zoo.tasks.portrait import LandmarkAligner
+
+        if not args.landmarks_model:
+            raise ConfigError("--align needs --landmarks-model PATH (dlib's shape_predictor_68_face_landmarks.dat)")
+        aligner = LandmarkAligner(args.landmarks_model)
+    if not args.artifact and not args.model:
+        args.model = "u2net_portrait"  # the verb's own default model, printed below
+    out = ensure_writable_dir(Path(args.out))
+    with open_segmenter(args) as segmenter:
+        what = args.artifact or args.model
+        check_portrait_contract(segmenter, what)
+        report = draw_files(segmenter, args.inputs, out, aligner, args.save_crop, args.max_pixels,
+                            progress=not args.quiet)
+    for path, reason in report.failed:
+        print(f"u2zoo: skipped {path}: {reason}", file=sys.stderr)
+    for path in report.no_face:
+        print(f"u2zoo: note: no face found in {path}: drew the whole photo, resized to 512×512", file=sys.stderr)
+    for path, degrees in report.aligned.items():
+        print(f"aligned {path.name}: rotated {degrees:+.1f}° to level the eyes")
+    print(f"drew {report.drawn} portrait(s) with {what} into {out} ({report.drawn - len(report.no_face)} face "
+          f"crop(s), {len(report.no_face)} whole photo(s)) in {report.seconds:.1f} s; "
+          f"{len(report.failed)} input(s) failed")
+    return 1 if report.failed else 0
