@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, png_header_bytes, run_cli
+from conftest import TEST_DATA, assert_one_line_error, needs_shared, png_header_bytes, run_cli
 from u2zoo.converters import get_target
 from u2zoo.errors import ConfigError, ImageError
 from u2zoo.tasks.engine import AUTO_BATCH_CAP, Segmenter, activation_bytes_per_image, auto_batch_size
@@ -215,3 +215,21 @@ def test_predict_cli_with_crf_and_matting_on_a_real_photo(capsys, tmp_path, tiny
     code, _, err = run_cli(capsys, "predict", "--artifact", tiny_dynamic_onnx.path, photo, "--alpha-matting",
                            "--fg-threshold", "5", "--out", tmp_path / "o")
     assert_one_line_error(code, err, "matting thresholds need")
+
+
+@needs_shared
+def test_human_segmentation_weights_give_cutouts_and_composites(capsys, tmp_path):
+    """u2net_human_seg (the U2NET layout; no trained copy here, so random weights) through the
+    same folder pipeline: a real human photo → mask, RGBA cut-out and a composite on a
+    background image, all at the photo's size."""
+    photo = sorted((TEST_DATA / "test_human_images").iterdir())[0]
+    with Image.open(photo) as img:
+        small = tmp_path / "person.png"
+        img.convert("RGB").resize((120, 90)).save(small)
+    code, out, err = run_cli(capsys, "predict", "--model", "u2net_human_seg", "--random-weights", small,
+                             "--outputs", "mask,cutout,composite", "--bg-image", sample_images()[3],
+                             "--out", tmp_path / "o")
+    assert code == 0, err
+    for name, mode in (("person.png", "L"), ("person_cutout.png", "RGBA"), ("person_composite.png", "RGB")):
+        result = Image.open(tmp_path / "o" / name)
+        assert result.mode == mode and result.size == (120, 90)

@@ -110,8 +110,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"u2zoo: skipped {len(report.not_images)} non-image file(s) in the folders: {names}", file=sys.stderr)
     resumed = f", {len(report.resumed)} already done (--resume)" if args.resume else ""
     print(f"wrote {len(report.written)} file(s) to {out}; {report.processed} image(s) in {report.seconds:.2f} s "
-          f"= {report.images_per_s:.2f} images/s end to end at batch {segmenter.batch_size}; "
-          f"{len(report.failed)} input(s) failed{resumed}")
+          f"= {report.images_per_s:.2f} images/s end to end at batch {segmenter.batch_size} (engine calls "
+          f"{segmenter.engine_seconds:.2f} s); {len(report.failed)} input(s) failed{resumed}")
     return 1 if report.failed else 0
 
 

@@ -50,7 +50,9 @@ def _decode(source, what: str, max_pixels: int | None) -> np.ndarray:
                 Image.MAX_IMAGE_PIXELS = None  # our limit replaces Pillow's decompression-bomb guard
             img.load()
             return pil_to_rgb(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot read {what}: not an image format Pillow can decode") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot read {what}: {exc}") from None
 
 
