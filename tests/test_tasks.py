@@ -233,3 +233,32 @@ def test_human_segmentation_weights_give_cutouts_and_composites(capsys, tmp_path
     for name, mode in (("person.png", "L"), ("person_cutout.png", "RGBA"), ("person_composite.png", "RGB")):
         result = Image.open(tmp_path / "o" / name)
         assert result.mode == mode and result.size == (120, 90)
+
+
+@pytest.mark.parametrize("target, options", [
+    ("openvino", {"dynamic": True}),
+    pytest.param("tflite", {}, marks=pytest.mark.slow),
+    pytest.param("executorch", {}, marks=pytest.mark.slow),
+])
+def test_folder_pipeline_runs_on_other_runtimes_with_their_contract(tmp_path, tiny_weights, target, options):
+    """The same folder job through another runtime's runner gives the torch reference's masks
+    (a static 320×320 artifact included: the contract's resize happens outside the runtime)."""
+    from u2zoo.convert import convert_model
+    from u2zoo.zoo.reference import TorchPredictor
+    from u2zoo.zoo.weights import load_model
+
+    art = convert_model("u2net-tiny", target, tmp_path / "art", weights=str(tiny_weights), progress=False, **options)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, src in enumerate(sample_images()[:2]):
+        with Image.open(src) as img:
+            img.convert("RGB").resize((100 + 20 * i, 70)).save(photos / f"p{i}.png")
+    model, _, contract = load_model("u2net-tiny", str(tiny_weights))
+    process_files(Segmenter(TorchPredictor(model), contract), [photos], tmp_path / "torch", progress=False)
+    with get_target(art.target).runner(art) as runner:
+        report = process_files(Segmenter(runner, art.contract), [photos], tmp_path / target, progress=False)
+    assert report.processed == 2
+    for i in range(2):
+        a = np.asarray(Image.open(tmp_path / "torch" / f"p{i}.png"), np.int16)
+        b = np.asarray(Image.open(tmp_path / target / f"p{i}.png"), np.int16)
+        assert a.shape == b.shape == (70, 100 + 20 * i) and np.abs(a - b).max() <= 2
