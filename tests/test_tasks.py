@@ -262,3 +262,17 @@ def test_folder_pipeline_runs_on_other_runtimes_with_their_contract(tmp_path, ti
         a = np.asarray(Image.open(tmp_path / "torch" / f"p{i}.png"), np.int16)
         b = np.asarray(Image.open(tmp_path / target / f"p{i}.png"), np.int16)
         assert a.shape == b.shape == (70, 100 + 20 * i) and np.abs(a - b).max() <= 2
+
+
+@pytest.mark.parametrize("modules, call, extra", [
+    (("pydensecrf", "pydensecrf.densecrf", "pydensecrf.utils"), lambda img, p: dense_crf(img, p), "crf"),
+    (("pymatting",), lambda img, p: alpha_matting(img, p), "matting"),
+])
+def test_missing_refinement_backend_says_what_to_install(monkeypatch, modules, call, extra):
+    from u2zoo.errors import BackendUnavailable
+
+    for name in modules:
+        monkeypatch.setitem(__import__("sys").modules, name, None)  # import raises ImportError
+    image, truth = _square_scene(16)
+    with pytest.raises(BackendUnavailable, match=rf"not installed.*u2zoo\[{extra}\]"):
+        call(image, truth)
