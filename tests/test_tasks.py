@@ -276,3 +276,12 @@ def test_missing_refinement_backend_says_what_to_install(monkeypatch, modules, c
     image, truth = _square_scene(16)
     with pytest.raises(BackendUnavailable, match=rf"not installed.*u2zoo\[{extra}\]"):
         call(image, truth)
+
+
+def test_missing_crf_backend_fails_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    for name in ("pydensecrf", "pydensecrf.densecrf", "pydensecrf.utils"):
+        monkeypatch.setitem(__import__("sys").modules, name, None)
+    code, out, err = run_cli(capsys, "predict", "--model", "u2net-tiny", "--random-weights", tmp_path, "--crf",
+                             "--out", tmp_path / "o")
+    assert_one_line_error(code, err, r"pydensecrf2, which is not installed .*u2zoo\[crf\]")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

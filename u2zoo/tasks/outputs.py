@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from u2zoo.errors import ConfigError
-from u2zoo.tasks.refine import CrfOptions, MattingOptions, alpha_matting, dense_crf
+from u2zoo.tasks.refine import CrfOptions, MattingOptions, alpha_matting, dense_crf, import_crf, import_matting
 from u2zoo.zoo.contract import resize_plane, to_uint8
 
 _NAMED_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
@@ -55,6 +55,11 @@ class OutputOptions:
             raise ConfigError("give one of --bg-colour and --bg-image, not both")
         if "composite" in self.kinds and not has_background:
             raise ConfigError("a composite needs --bg-colour or --bg-image")
+        # a missing refinement backend fails here, before any model loads or request arrives
+        if self.crf is not None:
+            import_crf()
+        if self.matting is not None:
+            import_matting()
 
 
 @dataclass

@@ -38,13 +38,28 @@ class CrfOptions:
             raise ConfigError(f"--crf-iterations must be at least 1, got {self.iterations}")
 
 
-def dense_crf(image: np.ndarray, prob: np.ndarray, options: CrfOptions = CrfOptions()) -> np.ndarray:
-    """The CRF's marginal probability of "object" per pixel, (H, W) float32 in [0, 1]."""
+def import_crf():
+    """pydensecrf's module and unary helper, or a one-line BackendUnavailable."""
     try:
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_softmax
     except ImportError:
         raise BackendUnavailable("CRF refinement needs pydensecrf2, which is not installed", extra="crf") from None
+    return dcrf, unary_from_softmax
+
+
+def import_matting():
+    """pymatting's closed-form solver, or a one-line BackendUnavailable."""
+    try:
+        from pymatting import estimate_alpha_cf
+    except ImportError:
+        raise BackendUnavailable("alpha matting needs pymatting, which is not installed", extra="matting") from None
+    return estimate_alpha_cf
+
+
+def dense_crf(image: np.ndarray, prob: np.ndarray, options: CrfOptions = CrfOptions()) -> np.ndarray:
+    """The CRF's marginal probability of "object" per pixel, (H, W) float32 in [0, 1]."""
+    dcrf, unary_from_softmax = import_crf()
     height, width = prob.shape
     p = np.clip(prob.astype(np.float32), 1e-4, 1 - 1e-4)
     crf = dcrf.DenseCRF2D(width, height, 2)
@@ -106,10 +121,7 @@ class MattingResult:
 
 def alpha_matting(image: np.ndarray, prob: np.ndarray, options: MattingOptions = MattingOptions()) -> MattingResult:
     """Soft alpha from the image where the map is unsure; sure regions keep 0/1."""
-    try:
-        from pymatting import estimate_alpha_cf
-    except ImportError:
-        raise BackendUnavailable("alpha matting needs pymatting, which is not installed", extra="matting") from None
+    estimate_alpha_cf = import_matting()
     height, width = prob.shape
     scale = min(1.0, options.max_side / max(height, width))
     small_h, small_w = max(1, round(height * scale)), max(1, round(width * scale))
