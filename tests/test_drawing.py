@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import TEST_DATA, assert_one_line_error, needs_shared, run_cli
-from u2zoo.tasks.drawing import draw_files
+from u2zoo.tasks.drawing import Blend, draw_files
 from u2zoo.tasks.engine import Segmenter
 from u2zoo.tasks.portrait import FaceDetector, prepare_portrait
 from u2zoo.zoo.archs import build_arch
@@ -39,7 +39,8 @@ def test_drawing_is_the_inverted_map_of_the_face_crop(photos, tmp_path):
 
     torch.manual_seed(0)
     predictor = TorchPredictor(build_arch("u2net-tiny", deploy=True))
-    report = draw_files(Segmenter(predictor, PORTRAIT), [photos], tmp_path / "out", save_crop=True, progress=False)
+    report = draw_files(Segmenter(predictor, PORTRAIT), [photos], tmp_path / "out", save_crop=True, progress=False,
+                        blend=Blend(sigma=20, alpha=0.5))
     assert report.drawn == 2 and not report.failed
     assert [p.name for p in report.no_face] == ["flat.png"]
 
@@ -53,6 +54,12 @@ def test_drawing_is_the_inverted_map_of_the_face_crop(photos, tmp_path):
     saliency = postprocess(raw, (512, 512), SALIENCY.post)
     assert np.abs(drawing - (1 - saliency)).max() <= 1 / 255 + 1e-6
     assert Image.open(tmp_path / "out" / "flat.png").size == (512, 512)
+    # the official composite: half the crop blurred by a 20 px Gaussian (per channel), half the drawing
+    from scipy.ndimage import gaussian_filter
+
+    composite = np.asarray(Image.open(tmp_path / "out" / "kid1_composite.png"), np.float32) / 255
+    expected = 0.5 * gaussian_filter(expected_crop, (20, 20, 0)) + 0.5 * drawing[..., None]
+    assert composite.shape == (512, 512, 3) and np.abs(composite - expected).max() <= 2 / 255
 
 
 @needs_shared
@@ -85,6 +92,7 @@ def test_portrait_cli_on_a_real_photo_with_the_u2net_layout(capsys, photos, tmp_
     (["--model", "u2net_portrait", "--random-weights", "--align", "--landmarks-model", "/x.dat"],
      r"dlib.*u2zoo\[landmarks\]"),
     (["--model", "u2net_portrait", "--random-weights", "--landmarks-model", "/x.dat"], "is for --align"),
+    (["--model", "u2net_portrait", "--random-weights", "--blend", "--blend-alpha", "2"], "--blend-alpha in"),
 ])
 def test_portrait_cli_refuses_bad_options_in_one_line(capsys, tmp_path, argv, pattern):
     pytest.importorskip("cv2")

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from u2zoo.errors import ConfigError, U2ZooError
@@ -44,9 +45,30 @@ def check_portrait_contract(segmenter: Segmenter, what: str) -> None:
                           "artifact converted from it")
 
 
+@dataclass(frozen=True)
+class Blend:
+    """The official composite (``u2net_portrait_composite.py``): the photo blurred by a
+    Gaussian of ``sigma`` px, mixed with the drawing: ``alpha·blurred + (1 − alpha)·drawing``."""
+
+    sigma: float = 20.0
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.sigma < 0 or not 0 <= self.alpha <= 1:
+            raise ConfigError(f"--blend-sigma must be ≥ 0 and --blend-alpha in [0, 1], got {self.sigma} and {self.alpha}")
+
+    def apply(self, photo: np.ndarray, drawing: np.ndarray) -> np.ndarray:
+        from scipy.ndimage import gaussian_filter
+
+        blurred = gaussian_filter(photo, sigma=(self.sigma, self.sigma, 0))  # per channel
+        return self.alpha * blurred + (1 - self.alpha) * drawing[..., None]
+
+
 def draw_files(segmenter: Segmenter, inputs: list[str | Path], out_dir: Path, aligner=None,
-               save_crop: bool = False, max_pixels: int | None = None, progress: bool = True) -> DrawingReport:
-    """One 512×512 drawing per readable photo (``stem.png``), and its face crop if asked."""
+               save_crop: bool = False, max_pixels: int | None = None, progress: bool = True,
+               blend: Blend | None = None) -> DrawingReport:
+    """One 512×512 drawing per readable photo (``stem.png``); its face crop
+    (``stem_face.png``) and the official blurred-photo composite (``stem_composite.png``) if asked."""
     from tqdm import tqdm
 
     from u2zoo.tasks.portrait import FaceDetector, prepare_portrait
@@ -73,10 +95,13 @@ def draw_files(segmenter: Segmenter, inputs: list[str | Path], out_dir: Path, al
         save_png(Image.fromarray(to_uint8(drawing), mode="L"), target)
         report.written.append(target)
         report.drawn += 1
-        if save_crop:
-            crop = out_dir / stem.parent / f"{stem.name}_face.png"
-            save_png(Image.fromarray(to_uint8(portrait.image), mode="RGB"), crop)
-            report.written.append(crop)
+        extras = {"_face": portrait.image if save_crop else None,
+                  "_composite": blend.apply(portrait.image, drawing) if blend else None}
+        for suffix, picture in extras.items():
+            if picture is not None:
+                target = out_dir / stem.parent / f"{stem.name}{suffix}.png"
+                save_png(Image.fromarray(to_uint8(picture), mode="RGB"), target)
+                report.written.append(target)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -90,6 +115,11 @@ def add_portrait_arguments(p: argparse.ArgumentParser) -> None:
                                                         "u2zoo[landmarks] and --landmarks-model)")
     p.add_argument("--landmarks-model", help="dlib's shape_predictor_68_face_landmarks.dat (for --align)")
     p.add_argument("--save-crop", action="store_true", help="also write the 512×512 face crop the network saw")
+    p.add_argument("--blend", action="store_true", help="also write the official composite: the crop blurred, "
+                                                        "mixed with the drawing (stem_composite.png)")
+    p.add_argument("--blend-sigma", type=float, default=Blend.sigma, help=f"blur in px (default {Blend.sigma:g})")
+    p.add_argument("--blend-alpha", type=float, default=Blend.alpha,
+                   help=f"weight of the blurred photo (default {Blend.alpha:g})")
     p.add_argument("--out", required=True, help="output folder")
 
 
@@ -97,6 +127,7 @@ def cmd_portrait(args: argparse.Namespace) -> int:
     from u2zoo.converters.base import ensure_writable_dir
     from u2zoo.tasks.cli_args import open_segmenter
 
+    blend = Blend(args.blend_sigma, args.blend_alpha) if args.blend else None
     if args.landmarks_model and not args.align:
         raise ConfigError("--landmarks-model is for --align; add --align or drop it")
     aligner = None
@@ -113,7 +144,7 @@ def cmd_portrait(args: argparse.Namespace) -> int:
         what = args.artifact or args.model
         check_portrait_contract(segmenter, what)
         report = draw_files(segmenter, args.inputs, out, aligner, args.save_crop, args.max_pixels,
-                            progress=not args.quiet)
+                            progress=not args.quiet, blend=blend)
     for path, reason in report.failed:
         print(f"u2zoo: skipped {path}: {reason}", file=sys.stderr)
     for path in report.no_face:
