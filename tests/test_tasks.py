@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import TEST_DATA, assert_one_line_error, needs_shared, png_header_bytes, run_cli
 from u2zoo.converters import get_target
-from u2zoo.errors import ConfigError, ImageError
+from u2zoo.errors import ConfigError, ImageError, ImageTooLarge
 from u2zoo.tasks.engine import AUTO_BATCH_CAP, Segmenter, activation_bytes_per_image, auto_batch_size
 from u2zoo.tasks.folder import process_files
 from u2zoo.tasks.outputs import OutputOptions, composite, parse_colour, render
@@ -124,7 +124,12 @@ def test_predict_cli_batch_auto_composite_and_throughput_line(capsys, tmp_path, 
     assert comp.mode == "RGB" and comp.size == (96, 64)
 
 
-def test_max_pixels_option_and_decoding_limits(tmp_path):
+def test_max_pixels_option_and_decoding_limits(tmp_path, monkeypatch):
+    # Pillow's own guard as a fresh process has it: the first huge image must meet our limit,
+    # not Pillow's decompression-bomb error
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)
+    with pytest.raises(ImageTooLarge, match="400 MP, over the limit"):
+        decode_image(png_header_bytes(20000, 20000))
     path = tmp_path / "big.png"
     Image.new("RGB", (300, 200), "white").save(path)
     assert load_rgb(path).shape == (200, 300, 3)

@@ -41,13 +41,16 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, what:
 
 def _decode(source, what: str, max_pixels: int | None) -> np.ndarray:
     """Check the pixel count from the header, then decode: a huge image is refused unread."""
+    if Image.MAX_IMAGE_PIXELS is not None and (max_pixels is None or max_pixels > Image.MAX_IMAGE_PIXELS):
+        # Our limit replaces Pillow's decompression-bomb guard, which Image.open applies (at
+        # twice its limit) before we could read the size: set before opening, so the first
+        # huge image gets the same refusal as every later one.
+        Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(source) as img:
             if max_pixels and img.width * img.height > max_pixels:
                 raise ImageTooLarge(f"{what} is {img.width}×{img.height} = {img.width * img.height / 1e6:.0f} MP, over "
-                                 f"the limit of {max_pixels / 1e6:g} MP (raise it with --max-pixels)")
-            if max_pixels is None or max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
-                Image.MAX_IMAGE_PIXELS = None  # our limit replaces Pillow's decompression-bomb guard
+                                    f"the limit of {max_pixels / 1e6:g} MP (raise it with --max-pixels)")
             img.load()
             return pil_to_rgb(img)
     except UnidentifiedImageError:
