@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from u2zoo.errors import ConfigError, U2ZooError
+from u2zoo.errors import ConfigError, U2ZooError, one_line
 
 _WEIGHTS_HELP = "weights: a local .pth path or an http(s)/file URL (with --weights-sha256); default: the registry's"
 
@@ -634,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except U2ZooError as exc:
-        message = " ".join(str(exc).split())  # always one line
+        message = one_line(exc)
         print(f"u2zoo: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

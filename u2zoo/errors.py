@@ -63,6 +63,12 @@ class ArtifactError(U2ZooError):
     """An artifact or its manifest is missing, unreadable or does not match its sha256."""
 
 
+def one_line(text: object) -> str:
+    """Any message (an exception, a tool's multi-line output) as one line: what the CLI prints,
+    what a report cell or an HTTP error body holds."""
+    return " ".join(str(text).split())
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """A '; did you mean …?' suffix plus the valid choices, for unknown-name errors."""
     choices = sorted(set(choices))

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from u2zoo.benchmarks.metrics import DEFAULT_BOUNDARY_BAND, boundary_mae, mae, prepare
-from u2zoo.errors import U2ZooError
+from u2zoo.errors import U2ZooError, one_line
 from u2zoo.tasks.engine import Segmenter
 from u2zoo.tasks.refine import CrfOptions, dense_crf
 from u2zoo.zoo.contract import to_uint8
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                                   CrfOptions(iterations=args.iterations), args.band,
                                   Path(args.save) if args.save else None)
     except U2ZooError as exc:
-        print(f"u2zoo: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"u2zoo: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     print(format_scores(scores, args.band))
     return 0

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from u2zoo.artifact import atomic_write_text
-from u2zoo.errors import BackendUnavailable, ConfigError
+from u2zoo.errors import BackendUnavailable, ConfigError, one_line
 
 RESULTS_SCHEMA = "u2zoo.results"
 RESULTS_SCHEMA_VERSION = 1
@@ -75,7 +75,7 @@ def _read_results_file(path: Path) -> list[dict[str, Any]]:
         with path.open(encoding="utf-8") as fh:
             lines = fh.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read results file {path}: {_one_line(exc)}") from None
+        raise ConfigError(f"cannot read results file {path}: {one_line(exc)}") from None
     rows = []
     for number, line in enumerate(lines, start=1):
         if line.strip():
@@ -89,7 +89,7 @@ def _parse_row(line: str, path: Path, number: int) -> dict[str, Any]:
     try:
         row = json.loads(line)
     except ValueError as exc:
-        raise ConfigError(f"corrupt results file {where}: not JSON ({_one_line(exc)})") from None
+        raise ConfigError(f"corrupt results file {where}: not JSON ({one_line(exc)})") from None
     if not isinstance(row, dict):
         raise ConfigError(f"corrupt results file {where}: not a JSON object")
     if "schema" in row and row["schema"] != RESULTS_SCHEMA:
@@ -103,10 +103,6 @@ def _parse_row(line: str, path: Path, number: int) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"corrupt results file {where}: missing field(s) {', '.join(missing)}")
     return row
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +226,7 @@ def format_value(column: str, value: Any) -> str:
         return "-"
     if column in _NUMERIC and isinstance(value, (int, float)):
         return _FORMATS[column].format(value)
-    return " ".join(str(value).split())
+    return one_line(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,7 +632,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create report folder {out_dir}: {_one_line(exc)}") from None
+        raise ConfigError(f"cannot create report folder {out_dir}: {one_line(exc)}") from None
     _matplotlib()
     paths: dict[str, Path] = {
         "accuracy_vs_fps": plot_accuracy_vs_fps(rows, out_dir / "accuracy_vs_fps.png"),

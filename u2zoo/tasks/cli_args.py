@@ -9,9 +9,9 @@ from typing import Iterator
 
 from u2zoo.errors import ConfigError
 from u2zoo.tasks.engine import Segmenter, auto_batch_size
-from u2zoo.tasks.outputs import KINDS, OutputOptions, load_background, parse_colour
+from u2zoo.tasks.outputs import KINDS, OutputOptions, parse_colour
 from u2zoo.tasks.refine import CrfOptions, MattingOptions
-from u2zoo.zoo.images import DEFAULT_MAX_PIXELS
+from u2zoo.zoo.images import DEFAULT_MAX_PIXELS, load_rgb
 
 
 def add_model_arguments(p: argparse.ArgumentParser, batch: bool = True) -> None:
@@ -55,7 +55,7 @@ def output_options(args: argparse.Namespace) -> OutputOptions:
     return OutputOptions(
         kinds=kinds,
         background_colour=parse_colour(args.bg_colour) if args.bg_colour else None,
-        background_image=load_background(args.bg_image),
+        background_image=load_rgb(args.bg_image) if args.bg_image else None,
         crf=CrfOptions(iterations=args.crf_iterations) if args.crf else None,
         matting=MattingOptions(args.fg_threshold, args.bg_threshold, args.erode) if args.alpha_matting else None,
     )

@@ -71,10 +71,6 @@ def draw_files(segmenter: Segmenter, inputs: list[str | Path], out_dir: Path, al
     (``stem_face.png``) and the official blurred-photo composite (``stem_composite.png``) if asked."""
     from tqdm import tqdm
 
-    from u2zoo.tasks.portrait import FaceDetector, prepare_portrait
-
-    detector = FaceDetector()
-    size = segmenter.contract.pre.size[0]
     images, _ = collect_inputs(inputs)
     if not images:
         raise U2ZooError(f"no images found in: {', '.join(map(str, inputs))}")
@@ -82,7 +78,7 @@ def draw_files(segmenter: Segmenter, inputs: list[str | Path], out_dir: Path, al
     started = time.perf_counter()
     for path, stem in tqdm(images, desc="portrait", unit="img", disable=not progress):
         try:
-            portrait = prepare_portrait(load_rgb(path, max_pixels), detector, size=size, aligner=aligner)
+            portrait = segmenter.portrait_input(load_rgb(path, max_pixels), aligner)
         except U2ZooError as exc:
             report.failed.append((path, str(exc)))
             continue

@@ -45,13 +45,16 @@ class Segmenter:
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """What the network sees of ``image``: the face crop for portrait contracts, else the
         image itself (the contract's resize happens in ``maps``)."""
-        if not self.contract.pre.face_crop:
-            return image
+        return self.portrait_input(image).image if self.contract.pre.face_crop else image
+
+    def portrait_input(self, image: np.ndarray, aligner: Any = None):
+        """The portrait face crop at the contract's size (``u2zoo.tasks.portrait``), with how
+        it was found; the face detector is loaded once per Segmenter."""
         from u2zoo.tasks.portrait import FaceDetector, prepare_portrait
 
         if self._face_detector is None:
             self._face_detector = FaceDetector()
-        return prepare_portrait(image, self._face_detector, size=self.contract.pre.size[0]).image
+        return prepare_portrait(image, self._face_detector, size=self.contract.pre.size[0], aligner=aligner)
 
     def maps(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """One map per image, at that image's own size; images may differ in size."""

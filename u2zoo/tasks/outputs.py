@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -116,10 +115,3 @@ def render(image: np.ndarray, prob: np.ndarray, options: OutputOptions) -> Rende
         images["composite"] = Image.fromarray(to_uint8(composite(image, alpha, options)), mode="RGB")
     return Rendered(alpha, images, notes)
 
-
-def load_background(path: str | Path | None) -> np.ndarray | None:
-    if path is None:
-        return None
-    from u2zoo.zoo.images import load_rgb
-
-    return load_rgb(path)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from u2zoo.errors import BackendUnavailable, ConfigError, ImageError
+from u2zoo.errors import BackendUnavailable, ConfigError, ImageError, one_line
 
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
 SCALE_FACTOR = 1.1  # official detectMultiScale arguments
@@ -82,10 +82,6 @@ def _cv2() -> Any:
     return cv2
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
     """(H, W, 3) float in [0, 1] (or uint8) → (H, W, 3) uint8, rounding to the nearest level.
 
@@ -127,7 +123,7 @@ class FaceDetector:
         try:
             loaded = self._cascade.load(str(path))
         except cv2.error as exc:
-            reason = _one_line(getattr(exc, "err", None) or exc)
+            reason = one_line(getattr(exc, "err", None) or exc)
             raise ConfigError(f"cannot load face detector cascade {path}: not a valid OpenCV cascade file "
                               f"({reason})") from None
         if not loaded or self._cascade.empty():
@@ -266,7 +262,7 @@ class LandmarkAligner:
             self._predictor = dlib.shape_predictor(str(path))
         except RuntimeError as exc:
             raise ConfigError(f"cannot load landmark model {path} (expected dlib's {LANDMARK_MODEL}): "
-                              f"{_one_line(exc)}") from None
+                              f"{one_line(exc)}") from None
         self._dlib = dlib
         self.path = path
 

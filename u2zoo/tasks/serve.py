@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from u2zoo.errors import ConfigError, ImageError, ImageTooLarge, U2ZooError
+from u2zoo.errors import ConfigError, ImageError, ImageTooLarge, U2ZooError, one_line
 from u2zoo.tasks.engine import Segmenter
 from u2zoo.tasks.outputs import KINDS, OutputOptions, parse_colour, render
 from u2zoo.zoo.images import DEFAULT_MAX_PIXELS, decode_image
@@ -59,10 +59,6 @@ class HttpError(Exception):
         super().__init__(message)
         self.status = status
         self.headers = headers or {}
-
-
-def one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def rss_mb() -> float | None:

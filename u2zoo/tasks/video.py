@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from u2zoo.errors import BackendUnavailable, ConfigError, VideoError
+from u2zoo.errors import BackendUnavailable, ConfigError, VideoError, one_line
 from u2zoo.tasks.engine import Segmenter
 from u2zoo.tasks.outputs import SUFFIXES, OutputOptions, render
 from u2zoo.zoo.images import DEFAULT_MAX_PIXELS
@@ -380,7 +380,7 @@ def process_videos(segmenter: Segmenter, plans: list[tuple[Path, dict[str, Path]
         try:
             result = process_video(segmenter, source, targets, options, smooth, max_pixels, progress)
         except VideoError as exc:
-            report.failed.append((source, " ".join(str(exc).split())))
+            report.failed.append((source, one_line(exc)))
             continue
         report.done.append(result)
         if on_done is not None:
