@@ -84,7 +84,8 @@ def test_predict_skips_unreadable_images_and_exits_non_zero(capsys, tmp_path, ti
     (["fetch", "u2net-lite", "--from", "/some.pth"], "ships inside the package"),
     (["predict", "--artifact", "/nonexistent.onnx", "x.png"], "artifact not found"),
     (["predict", "--model", "u2net-tiny", "--random-weights", "/nonexistent-folder"], "input not found"),
-    (["fetch", "u2netp.fp16_bnfolded", "--from", "/nonexistent.pth"], "weights file not found"),
+    (["fetch", "u2netp", "--from", "/nonexistent.pth"], "weights file not found"),
+    (["fetch", "u2netp.fp16_bnfolded", "--from", "/nonexistent.pth"], "ships inside the package"),
     (["fetch", "u2net_potrait"], "did you mean 'u2net_portrait'"),
 ])
 def test_bad_input_gives_one_line_error(capsys, tmp_path, argv, pattern):
@@ -130,35 +131,20 @@ def test_models_lists_measured_params_and_macs(capsys):
 def test_doctor_reports_targets_and_the_cache(capsys):
     code, out, _ = run(capsys, "doctor")
     assert code == 0 and "onnx" in out and "ok" in out and "weights cache" in out
-    assert "u2zoo fetch u2netp" in out  # the cache is empty in tests: say how to fill it
-    assert "weights shipped in the package: u2net-lite" in out
+    assert "u2zoo fetch u2net" in out  # the cache is empty in tests: say how to fill it
+    assert "weights shipped in the package: u2netp.fp16_bnfolded, u2net-lite" in out
+    assert "default: u2netp (" in out
 
 
-def test_demo_runs_offline_on_the_shipped_lite_weights(capsys, tmp_path):
-    code, out, err = run(capsys, "demo", "--out", tmp_path)
+def test_demo_with_model_runs_the_shipped_lite_weights(capsys, tmp_path):
+    """The default-model demo is in test_default_model.py; --model picks another shipped model."""
+    code, out, err = run(capsys, "demo", "--model", "u2net-lite", "--out", tmp_path)
     assert code == 0, err
-    assert "weights: u2net-lite (shipped in the package)" in out and "RANDOM" not in out
+    assert not out.startswith("default:") and "weights: u2net-lite (shipped in the package)" in out
+    assert "RANDOM" not in out and (tmp_path / "contact_sheet.png").is_file()
     masks = sorted(p.name for p in (tmp_path / "masks").iterdir())
     assert masks == ["astronaut.png", "astronaut_cutout.png", "chelsea.png", "chelsea_cutout.png",
                      "coffee.png", "coffee_cutout.png", "rocket.png", "rocket_cutout.png"]
-    astronaut = np.asarray(Image.open(tmp_path / "masks" / "astronaut.png"), np.float32) / 255
-    assert 0.15 < astronaut.mean() < 0.7  # a real salient-object mask, neither empty nor full
-
-
-def test_demo_says_when_weights_are_random(capsys, tmp_path):
-    code, out, err = run(capsys, "demo", "--model", "u2netp", "--out", tmp_path)
-    assert code == 0, err
-    assert "RANDOM weights" in out and "u2zoo fetch u2netp" in out
-
-
-@needs_shared
-def test_demo_uses_cached_real_weights(capsys, tmp_path):
-    assert run(capsys, "fetch", "u2netp.fp16_bnfolded", "--from", REAL_WEIGHTS)[0] == 0
-    code, out, err = run(capsys, "demo", "--model", "u2netp", "--out", tmp_path)
-    assert code == 0, err
-    assert "weights: u2netp.fp16_bnfolded (from the cache)" in out and "RANDOM" not in out
-    astronaut = np.asarray(Image.open(tmp_path / "masks" / "astronaut.png"), np.float32) / 255
-    assert 0.15 < astronaut.mean() < 0.7  # a real salient-object mask, neither empty nor full
 
 
 def test_console_script_prints_no_traceback(tmp_path):

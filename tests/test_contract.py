@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from u2zoo.errors import ConfigError
-from u2zoo.zoo.contract import PORTRAIT, SALIENCY, Contract, Postprocess, Preprocess, postprocess, preprocess, to_uint8
+from u2zoo.zoo.contract import PORTRAIT, SALIENCY, SALIENCY_OFFICIAL, Contract, Postprocess, Preprocess, postprocess, preprocess, to_uint8
 
 
 def test_bilinear_resize_matches_torch_interpolate_align_corners_false():
@@ -40,7 +40,7 @@ def test_postprocess_minmax_resize_and_invert():
     pred = np.zeros((1, 4, 4), np.float32)
     pred[0, :2] = 0.8
     pred[0, 2:] = 0.2
-    mask = postprocess(pred, (8, 8), SALIENCY.post)
+    mask = postprocess(pred, (8, 8), SALIENCY_OFFICIAL.post)
     assert mask.shape == (8, 8) and mask.max() == pytest.approx(1.0) and mask.min() == pytest.approx(0.0)
     assert mask[0, 0] == pytest.approx(1.0) and mask[-1, -1] == pytest.approx(0.0)
     inverted = postprocess(pred, (8, 8), PORTRAIT.post)

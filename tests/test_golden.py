@@ -30,23 +30,25 @@ def official_mae(out_dir: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def real_model():
-    return load_model("u2netp", weights=str(REAL_WEIGHTS))
+    return load_model("u2netp", weights=str(REAL_WEIGHTS), contract_variant="official")
 
 
 def test_torch_reproduces_the_official_u2netp_results(real_model, tmp_path):
     model, info, contract = real_model
-    assert info.name == "u2netp.fp16_bnfolded"
+    assert info.name == "u2netp.fp16_bnfolded" and contract.variant == "official"
     report = process_files(Segmenter(TorchPredictor(model), contract), [TEST_DATA / "test_images"], tmp_path, progress=False)
     assert len(report.written) == 18 and not report.failed
     maes = official_mae(tmp_path)
-    assert np.mean(list(maes.values())) <= 0.01, maes
+    assert np.mean(list(maes.values())) <= 0.005, maes  # measured 0.0025; the antialiased variant gives 0.0069
     assert max(maes.values()) <= 0.05, maes
 
 
 def test_onnx_artifact_reproduces_the_official_results(tmp_path):
     artifact = convert_model("u2netp", "onnx", tmp_path / "art", weights=str(REAL_WEIGHTS), dynamic=True,
+                             contract_variant="official",
                              parity_images=sorted((TEST_DATA / "test_images").iterdir())[:6], progress=False)
     assert artifact.manifest["weights"]["name"] == "u2netp.fp16_bnfolded"
+    assert artifact.manifest["contract"]["variant"] == "official"
     assert artifact.manifest["parity"]["max_abs"] <= 1e-3 and artifact.manifest["parity"]["iou50"] >= 0.999
     with get_target("onnx").runner(artifact) as runner:
         process_files(Segmenter(runner, artifact.contract), [TEST_DATA / "test_images"], tmp_path / "masks", progress=False)

@@ -85,13 +85,20 @@ def test_file_url_and_local_path_work_like_names(tmp_path):
 
 
 @pytest.mark.skipif(not REAL_WEIGHTS.is_file(), reason="../shared weights not present")
-def test_fetch_imports_real_weights_into_the_cache_and_names_them(isolated_cache):
-    entry = W.find_entry("u2netp.fp16_bnfolded")
+def test_fetch_imports_real_weights_into_the_cache_and_names_them(isolated_cache, monkeypatch):
+    import dataclasses
+
+    shipped = W.find_entry("u2netp.fp16_bnfolded")
+    with pytest.raises(WeightsError, match="ships inside the package"):
+        W.fetch(shipped, str(REAL_WEIGHTS), progress=False)
+    # a registered, hash-pinned entry that is not shipped: imported from a local file
+    entry = dataclasses.replace(shipped, name="u2netp.imported", filename="u2netp_imported.pth", bundled=False)
+    monkeypatch.setitem(W.REGISTRY, entry.name, entry)
     path = W.fetch(entry, str(REAL_WEIGHTS), progress=False)
-    assert path == isolated_cache / "weights" / "u2netp_fp16_bnfolded.pth"
-    assert W.cached_entries("u2netp") == [entry]
-    _, info, contract = W.load_model("u2netp.fp16_bnfolded")
-    assert info.name == "u2netp.fp16_bnfolded" and info.sha256 == entry.sha256 and contract.pre.size == (320, 320)
+    assert path == isolated_cache / "weights" / "u2netp_imported.pth"
+    assert W.cached_entries("u2netp") == [shipped, entry]
+    _, info, contract = W.load_model("u2netp.imported")
+    assert info.sha256 == entry.sha256 and contract.pre.size == (320, 320)
     # a local file is recognised by its hash, whatever its path
     _, info, _ = W.load_model("u2netp", weights=str(REAL_WEIGHTS))
     assert info.name == "u2netp.fp16_bnfolded"
@@ -101,7 +108,7 @@ def test_fetch_refuses_a_wrong_file_and_entries_without_hash(tmp_path):
     wrong = tmp_path / "wrong.pth"
     tiny_checkpoint(wrong)
     with pytest.raises(WeightsError, match="hash mismatch"):
-        W.fetch(W.find_entry("u2netp.fp16_bnfolded"), str(wrong), progress=False)
+        W.fetch(W.find_entry("u2netp"), str(wrong), progress=False)
     with pytest.raises(WeightsError, match="never downloaded unverified"):
         W.fetch(W.find_entry("u2net_portrait"), progress=False)
 
@@ -154,15 +161,20 @@ def test_checkpoint_of_another_architecture_names_the_keys(tmp_path):
         W.load_model("u2net-tiny", weights=str(path))
 
 
-def test_names_resolve_with_suggestions_and_no_silent_random_weights():
+def test_names_resolve_with_suggestions_and_no_silent_random_weights(monkeypatch):
+    import dataclasses
+
     assert W.resolve_model_name("u2net_human_seg")[0] == "u2net"
     assert W.resolve_model_name("u2net-tiny") == ("u2net-tiny", None)
     with pytest.raises(ConfigError, match="did you mean 'u2netp'"):
         W.resolve_model_name("u2nep")
     with pytest.raises(WeightsError, match="--random-weights"):
         W.load_model("u2net-tiny")
+    unshipped = dataclasses.replace(W.REGISTRY["u2netp.fp16_bnfolded"], name="u2netp.elsewhere",
+                                    filename="u2netp_elsewhere.pth", bundled=False)
+    monkeypatch.setitem(W.REGISTRY, unshipped.name, unshipped)
     with pytest.raises(WeightsError, match="has no public URL"):
-        W.load_model("u2netp.fp16_bnfolded")
+        W.load_model("u2netp.elsewhere")
     _, info, _ = W.load_model("u2net-tiny", random_weights=True)
     assert info.source == "random" and info.sha256 is None
 
@@ -191,5 +203,5 @@ def test_shipped_lite_weights_load_offline_and_are_verified(monkeypatch, tmp_pat
     changed[-100] ^= 1
     (tmp_path / entry.filename).write_bytes(changed)
     monkeypatch.setattr(W, "BUNDLED_DIR", tmp_path)
-    with pytest.raises(WeightsError, match="hash mismatch"):
+    with pytest.raises(WeightsError, match="u2net_lite_distilled_fp16.pth is damaged or was changed.*reinstall"):
         W.load_model("u2net-lite")

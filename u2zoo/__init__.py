@@ -1,3 +1,15 @@
-"""u2zoo: a U²-Net model zoo and deployment-conversion toolchain."""
+"""u2zoo: a U²-Net model zoo and deployment-conversion toolchain.
+
+``u2zoo.segment(path)`` and ``u2zoo.load(model)`` (``u2zoo.api``) are the Python entry point;
+they are imported on first use so that ``import u2zoo`` stays cheap.
+"""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in ("segment", "load"):
+        from u2zoo import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'u2zoo' has no attribute {name!r}")

@@ -24,10 +24,14 @@ class Predictor(Protocol):
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
 
 
-def run_batched(predictor: Predictor, inputs: np.ndarray) -> np.ndarray:
+def run_batched(predictor: Predictor, inputs: np.ndarray, chunk: int | None = None) -> np.ndarray:
     """Run (N, 3, H, W) through ``predictor``, honouring a static batch size by padding and a
-    dynamic one's upper bound (``max_batch``: a TensorRT profile, an AOTInductor package)."""
-    step = predictor.fixed_batch or min(len(inputs), getattr(predictor, "max_batch", None) or len(inputs))
+    dynamic one's upper bound (``max_batch``: a TensorRT profile, an AOTInductor package).
+
+    ``chunk`` caps a dynamic predictor's calls, for callers holding a whole data set (a
+    U2NETP forward pass needs about 0.5 GB of activations per 320×320 image)."""
+    limit = min(x for x in (getattr(predictor, "max_batch", None), chunk, len(inputs)) if x)
+    step = predictor.fixed_batch or limit
     outputs = []
     for start in range(0, len(inputs), step):
         chunk = inputs[start:start + step]

@@ -15,11 +15,13 @@ from u2zoo.zoo.images import DEFAULT_MAX_PIXELS, load_rgb
 
 
 def add_model_arguments(p: argparse.ArgumentParser, batch: bool = True) -> None:
-    from u2zoo.cli import _add_weights_args
+    from u2zoo.cli import _add_weights_args, add_contract_arg
 
-    p.add_argument("--model", help="architecture or weights name (torch reference)")
+    p.add_argument("--model", help="architecture or weights name (torch reference); default: the best "
+                                   "shipped saliency model (printed)")
     p.add_argument("--artifact", help="a converted artifact (runs in its own runtime with its own contract)")
     _add_weights_args(p)
+    add_contract_arg(p)
     p.add_argument("--threads", type=int, help="intra-op threads")
     if batch:
         p.add_argument("--batch", default="1", help="images per engine call: N, or auto (from free memory); "

@@ -337,8 +337,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from u2zoo.tasks.cli_args import open_segmenter, output_options
 
     options = output_options(args)
-    label = Path(args.artifact).name if args.artifact else args.model
     with open_segmenter(args, 1) as segmenter:
+        label = Path(args.artifact).name if args.artifact else args.model  # a default model is known only now
         server = make_server(segmenter, options, args.host, args.port, args.max_bytes, args.max_pixels, label,
                              args.log_requests)
         print(f"serving {label} on {server.url} (POST /predict, GET /health)", flush=True)
