@@ -127,7 +127,7 @@ def test_int8_round_trip_records_calibration_and_float_groups(tiny_int8, calib_d
     (["--dynamic"], r"executorch builds fixed-shape programs here"),
     (["--int8"], r"--int8 needs calibration images"),
     (["--int8", "--calib", "{calib}", "--keep-fp-groups", "stage2d,stage9x"],
-     r"unknown layer group\(s\) 'stage9x' \(groups: stage1, .*top-level"),
+     r"unknown layer group\(s\) 'stage9x'; did you mean 'stage6'\? \(groups: stage1, .*top-level"),
     (["--fp16"], r"target 'executorch' does not support precision 'fp16' \(supported: fp32, int8\)"),
     (["--calib", "{calib}"], r"calib only apply to --int8"),
 ])

@@ -28,7 +28,13 @@ def calib_dir(tmp_path):
 
 def test_calibration_set_digest_dump_and_adapters(calib_dir, tmp_path, capsys):
     calib = calibration_set(calib_dir, SALIENCY, size=3, shape=(64, 64))
-    assert calib.inputs.shape == (3, 3, 64, 64) and calib.files == ("c0.png", "c1.png", "c2.png")
+    # 3 of the folder's 4: a sample drawn with the fixed seed, sorted, and recorded
+    import random
+
+    expected = tuple(sorted(random.Random(0).sample(sorted(p.name for p in calib_dir.iterdir()), 3)))
+    assert calib.inputs.shape == (3, 3, 64, 64) and calib.files == expected
+    assert calib.describe()["sampled"] == {"seed": 0, "from_images": 4}
+    assert "sampled" not in calibration_set(calib_dir, SALIENCY, shape=(64, 64), warn=False).describe()  # all 4
     assert "3 calibration image(s); 32+ are recommended" in capsys.readouterr().err
     again = calibration_set(calib_dir, SALIENCY, size=3, shape=(64, 64), warn=False)
     assert again.digest == calib.digest and len(calib.digest) == 64
@@ -46,11 +52,11 @@ def test_calibration_bad_inputs(calib_dir, tmp_path):
     empty.mkdir()
     with pytest.raises(ConfigError, match="holds no images"):
         calibration_set(empty, SALIENCY)
-    with pytest.raises(ConfigError, match="--calib-size 9 is larger than the 4 image"):
-        calibration_set(calib_dir, SALIENCY, size=9)
+    assert len(calibration_set(calib_dir, SALIENCY, size=9, warn=False).inputs) == 4  # what there is
     (calib_dir / "zz_broken.png").write_bytes(b"junk")
     with pytest.raises(ConfigError, match="calibration image unusable.*zz_broken"):
         calibration_set(calib_dir, SALIENCY)
+    (calib_dir / "zz_broken.png").unlink()
     dump = calibration_set(calib_dir, SALIENCY, size=2, warn=False).save(tmp_path / "d.npz")
     data = dict(np.load(dump))
     data["inputs"] = data["inputs"] + 1
@@ -125,7 +131,14 @@ def test_int8_bad_input_via_cli(capsys, tmp_path, calib_dir):
     code, _, err = run_cli(capsys, "sensitivity", "--model", "u2net-tiny", "--random-weights", "--calib",
                            tmp_path / "nope")
     assert_one_line_error(code, err, "calibration folder not found")
+    for flags, message in ((["--fp-budget", "0"], r"--fp-budget must be in \(0, 1\]"),
+                           (["--fp-budget", "1.5"], r"--fp-budget must be in \(0, 1\]"),
+                           (["--no-auto-fp", "--fp-budget", "0.3"], "which --no-auto-fp turns off: give one"),
+                           (["--keep-fp-groups", "stage2dd"], "unknown layer group 'stage2dd'; did you mean 'stage2d'")):
+        code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--random-weights", "--target", "onnx",
+                               "--int8", "--calib", calib_dir, *flags, "--out", tmp_path / "o")
+        assert_one_line_error(code, err, message)
     code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--random-weights", "--target", "onnx",
-                           "--int8", "--calib", calib_dir, "--calib-size", "10", "--out", tmp_path / "o")
-    assert_one_line_error(code, err, "--calib-size 10 is larger than the 4 image")
+                           "--fp16", "--fp-budget", "0.3", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "--no-auto-fp and --fp-budget only apply to --int8")
     assert not any((tmp_path / "o").glob("*.onnx"))

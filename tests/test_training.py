@@ -180,8 +180,12 @@ def test_distillation_refuses_a_teacher_with_another_contract(capsys, tmp_path, 
 @needs_shared
 def test_distillation_moves_the_student_towards_the_teacher(capsys, tmp_path, pairs):
     images, _ = pairs
+    val = tmp_path / "val"  # mirror images: held out (the same files would be refused as validation)
+    val.mkdir()
+    for path in images.iterdir():
+        Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(val / f"v_{path.name}")
     code, out, err = run_cli(capsys, "distill", "--teacher", "u2netp", "--weights", REAL_WEIGHTS, "--student",
-                             "u2net-tiny", "--images", images, "--val-images", images, "--size", "64",
+                             "u2net-tiny", "--images", images, "--val-images", val, "--size", "64",
                              "--epochs", "4", "--batch-size", "2", "--lr", "1e-2", "--out", tmp_path / "d")
     assert code == 0, err
     history = json.loads((tmp_path / "d" / "history.json").read_text())
@@ -221,3 +225,356 @@ def test_frozen_batchnorm_keeps_its_statistics(tmp_path, pairs):
     after = {k: v for k, v in model.state_dict().items() if "running_" in k}
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not torch.equal(first_conv, model.stage1.rebnconvin.conv_s1.weight)  # the weights did train
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 14: bad input, teacher-map cache, CPU speed options, the long run, the ship ratchet
+
+
+def test_masks_without_images_are_named(pairs):
+    images, masks = pairs
+    Image.fromarray(np.zeros((80, 96), np.uint8)).save(masks / "orphan.png")
+    with pytest.raises(ConfigError, match=r"masks without an image: orphan\.png \(1 in "):
+        FolderDataset(images, SALIENCY, masks_dir=masks)
+
+
+def test_resized_masks_are_named_and_corrupt_images_skipped_named_counted(pairs):
+    images, masks = pairs
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    Image.fromarray(np.zeros((80, 96), np.uint8)).save(masks / "broken.png")
+    data = FolderDataset(images, SALIENCY, masks_dir=masks, size=(64, 64))
+    assert len(data) == 4 and [name for name, _ in data.skipped] == ["broken.jpg"]
+    assert data.resized_names == ["s0.png"] and data.resized_masks == 1
+    summary = data.summary()
+    assert "1 skipped, unreadable: broken.jpg" in summary and "resized to their image (bilinear): s0.png" in summary
+
+
+def test_cli_reports_a_skipped_image_and_refuses_val_images_from_the_training_set(capsys, tmp_path, pairs):
+    import shutil
+
+    images, masks = pairs
+    (images / "broken.jpg").write_bytes(b"not an image")
+    Image.fromarray(np.zeros((80, 96), np.uint8)).save(masks / "broken.png")
+    base = ["train", "--model", "u2net-tiny", "--random-weights", "--images", images, "--masks", masks,
+            "--size", "64", "--epochs", "1", "--batch-size", "2"]
+    code, out, err = run_cli(capsys, *base, "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "skipped 1 unreadable training image(s): broken.jpg" in out
+    state = torch.load(tmp_path / "o" / "last.pt", weights_only=True)
+    assert state["skipped"] == ["broken.jpg"] and state["resized_masks"] == ["s0.png"]
+    # the same folder as validation: refused, by name
+    code, _, err = run_cli(capsys, *base, "--val-images", images, "--val-masks", masks, "--out", tmp_path / "v")
+    assert_one_line_error(code, err, r"4 validation image\(s\) are also in the training set .*refused")
+    # a renamed copy is caught by its bytes
+    val_images, val_masks = tmp_path / "vi", tmp_path / "vm"
+    val_images.mkdir()
+    val_masks.mkdir()
+    shutil.copy(images / "s2.jpg", val_images / "renamed.jpg")
+    shutil.copy(masks / "s2.png", val_masks / "renamed.png")
+    code, _, err = run_cli(capsys, *base, "--val-images", val_images, "--val-masks", val_masks, "--out", tmp_path / "w")
+    assert_one_line_error(code, err, r"1 validation image\(s\) are also in the training set \(e\.g\. renamed\.jpg\)")
+
+
+class _CountingTeacher:
+    """A stand-in teacher: the map is the image's mean brightness per pixel; counts images seen."""
+
+    def __init__(self):
+        self.images = 0
+
+    def __call__(self, inputs):
+        self.images += len(inputs)
+        return 1 / (1 + np.exp(-inputs.mean(1)))
+
+
+def test_teacher_maps_are_computed_once_and_cached_on_disk(tmp_path, pairs):
+    from u2zoo.training.teacher_cache import TeacherCache
+
+    images, masks = pairs
+    teacher = _CountingTeacher()
+    cache = TeacherCache(tmp_path / "cache", "ab" * 32, (48, 48), teacher, SALIENCY)
+    data = FolderDataset(images, SALIENCY, masks_dir=masks, size=(64, 64), augment=Augment(), seed=0)
+    data.attach_teacher(cache)
+    assert cache.computed == 4 and teacher.images == 4
+    sample = data[1]
+    assert sample["teacher"].shape == (1, 64, 64) and 0 <= sample["teacher"].min() <= sample["teacher"].max() <= 1
+    config = TrainConfig(out=str(tmp_path / "run"), epochs=2, batch_size=2, teacher_weight=0.5)
+    history = fit(build_arch("u2net-tiny"), "u2net-tiny", data, None, config, lambda b: b["mask"], progress=False)
+    assert teacher.images == 4  # the second epoch (and the first) read the maps, never the teacher
+    assert history[1]["terms"]["teacher"] > 0
+    # a new run over the same images reads every map from disk
+    again = TeacherCache(tmp_path / "cache", "ab" * 32, (48, 48), teacher, SALIENCY)
+    FolderDataset(images, SALIENCY, masks_dir=masks, size=(64, 64)).attach_teacher(again)
+    assert again.computed == 0 and again.hits == 4 and teacher.images == 4
+    # another resolution, another teacher, or a changed image: computed anew
+    other = TeacherCache(tmp_path / "cache", "ab" * 32, (32, 32), teacher, SALIENCY)
+    FolderDataset(images, SALIENCY, masks_dir=masks, size=(64, 64)).attach_teacher(other)
+    assert other.computed == 4
+    Image.fromarray(np.full((80, 96, 3), 200, np.uint8)).save(images / "s3.jpg")
+    changed = TeacherCache(tmp_path / "cache", "ab" * 32, (48, 48), teacher, SALIENCY)
+    FolderDataset(images, SALIENCY, masks_dir=masks, size=(64, 64)).attach_teacher(changed)
+    assert changed.computed == 1 and changed.hits == 3
+
+
+def test_cli_train_with_a_teacher_caches_its_maps(capsys, tmp_path, pairs, tiny_weights):
+    images, masks = pairs
+    argv = ["train", "--model", "u2net-tiny", "--random-weights", "--images", images, "--masks", masks,
+            "--size", "64", "--epochs", "2", "--batch-size", "2", "--teacher", "u2net-tiny",
+            "--teacher-weights", tiny_weights, "--teacher-size", "64", "--teacher-cache", tmp_path / "maps",
+            "--channels-last"]
+    code, out, err = run_cli(capsys, *argv, "--out", tmp_path / "a")
+    assert code == 0, err
+    first = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    assert first["teacher"]["maps_computed"] == 4 and first["teacher"]["maps_cached"] == 0
+    assert first["history"][-1]["terms"]["teacher"] > 0 and first["history"][-1]["samples_per_s"] > 0
+    code, out, err = run_cli(capsys, *argv, "--out", tmp_path / "b")
+    assert code == 0, err
+    second = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert second["teacher"]["maps_computed"] == 0 and second["teacher"]["maps_cached"] == 4
+    code, _, err = run_cli(capsys, "train", "--model", "u2net-tiny", "--random-weights", "--images", images,
+                           "--masks", masks, "--teacher-weights", tiny_weights, "--out", tmp_path / "c")
+    assert_one_line_error(code, err, "--teacher-weights, --teacher-weight, .* need --teacher")
+
+
+def test_init_bundled_needs_shipped_weights_and_excludes_weights(capsys, tmp_path, pairs, tiny_weights):
+    images, masks = pairs
+    base = ["train", "--images", images, "--masks", masks, "--out", tmp_path / "o", "--init", "bundled"]
+    code, _, err = run_cli(capsys, *base, "--model", "u2net-tiny")
+    assert_one_line_error(code, err, "--init bundled: 'u2net-tiny' has no weights shipped in the package")
+    code, _, err = run_cli(capsys, *base, "--model", "u2net-lite", "--weights", tiny_weights)
+    assert_one_line_error(code, err, "--init bundled starts from the package's weights")
+
+
+@pytest.mark.parametrize("flags, usable", [("fpu avx2 avx512f avx512_bf16 avx512_vnni", True),
+                                           ("fpu avx2 amx_bf16 amx_tile", True), ("fpu sse4_2 avx2 fma", False)])
+def test_bf16_is_used_only_with_native_support(tmp_path, flags, usable):
+    from u2zoo.training.cpu import bf16_support, resolve_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\n")
+    assert bf16_support(cpuinfo)[0] is usable
+    assert resolve_bf16("auto", "cpu", cpuinfo)[0] is usable
+    assert resolve_bf16("off", "cpu", cpuinfo)[0] is False
+    if usable:
+        assert resolve_bf16("on", "cpu", cpuinfo)[0] is True
+    else:
+        with pytest.raises(ConfigError, match="--bf16 on: this CPU has no native bf16"):
+            resolve_bf16("on", "cpu", cpuinfo)
+
+
+def test_fit_records_the_host_and_throughput_with_channels_last_and_bf16(tmp_path, pairs):
+    from u2zoo.training.cpu import bf16_support
+
+    images, masks = pairs
+    data = FolderDataset(images, SALIENCY, masks_dir=masks, size=(64, 64), augment=Augment())
+    config = TrainConfig(out=str(tmp_path / "r"), epochs=1, batch_size=2, channels_last=True, bf16="auto")
+    history = fit(build_arch("u2net-tiny"), "u2net-tiny", data, data, config, lambda b: b["mask"], progress=False)
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["host"]["bf16_autocast"] is bf16_support()[0] and run["host"]["bf16_reason"]
+    assert history[0]["samples"] == 4 and history[0]["samples_per_s"] > 0 and np.isfinite(history[0]["train_loss"])
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["host"] == run["host"]
+    best = torch.load(tmp_path / "r" / "best.pth", weights_only=True)
+    assert all(v.is_contiguous() for v in best.values())  # channels_last does not leak into the weights
+
+
+# ------------------------------------------------------------------ teacher-initialised students
+
+
+def test_depthwise_factorisation_is_exact_at_multiplier_9_and_refinement_helps_at_2():
+    from u2zoo.training.teacher_init import factorize_from_teacher, refine_pointwise
+    from u2zoo.zoo.archs import TINY_WIDTHS, U2NetBase
+    from u2zoo.zoo.layers import ds_multiplier_conv
+
+    torch.manual_seed(0)
+    teacher = build_arch("u2net-tiny")
+    for module in teacher.modules():  # non-trivial BatchNorm statistics, to be folded
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = teacher(x)[0]
+    exact = U2NetBase(TINY_WIDTHS, conv=ds_multiplier_conv(9)).eval()
+    errors = factorize_from_teacher(teacher, exact)
+    assert max(errors.values()) < 1e-5
+    with torch.no_grad():
+        assert torch.allclose(exact(x)[0], expected, atol=1e-4)
+    low = U2NetBase(TINY_WIDTHS, conv=ds_multiplier_conv(2)).eval()
+    assert min(factorize_from_teacher(teacher, low).values()) > 0.01
+    with torch.no_grad():
+        before = float((low(x)[0] - expected).abs().mean())
+    refine_pointwise(teacher, low, torch.randn(8, 3, 64, 64))
+    with torch.no_grad():
+        after = float((low(x)[0] - expected).abs().mean())
+    assert after < before
+
+
+def test_deploy_path_scores_match_the_bench_metrics(tmp_path, pairs):
+    from u2zoo.benchmarks.metrics import SaliencyMetrics
+    from u2zoo.training.deploy_eval import load_val, predict_maps, score_maps
+    from u2zoo.zoo.contract import postprocess
+
+    images, masks = pairs
+    (masks / "s0.png").unlink()
+    Image.fromarray(np.zeros((80, 96), np.uint8)).save(masks / "s0.png")
+    val = load_val(images, masks, SALIENCY)
+    torch.manual_seed(1)
+    maps = predict_maps(build_arch("u2net-tiny"), val.inputs)
+    ours = score_maps(maps, val, SALIENCY)
+    bench = SaliencyMetrics()
+    for raw, image, gt in zip(maps, val.images, val.gts):
+        bench.add(postprocess(raw, image.shape[:2], SALIENCY.post), gt)
+    result = bench.result()
+    assert ours["images"] == 4
+    assert ours["mae"] == pytest.approx(result.mae) and ours["max_f"] == pytest.approx(result.max_f)
+    assert ours["iou50"] == pytest.approx(result.iou50)
+
+
+# ---------------------------------------------------------------------------------- long run
+
+
+def _duts_like(root, pairs_dir, val_count=2):
+    """train/ and val/ folders of a DUTS-like set from the synthetic pairs (val: new images)."""
+    import shutil
+
+    images, masks = pairs_dir
+    for split in ("train", "val"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+    for p in images.iterdir():
+        shutil.copy(p, root / "train" / "images" / p.name)
+        shutil.copy(masks / f"{p.stem}.png", root / "train" / "masks" / f"{p.stem}.png")
+    rng = np.random.default_rng(5)
+    for i in range(val_count):
+        image = rng.integers(0, 60, (72, 88, 3), dtype=np.uint8)
+        mask = np.zeros((72, 88), np.uint8)
+        image[20:50, 30:60] = 220
+        mask[20:50, 30:60] = 255
+        Image.fromarray(image).save(root / "val" / "images" / f"v{i}.jpg")
+        Image.fromarray(mask).save(root / "val" / "masks" / f"v{i}.png")
+    return root
+
+
+def test_long_run_checkpoints_by_step_resumes_and_refuses_bad_input(tmp_path, pairs, tiny_weights):
+    from u2zoo.training.longrun import RunConfig, run
+
+    data = _duts_like(tmp_path / "duts", pairs)
+    cfg = RunConfig(out=str(tmp_path / "run"), data=str(data), arch="u2net-tiny", init="scratch", teacher="u2net-tiny",
+                    teacher_weights=str(tiny_weights), teacher_resolution=64, phases="64:0.5,96:0.5", samples=16,
+                    batch_size=2, warmup_steps=2, ckpt_minutes=0, eval_minutes=0, val_limit=2, threads=1,
+                    cache=str(tmp_path / "cache"), bf16="off", contract="official")
+    run(cfg)
+    out = tmp_path / "run"
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["arch"] == "u2net-tiny" and state["step"] == 8 and state["samples"] == 16
+    assert state["epoch"] == 3 and state["position"] == 4  # 4 images, 16 samples: the end of epoch 3
+    log_text = (out / "train.log").read_text()
+    assert "samples/s" not in log_text or "ETA" in log_text
+    assert "deploy-path MAE" in log_text and (out / "best.pth").is_file()
+    scored = [h for h in state["history"] if "val" in h]
+    assert scored[0]["step"] == 0 and scored[-1]["step"] == 8
+    # more samples: the run continues from its step, not from zero
+    run(RunConfig(**{**cfg.__dict__, "samples": 24}))
+    resumed = torch.load(out / "last.pt", weights_only=True)
+    assert resumed["step"] == 12 and resumed["samples"] == 24 and "resumed" in (out / "train.log").read_text()
+    # a checkpoint of another architecture: one line naming both
+    with pytest.raises(ConfigError, match="resume checkpoint last.pt is for 'u2net-tiny', not 'u2netp'"):
+        run(RunConfig(**{**cfg.__dict__, "arch": "u2netp"}))
+    # a validation image that is also a training image: refused
+    import shutil
+
+    shutil.copy(data / "train" / "images" / "s1.jpg", data / "val" / "images" / "s1.jpg")
+    shutil.copy(data / "train" / "masks" / "s1.png", data / "val" / "masks" / "s1.png")
+    with pytest.raises(ConfigError, match=r"1 validation image\(s\) also in the training set \(e\.g\. s1\)"):
+        run(RunConfig(**{**cfg.__dict__, "out": str(tmp_path / "other")}))
+
+
+def test_long_run_names_unpaired_files(tmp_path, pairs):
+    from u2zoo.training.longrun import TrainPairs
+
+    images, masks = pairs
+    (masks / "s2.png").rename(masks / "lonely.png")
+    with pytest.raises(ConfigError, match=r"1 image\(s\) without a mask \(e\.g\. s2\.jpg\); "
+                                          r"1 mask\(s\) without an image \(e\.g\. lonely\.png\)"):
+        TrainPairs(images, masks)
+
+
+# ---------------------------------------------------------------------------------- the ratchet
+
+
+def _fake_scores(monkeypatch, by_name):
+    import u2zoo.training.ship as ship
+
+    def score(state, arch, val, contract):
+        marker = float(state["outconv.bias"].flatten()[0])
+        mae, max_f = by_name[round(marker, 1)]
+        return {"mae": mae, "max_f": max_f, "iou50": 0.5, "images": len(val)}
+
+    monkeypatch.setattr(ship, "score_state", score)
+
+
+def _tiny_state(marker: float):
+    torch.manual_seed(0)
+    state = build_arch("u2net-tiny").state_dict()
+    state["outconv.bias"].fill_(marker)
+    return state
+
+
+def test_ship_refuses_worse_weights_with_both_scores(tmp_path, pairs, monkeypatch):
+    from u2zoo.training.ship import ship_if_better
+
+    data = _duts_like(tmp_path / "duts", pairs)
+    dest, candidate = tmp_path / "bundled.pth", tmp_path / "run" / "best.pth"
+    candidate.parent.mkdir()
+    torch.save(_tiny_state(0.1), dest)
+    torch.save(_tiny_state(0.2), candidate)
+    before = dest.read_bytes()
+    for new in ((0.30, 0.70), (0.10, 0.60), (0.20, 0.65)):  # worse MAE, worse max F, equal: all refused
+        _fake_scores(monkeypatch, {0.1: (0.20, 0.65), 0.2: new})
+        with pytest.raises(ConfigError, match=rf"refused to ship: candidate best.pth: MAE {new[0]:.4f}, max F "
+                                              rf"{new[1]:.4f}; bundled bundled.pth: MAE 0.2000, max F 0.6500"):
+            ship_if_better(candidate, dest, data, arch="u2net-tiny")
+    assert dest.read_bytes() == before and not dest.with_suffix(".json").exists()
+
+
+def test_ship_replaces_with_better_weights_and_records_the_run(tmp_path, pairs, monkeypatch):
+    from u2zoo.training.ship import ship_if_better
+
+    data = _duts_like(tmp_path / "duts", pairs)
+    dest, run_dir = tmp_path / "bundled.pth", tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(_tiny_state(0.1), dest)
+    torch.save(_tiny_state(0.2), run_dir / "best.pth")
+    old_sha = __import__("hashlib").sha256(dest.read_bytes()).hexdigest()
+    torch.save({"arch": "u2net-tiny", "model": _tiny_state(0.2), "step": 40, "samples": 320, "epoch": 80,
+                "wall_s": 12.5, "history": [{"step": 40, "val": {"mae": 0.1}}]}, run_dir / "last.pt")
+    (run_dir / "run.json").write_text(json.dumps({"config": {"lr": 1e-3}, "host": {"cpu": "Test CPU"},
+                                                  "init": {"init": "bundled"}, "train_pairs": 4}))
+    _fake_scores(monkeypatch, {0.1: (0.20, 0.65), 0.2: (0.05, 0.93)})
+    dry = ship_if_better(run_dir / "best.pth", dest, data, arch="u2net-tiny", dry_run=True, log=lambda _: None)
+    assert __import__("hashlib").sha256(dest.read_bytes()).hexdigest() == old_sha  # dry run writes nothing
+    record = ship_if_better(run_dir / "best.pth", dest, data, arch="u2net-tiny", log=lambda _: None)
+    assert record == dry | {"shipped": record["shipped"], "scored_in_s": record["scored_in_s"]}
+    sha = __import__("hashlib").sha256(dest.read_bytes()).hexdigest()
+    assert record["metrics"] == {"val": {"mae": 0.05, "max_f": 0.93, "iou50": 0.5, "images": 2,
+                                         "data": "duts val/", "contract": "official", "weights_sha256": sha}}
+    assert record["previous"]["val"]["mae"] == 0.20 and record["previous"]["val"]["weights_sha256"] == old_sha
+    assert record["data"]["counts"] == {"train": 4, "val": 2} and record["data"]["split"] == "val/"
+    assert record["training"] == {"epoch": 80, "step": 40, "samples": 320, "wall_s": 12.5}
+    assert record["device"] == {"cpu": "Test CPU"} and record["contract"]["variant"] in ("official", None) \
+        or "variant" not in record["contract"]
+    assert json.loads(dest.with_suffix(".json").read_text())["metrics"] == record["metrics"]
+    shipped = torch.load(dest, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in shipped.values() if v.is_floating_point())
+
+
+def test_ship_scores_through_the_deploy_path_for_real(tmp_path, pairs):
+    """No fake scores: a real (tiny) model against itself is not better, and says so."""
+    from u2zoo.training.ship import ship_if_better
+
+    data = _duts_like(tmp_path / "duts", pairs)
+    torch.save(_tiny_state(0.1), tmp_path / "bundled.pth")
+    torch.save(_tiny_state(0.1), tmp_path / "best.pth")
+    with pytest.raises(ConfigError, match=r"refused to ship: candidate best.pth: MAE (\d\.\d{4}), max F (\d\.\d{4}); "
+                                          r"bundled bundled.pth: MAE \1, max F \2 \(duts val/, 2 images"):
+        ship_if_better(tmp_path / "best.pth", tmp_path / "bundled.pth", data, arch="u2net-tiny")

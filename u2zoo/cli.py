@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from u2zoo.errors import ConfigError, U2ZooError, one_line
+from u2zoo.zoo.contract import VARIANTS
 
 _WEIGHTS_HELP = "weights: a local .pth path or an http(s)/file URL (with --weights-sha256); default: the registry's"
 
@@ -16,6 +17,18 @@ def _add_weights_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help=_WEIGHTS_HELP)
     p.add_argument("--weights-sha256", help="expected sha256 of --weights (required for URLs)")
     p.add_argument("--random-weights", action="store_true", help="use an untrained model (for tests and timing)")
+
+
+def _add_auto_fp_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-auto-fp", dest="auto_fp", action="store_false",
+                   help="int8: no automatic float fallback when the gate fails (it is on by default)")
+    p.add_argument("--fp-budget", type=float,
+                   help="int8: the fallback keeps at most this share of the MACs in float (default 0.25)")
+
+
+def add_contract_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--contract", choices=VARIANTS, help="pre/post resize variant: official (the default: it scored better on DUTS-TR val/) or "
+                   "antialiased (Lanczos in and out, as rembg; better on photos much larger than 320 px)")
 
 
 # precision flags of `convert`; each one is also the precision's name in manifests and bench
@@ -42,6 +55,27 @@ def _target_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _auto_fp_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Only what the user set, so that convert can refuse them for a non-INT8 precision."""
+    return {k: v for k, v in (("auto_fp", args.auto_fp), ("fp_budget", args.fp_budget))
+            if (k == "auto_fp" and v is False) or (k == "fp_budget" and v is not None)}
+
+
+def _print_auto_fp(record: dict[str, Any] | None) -> None:
+    if not record or record.get("status") == "off":
+        return
+    for step in record["steps"]:
+        groups = ", ".join(step["keep_fp_groups"]) or "none (all INT8)"
+        speed = f", p50 {step['p50_ms']:.1f} ms" if "p50_ms" in step else ""
+        parity = step["parity"]
+        iou = f"IoU@0.5 {parity['iou50']:.4f}" if parity.get("iou50") is not None else "not converted"
+        print(f"int8 float fallback: float [{groups}] ({step['float_macs']:.1%} of MACs): {iou}"
+              f"{speed} — {'passed' if step['passed'] else 'failed'}")
+    if record["kept_in_float"] is not None:
+        print(f"int8 float fallback: kept [{', '.join(record['kept_in_float']) or 'nothing'}] in float "
+              f"({record['float_macs']:.1%} of MACs)")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from u2zoo.convert import convert_model
     from u2zoo.zoo.images import list_images
@@ -51,8 +85,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise U2ZooError(f"no images in {args.parity_images}")
     artifact = convert_model(args.model, args.target, args.out, weights=args.weights,
                              weights_sha256=args.weights_sha256, random_weights=args.random_weights,
-                             parity_images=images, progress=not args.quiet, **_target_options(args))
+                             contract_variant=args.contract, parity_images=images, progress=not args.quiet,
+                             **_auto_fp_kwargs(args), **_target_options(args))
     parity = artifact.manifest["parity"]
+    _print_auto_fp(artifact.manifest.get("auto_fp"))
     print(f"wrote {artifact.path} ({artifact.manifest['files'][0]['size'] / 1e6:.2f} MB) and {artifact.manifest_path.name}")
     for line in artifact.manifest.get("validation", {}).get("summary", {}).items():
         print(f"validated: {line[0]}: {line[1]}")
@@ -68,9 +104,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def open_predictor(args: argparse.Namespace):
-    """A runner for ``--artifact`` or the torch reference for ``--model``; plus its contract."""
-    if bool(args.artifact) == bool(args.model):
-        raise U2ZooError("give exactly one of --model NAME or --artifact FILE")
+    """A runner for ``--artifact`` or the torch reference for ``--model``; plus its contract.
+
+    With neither, the best shipped saliency model (``u2zoo.zoo.default_model``), said in one line.
+    """
+    if args.artifact and args.model:
+        raise U2ZooError("give one of --model NAME or --artifact FILE, not both")
+    if args.artifact and getattr(args, "contract", None):
+        raise ConfigError("--contract is for --model: an artifact carries its own contract "
+                          "(convert it again with --contract to change it)")
+    if not args.artifact and not args.model:
+        from u2zoo.zoo.default_model import choose_default
+
+        choice = choose_default()
+        print(choice.describe())
+        args.model = choice.name
     if args.artifact:
         from u2zoo.artifact import open_artifact
         from u2zoo.converters import get_target
@@ -84,7 +132,8 @@ def open_predictor(args: argparse.Namespace):
     from u2zoo.zoo.reference import TorchPredictor
     from u2zoo.zoo.weights import load_model
 
-    model, info, contract = load_model(args.model, args.weights, args.weights_sha256, args.random_weights)
+    model, info, contract = load_model(args.model, args.weights, args.weights_sha256, args.random_weights,
+                                       contract_variant=args.contract)
     if info.source == "random":
         print("NOTE: random weights: the masks are meaningless")
     return nullcontext(TorchPredictor(model, threads=args.threads)), contract
@@ -159,9 +208,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         models=_csv(args.model), targets=_csv(args.targets), precisions=_csv(args.precisions),
         data=Path(args.data), gt=Path(args.gt) if args.gt else None, out=Path(args.out), gates=gates,
         weights=args.weights, weights_sha256=args.weights_sha256, random_weights=args.random_weights,
-        runs=args.runs, warmup=args.warmup, batches=batches, boundary_band=args.boundary_band, device=args.device,
+        contract_variant=args.contract, runs=args.runs, warmup=args.warmup, batches=batches, boundary_band=args.boundary_band, device=args.device,
         calib=Path(args.calib) if args.calib else None, calib_size=args.calib_size, keep_fp=args.keep_fp,
         keep_fp_groups=tuple(_csv(args.keep_fp_groups)) if args.keep_fp_groups else (),
+        auto_fp=args.auto_fp, fp_budget=args.fp_budget,
         **({"threads": args.threads} if args.threads else {}),
     )
     cfg.validate()
@@ -216,7 +266,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         raise ConfigError("--eval-images must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
         artifact = convert_model(args.model, "onnx", tmp, weights=args.weights, weights_sha256=args.weights_sha256,
-                                 random_weights=args.random_weights, progress=False)
+                                 random_weights=args.random_weights, contract_variant=args.contract, progress=False)
         calib = calibration_set(args.calib, artifact.contract, args.calib_size)
         ranking = sensitivity(artifact.path, calib, artifact.inputs[0].name, calib.inputs[: args.eval_images],
                               args.calib_method or "minmax", args.threads)
@@ -237,7 +287,8 @@ def _train_config(args: argparse.Namespace, default_loss: str, **overrides: Any)
                  weight_decay=args.weight_decay, optimizer=args.optimizer, warmup_epochs=args.warmup_epochs,
                  loss=args.loss or default_loss, seed=args.seed, amp=not args.no_amp,
                  grad_checkpoint=args.grad_checkpoint, freeze_bn=args.freeze_bn, device=args.device,
-                 workers=args.workers, resume=args.resume, max_steps_per_epoch=args.max_steps_per_epoch)
+                 workers=args.workers, resume=args.resume, max_steps_per_epoch=args.max_steps_per_epoch,
+                 channels_last=args.channels_last, bf16=args.bf16)
     config = TrainConfig(**(given | overrides))
     config.validate()
     return config
@@ -255,7 +306,7 @@ def _size(value: str | None) -> tuple[int, int] | None:
     return (parts[0], parts[-1])
 
 
-def _report_training(history: list, out: str) -> None:
+def _report_training(history: list, out: str, train_set=None) -> None:
     from u2zoo.training.trainer import distributed_context
 
     if distributed_context()[0] != 0:
@@ -263,16 +314,57 @@ def _report_training(history: list, out: str) -> None:
     last = history[-1] if history else {}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
     print(f"trained {len(history)} epoch(s); last: {shown}")
+    if train_set is not None and getattr(train_set, "skipped", None):
+        print(f"skipped {len(train_set.skipped)} unreadable training image(s): "
+              + ", ".join(name for name, _ in train_set.skipped[:5]))
     print(f"wrote {out}/best.pth (weights), last.pt (resumable), history.json, curves.png")
 
 
+def _teacher_cache(args: argparse.Namespace, contract, bf16: bool, channels_last: bool):
+    """The on-disk cache of ``--teacher``'s soft maps (None without a teacher)."""
+    from u2zoo.training.teacher_cache import TeacherCache, torch_teacher_runner
+    from u2zoo.zoo.weights import cache_dir, load_model
+
+    if not args.teacher:
+        return None, None
+    teacher, info, teacher_contract = load_model(args.teacher, args.teacher_weights, deploy=False,
+                                                 progress=not args.quiet)
+    if teacher_contract.pre != contract.pre:
+        raise ConfigError(f"teacher {args.teacher!r} and the student have different pre-processing contracts; "
+                          "its maps only mean something for inputs prepared its way")
+    teacher = teacher.float().eval()
+    if channels_last:
+        import torch
+
+        teacher = teacher.to(memory_format=torch.channels_last)
+    resolution = _size(args.teacher_size) or contract.pre.size
+    root = Path(args.teacher_cache) if args.teacher_cache else cache_dir() / "teacher_maps"
+    return TeacherCache(root, info.sha256 or "random", resolution, torch_teacher_runner(teacher, bf16, channels_last),
+                        contract), info
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """Fine-tune on image + mask folders."""
-    from u2zoo.training.data import Augment, FolderDataset
+    """Fine-tune on image + mask folders (optionally with a teacher's soft maps)."""
+    from u2zoo.training.cpu import resolve_bf16
+    from u2zoo.training.data import Augment, FolderDataset, check_disjoint
     from u2zoo.training.trainer import fit
     from u2zoo.zoo.weights import load_model
 
-    config = _train_config(args, "bce=1")
+    if not args.teacher and (args.teacher_weights or args.teacher_weight or args.teacher_size or args.teacher_cache):
+        raise ConfigError("--teacher-weights, --teacher-weight, --teacher-size and --teacher-cache need --teacher")
+    teacher_weight = args.teacher_weight if args.teacher_weight is not None else (0.5 if args.teacher else 0.0)
+    config = _train_config(args, "bce=1", teacher_weight=teacher_weight)
+    if args.init == "bundled":
+        from u2zoo.zoo.weights import resolve_model_name
+
+        arch, entry = resolve_model_name(args.model)
+        if args.weights or args.random_weights:
+            raise ConfigError("--init bundled starts from the package's weights: it excludes --weights and "
+                              "--random-weights")
+        if entry is None or not entry.bundled:
+            raise ConfigError(f"--init bundled: {arch!r} has no weights shipped in the package")
+    elif args.init == "random":
+        args.random_weights = True
     model, info, contract = load_model(args.model, args.weights, args.weights_sha256, args.random_weights,
                                        deploy=False, progress=not args.quiet)
     size = _size(args.size)
@@ -284,9 +376,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--val-images needs --val-masks")
         val_set = FolderDataset(args.val_images, contract, masks_dir=args.val_masks, size=size,
                                 soft_masks=args.soft_masks)
+        check_disjoint(train_set.paths, val_set.paths)
+    if not args.quiet:
+        print(f"train: {train_set.summary()}")
+        if val_set is not None:
+            print(f"val: {val_set.summary()}")
+    extra = {"weights": info.to_dict(), "contract": contract.to_dict(), "init": args.init or "weights",
+             "skipped": [name for name, _ in train_set.skipped], "resized_masks": train_set.resized_names}
+    if args.teacher:
+        bf16, _ = resolve_bf16(config.bf16, "cpu")
+        cache, teacher_info = _teacher_cache(args, contract, bf16, config.channels_last)
+        train_set.attach_teacher(cache)
+        extra["teacher"] = {"name": args.teacher, "weights": teacher_info.to_dict(), "resolution": list(cache.resolution),
+                            "cache": str(cache.folder), "maps_computed": cache.computed, "maps_cached": cache.hits}
+        if not args.quiet:
+            print(f"teacher maps: {cache.computed} computed, {cache.hits} read from {cache.folder}")
     history = fit(model, info.arch, train_set, val_set, config, lambda batch: batch["mask"], progress=not args.quiet,
-                  extra_state={"weights": info.to_dict(), "contract": contract.to_dict()})
-    _report_training(history, args.out)
+                  extra_state=extra)
+    _report_training(history, args.out, train_set)
     return 0
 
 
@@ -321,6 +428,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    help="keep BatchNorm statistics fixed (fine-tuning; always on for pruning recovery)")
     p.add_argument("--resume", help="continue from a last.pt of the same architecture")
     p.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (quick runs)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC activations (faster convs on CPUs)")
+    p.add_argument("--bf16", default="auto", choices=("auto", "on", "off"),
+                   help="bf16 autocast on the CPU: auto (default) = only with AMX or AVX512-BF16; loss in float32")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -349,18 +459,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from u2zoo.zoo.archs import ARCHS, build_arch, count_macs, count_params
-    from u2zoo.zoo.weights import REGISTRY
+    from u2zoo.zoo.weights import DEFAULT, REGISTRY
 
     print(f"{'architecture':<12} {'params':>12} {'GMACs@320':>10}  description")
     for name, spec in ARCHS.items():
         model = build_arch(name)
         macs = f"{count_macs(model) / 1e9:10.2f}" if not args.no_macs else f"{'-':>10}"
         print(f"{name:<12} {count_params(model):>12,} {macs}  {spec.description}")
-    print(f"\n{'weights':<22} {'arch':<8} {'task':<17} {'hash':<22} {'cached':<6} license")
+    print(f"\n{'weights':<22} {'arch':<10} {'task':<17} {'hash':<22} {'here':<8} license")
     for entry in REGISTRY.values():
         digest = f"sha256:{entry.sha256[:12]}" if entry.sha256 else (f"md5:{entry.md5[:12]}" if entry.md5 else "none published")
-        cached = "yes" if entry.cache_path().is_file() else "no"
-        print(f"{entry.name:<22} {entry.arch:<8} {entry.task:<17} {digest:<22} {cached:<6} {entry.license}")
+        here = "shipped" if entry.bundled else ("cached" if entry.cache_path().is_file() else "-")
+        print(f"{entry.name:<22} {entry.arch:<10} {entry.task:<17} {digest:<22} {here:<8} {entry.license}")
+    from u2zoo.zoo.default_model import choose_default
+
+    print(f"\n--model u2netp uses {DEFAULT['u2netp']} (shipped); with no --model: {choose_default().describe()}")
     return 0
 
 
@@ -420,23 +533,32 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"\nweights shipped in the package: {', '.join(shipped) or 'none (a broken install?)'}")
     print(f"weights cache: {cache_dir() / 'weights'} ({', '.join(cached) or 'empty'})")
     if not cached:
-        print("  get real weights: `u2zoo fetch u2netp` (official, needs network) or "
-              "`u2zoo fetch u2netp.fp16_bnfolded --from PATH`")
+        print("  other weights: `u2zoo fetch u2net` (official U2NET, needs network), or "
+              "`u2zoo fetch NAME --from PATH` for a copy you have (`u2zoo models` lists the names)")
+    from u2zoo.zoo.default_model import choose_default
+
+    print(choose_default().describe())
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded default: U2NET-lite (weights shipped in the package) → ONNX → masks and
-    cut-outs of bundled sample photos. ``--model u2netp`` uses cached U2NETP weights."""
+    """The embedded default (the best shipped saliency model, or ``--model``) → ONNX → masks,
+    cut-outs and one contact sheet of bundled sample photos; offline."""
     from u2zoo.convert import convert_model
     from u2zoo.converters import get_target
+    from u2zoo.tasks.contact_sheet import write_contact_sheet
     from u2zoo.tasks.engine import Segmenter
     from u2zoo.tasks.folder import process_files
     from u2zoo.tasks.outputs import OutputOptions
+    from u2zoo.zoo.default_model import choose_default
     from u2zoo.zoo.reference import sample_images
     from u2zoo.zoo.weights import cache_dir, cached_entries, resolve_model_name
 
     out = Path(args.out)
+    if args.model is None:
+        choice = choose_default()
+        print(choice.describe())
+        args.model = choice.name
     arch, entry = resolve_model_name(args.model)
     usable = [entry] if entry and entry.cache_path().is_file() else cached_entries(arch)
     if usable:
@@ -446,17 +568,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         model, random_weights = arch, True
         print(f"NOTE: no {arch} weights in {cache_dir() / 'weights'}: this demo runs on RANDOM weights, so the "
               f"masks are meaningless. Get real ones with `u2zoo fetch {arch}` (needs network), or run "
-              "`u2zoo demo` without --model: its U2NET-lite weights ship in the package.")
+              "`u2zoo demo` without --model: its default's weights ship in the package.")
     artifact = convert_model(model, "onnx", out / "artifacts", random_weights=random_weights, dynamic=True,
-                             progress=not args.quiet)
+                             contract_variant=args.contract, progress=not args.quiet)
     parity = artifact.manifest["parity"]
-    print(f"ONNX artifact: {artifact.path} — parity vs torch max abs {parity['max_abs']:.3g}, "
-          f"IoU@0.5 {parity['iou50']:.4f}")
+    print(f"ONNX artifact: {artifact.path} ({artifact.contract.variant} contract) — parity vs torch max abs "
+          f"{parity['max_abs']:.3g}, IoU@0.5 {parity['iou50']:.4f}")
+    photos = sample_images()
     with get_target("onnx").runner(artifact) as runner:
-        report = process_files(Segmenter(runner, artifact.contract), sample_images(), out / "masks",
+        report = process_files(Segmenter(runner, artifact.contract), photos, out / "masks",
                                OutputOptions(kinds=("mask", "cutout")), progress=not args.quiet)
-    print(f"masks and cut-outs of {len(sample_images())} sample photos: {out / 'masks'} ({len(report.written)} files)")
-    return 1 if report.failed else 0
+    print(f"masks and cut-outs of {len(photos)} sample photos: {out / 'masks'} ({len(report.written)} files)")
+    if report.failed:
+        return 1
+    sheet = write_contact_sheet(photos, out / "masks", out / "contact_sheet.png",
+                                f"u2zoo demo: {model} ({'random weights' if random_weights else 'real weights'}), "
+                                f"ONNX Runtime, {artifact.contract.variant} contract")
+    print(f"contact sheet (photo | mask | cut-out): {sheet}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("convert", cmd_convert, "convert a model for a target; the artifact is verified in its runtime")
     p.add_argument("--model", required=True, help="architecture or weights name (see `u2zoo models`)")
     _add_weights_args(p)
+    add_contract_arg(p)
     p.add_argument("--target", required=True, help="onnx, … (see `u2zoo doctor`)")
     p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic")
     p.add_argument("--int8", action="store_true", help="int8 weights and activations (calibrated with --calib)")
@@ -504,10 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="static input width (default: the contract's)")
     p.add_argument("--exporter", help="ONNX exporter: torchscript (default, fast) or dynamo")
     p.add_argument("--calib", help="int8: folder of calibration images (or a dumped .npz)")
-    p.add_argument("--calib-size", type=int, help="int8: use the first N calibration images")
+    p.add_argument("--calib-size", type=int, help="int8: N calibration images (default 256; a larger folder is sampled with a fixed seed)")
     p.add_argument("--calib-method", help="int8: minmax (default), entropy or percentile")
     p.add_argument("--keep-fp", type=int, help="int8: keep the N most sensitive layer groups in float")
     p.add_argument("--keep-fp-groups", help="int8: comma-separated layer groups to keep in float")
+    _add_auto_fp_args(p)
     p.add_argument("--int8-scheme", help="onnx int8: u8s8-reduce-range (default, fast on AVX2), s8s8, or tensorrt "
                                          "(symmetric Q/DQ that TensorRT builds from)")
     p.add_argument("--device", help="aoti/torch/torch-compile: cpu (default) or cuda")
@@ -536,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="architecture or weights name (torch reference)")
     p.add_argument("--artifact", help="a converted artifact")
     _add_weights_args(p)
+    add_contract_arg(p)
     p.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's)")
     p.add_argument("--runs", type=int, default=20, help="timed runs (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
@@ -545,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="comma-separated models, e.g. u2netp,u2net-lite; NAME@PATH adds "
                    "another checkpoint of NAME to the same run, e.g. u2netp,u2netp@u2netp_pruned30.pth")
     _add_weights_args(p)
+    add_contract_arg(p)
     p.add_argument("--targets", default="onnx", help="comma-separated targets (default: onnx)")
     p.add_argument("--precisions", default="fp32", help="comma-separated: fp32,fp16,int8 (default: fp32)")
     p.add_argument("--data", required=True, help="folder of images (any sizes and modes)")
@@ -560,9 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "cells run (tensorrt always runs on cuda)")
     p.add_argument("--boundary-band", type=int, default=5, help="band width in px for the boundary error")
     p.add_argument("--calib", help="int8 calibration images (default: the readable images of --data)")
-    p.add_argument("--calib-size", type=int, help="int8: use the first N calibration images")
+    p.add_argument("--calib-size", type=int, help="int8: N calibration images (default 256; a larger folder is sampled with a fixed seed)")
     p.add_argument("--keep-fp", type=int, default=0, help="int8: keep the N most sensitive layer groups in float")
     p.add_argument("--keep-fp-groups", help="int8: comma-separated layer groups to keep in float")
+    _add_auto_fp_args(p)
     p.add_argument("--out", required=True, help="output folder (artifacts, results.jsonl/csv/md)")
 
     p = add("report", cmd_report, "merge results.jsonl files from several machines into tables, plots and HTML")
@@ -572,8 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sensitivity", cmd_sensitivity, "rank layer groups by their INT8 quantization error")
     p.add_argument("--model", required=True, help="architecture or weights name")
     _add_weights_args(p)
+    add_contract_arg(p)
     p.add_argument("--calib", required=True, help="folder of calibration images")
-    p.add_argument("--calib-size", type=int, help="use the first N calibration images")
+    p.add_argument("--calib-size", type=int, help="N calibration images (default 256; a larger folder is sampled with a fixed seed)")
     p.add_argument("--calib-method", help="minmax (default), entropy or percentile")
     p.add_argument("--eval-images", type=int, default=8, help="images the error is measured on (default 8)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads")
@@ -586,6 +721,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-images", help="folder of validation images")
     p.add_argument("--val-masks", help="folder of validation masks")
     p.add_argument("--soft-masks", action="store_true", help="keep masks soft instead of binarising at 0.5")
+    p.add_argument("--init", choices=("bundled", "random"),
+                   help="start from the weights shipped in the package (bundled) or random ones")
+    p.add_argument("--teacher", help="add a teacher's soft maps to the masks, e.g. u2netp")
+    p.add_argument("--teacher-weights", help="teacher weights (path); default: the registry's")
+    p.add_argument("--teacher-weight", type=float, help="weight of the teacher term (BCE of d0; default 0.5)")
+    p.add_argument("--teacher-size", help="resolution of the teacher's maps, N or H,W (default: the contract's)")
+    p.add_argument("--teacher-cache", help="folder of cached teacher maps (default: <U2ZOO_HOME>/teacher_maps)")
     _add_training_args(p)
 
     p = add("distill", cmd_distill, "train a student on a teacher's soft maps of unlabeled images")
@@ -623,8 +765,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("doctor", cmd_doctor, "which backends are installed, their versions, and what to install")
 
-    p = add("demo", cmd_demo, "offline demo: U2NET-lite (shipped weights) → ONNX → masks of bundled sample photos")
-    p.add_argument("--model", default="u2net-lite", help="model or weights name (default: u2net-lite, shipped)")
+    p = add("demo", cmd_demo, "offline demo: the best shipped model → ONNX → masks and a contact sheet of sample photos")
+    p.add_argument("--model", help="model or weights name (default: the best shipped saliency model, printed "
+                                   "with the reason)")
+    add_contract_arg(p)
     p.add_argument("--out", default="u2zoo-demo", help="output folder (default: ./u2zoo-demo)")
     return parser
 

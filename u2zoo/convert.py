@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ from u2zoo.artifact import Artifact
 from u2zoo.benchmarks.compare import DEFAULT_TOLERANCES, Parity, Tolerance, compare
 from u2zoo.converters import ModelSource, get_target
 from u2zoo.converters.base import ensure_writable_dir
-from u2zoo.errors import BackendUnavailable, ParityError
+from u2zoo.errors import BackendUnavailable, ConfigError, ParityError
 from u2zoo.pipeline import network_size, preprocess_files, run_batched
+from u2zoo.quantization.auto_fp import AUTO_PRECISIONS, DEFAULT_BUDGET, Attempt, check_options
+from u2zoo.quantization.auto_fp import applies as auto_fp_applies
 from u2zoo.zoo.archs import count_params
 from u2zoo.zoo.reference import TorchPredictor, sample_images
 from u2zoo.zoo.weights import load_model
@@ -63,8 +66,9 @@ def artifact_stem(arch: str, target: str, opts: Any) -> str:
 
 def convert_model(model: str, target: str, out_dir: str | Path, *, weights: str | None = None,
                   weights_sha256: str | None = None, random_weights: bool = False,
-                  parity_images: list[Path] | None = None, tolerance: Tolerance | None = None,
-                  progress: bool = True, **options: Any) -> Artifact:
+                  contract_variant: str | None = None, parity_images: list[Path] | None = None,
+                  tolerance: Tolerance | None = None, progress: bool = True, auto_fp: bool = True,
+                  fp_budget: float | None = None, **options: Any) -> Artifact:
     """Convert ``model`` for ``target`` into ``out_dir`` and prove it; return the artifact.
 
     ``options`` are the target's typed options (e.g. ``precision="fp16", dynamic=True``); one
@@ -72,33 +76,43 @@ def convert_model(model: str, target: str, out_dir: str | Path, *, weights: str 
     builds from ONNX (TensorRT) gets its ONNX as an artifact of its own first, proven in ONNX
     Runtime and published beside it; where the target cannot finish on this host, its handoff
     (e.g. a trtexec script) is written and the conversion fails with the reason.
+
+    INT8 (``int8``, ``dynamic-int8``) that misses its gate keeps the most sensitive layer groups
+    in float until it passes, within ``fp_budget`` of the MACs (``u2zoo.quantization.auto_fp``);
+    ``auto_fp=False`` turns that off.
     """
     spec = get_target(target)
     opts = spec.make_options(**options)
+    budget = check_options(auto_fp, fp_budget)
+    if (fp_budget is not None or not auto_fp) and getattr(opts, "precision", "fp32") not in AUTO_PRECISIONS:
+        raise ConfigError(f"--no-auto-fp and --fp-budget only apply to --int8 and --dynamic-int8 "
+                          f"(this is {getattr(opts, 'precision', 'fp32')})")
     (get_target("onnx") if spec.source == "onnx" else spec).ensure_available()
     out_dir = ensure_writable_dir(Path(out_dir))
     torch_model, weights_info, contract = load_model(model, weights, weights_sha256, random_weights,
-                                                     deploy=True, progress=progress)
+                                                     deploy=True, progress=progress,
+                                                     contract_variant=contract_variant)
     source = ModelSource(torch_model, weights_info, contract, weights_info.arch, count_params(torch_model))
     images = parity_images or sample_images()
     parent = None
     if spec.source == "onnx":
-        parent = _onnx_input(spec, opts, source, out_dir, images)
+        parent = _onnx_input(spec, opts, source, out_dir, images, auto_fp, budget)
         reason = spec.unavailable_reason()
         if reason:
             raise BackendUnavailable(f"cannot build the {target} artifact here: {reason}; "
                                      f"{spec.handoff(parent, opts, out_dir)}")
-    return _convert_and_prove(spec, opts, source, out_dir, images, tolerance, parent)
+    return _convert_and_prove(spec, opts, source, out_dir, images, tolerance, parent, auto_fp, budget)
 
 
-def _onnx_input(spec, opts: Any, source: ModelSource, out_dir: Path, images: list[Path]) -> Artifact:
+def _onnx_input(spec, opts: Any, source: ModelSource, out_dir: Path, images: list[Path], auto_fp: bool,
+                budget: float) -> Artifact:
     """The ONNX an onnx-source target builds from: the user's file (``opts.onnx``), proven
     against the model in ONNX Runtime, or a new ONNX artifact made for it."""
     onnx_spec = get_target("onnx")
     given = getattr(opts, "onnx", None)
     if not given:
         onnx_opts = onnx_spec.make_options(**spec.onnx_options(opts))
-        return _convert_and_prove(onnx_spec, onnx_opts, source, out_dir, images, None)
+        return _convert_and_prove(onnx_spec, onnx_opts, source, out_dir, images, None, None, auto_fp, budget)
     from u2zoo.converters.onnx import adopt_onnx
 
     artifact = adopt_onnx(Path(given), source)
@@ -113,45 +127,137 @@ def _onnx_input(spec, opts: Any, source: ModelSource, out_dir: Path, images: lis
 
 
 def _convert_and_prove(spec, opts: Any, source: ModelSource, out_dir: Path, images: list[Path],
-                       tolerance: Tolerance | None, parent: Artifact | None = None) -> Artifact:
-    """Convert into a staging folder, measure parity in the real runtime, then publish."""
+                       tolerance: Tolerance | None, parent: Artifact | None = None,
+                       auto_fp: bool = True, fp_budget: float = DEFAULT_BUDGET) -> Artifact:
+    """Convert into a staging folder, measure parity in the real runtime, then publish.
+
+    INT8 that misses its gate goes through the automatic float fallback
+    (``u2zoo.quantization.auto_fp``) unless ``auto_fp`` is off or groups were chosen by hand.
+    """
     precision = getattr(opts, "precision", "fp32")
-    stem = artifact_stem(source.arch, spec.name, opts)
     if tolerance is None and getattr(opts, "palettize", None):
         tolerance = DEFAULT_TOLERANCES["int8-weights"]  # compressed weights: judged like int8 weights
     elif tolerance is None and getattr(opts, "image_input", False) and precision == "fp32":
         tolerance = DEFAULT_TOLERANCES["fp16"]  # the RGB input is rounded to 8 bits
     tolerance = tolerance or DEFAULT_TOLERANCES.get(precision, Tolerance())
+    if getattr(opts, "calib", None) and precision in AUTO_PRECISIONS:
+        _warn_calibration_overlap(opts, source, images)
 
     staging = Path(tempfile.mkdtemp(prefix=".u2zoo-staging-", dir=out_dir))
     try:
-        if parent is None:
-            artifact = spec.convert(source, opts, staging, stem)
+        why_not = auto_fp_applies(spec.name, opts) if auto_fp else "turned off (--no-auto-fp)"
+        if why_not is None and spec.runtime_unavailable_reason():
+            why_not = f"parity cannot be measured here ({spec.runtime_unavailable_reason()})"
+        first, failures = _attempt(spec, opts, source, staging / "step0", images, tolerance, parent)
+        if failures and why_not is None:
+            artifact = _float_fallback(spec, opts, source, staging, images, tolerance, parent, fp_budget, first)
+        elif failures:
+            raise ParityError(f"{spec.name} {precision} artifact rejected: {'; '.join(failures)}"
+                              + (_FALLBACK_HINT if precision in AUTO_PRECISIONS else ""))
         else:
-            artifact = spec.convert(source, opts, staging, stem, parent)
-        not_runnable = spec.runtime_unavailable_reason()
-        if not_runnable:
-            # Built and validated by the converter (see manifest "validation"), but its runtime
-            # is not on this host: say so in the manifest instead of claiming parity.
-            artifact.manifest["parity"] = {"status": "not_run", "reason": not_runnable}
-            return _publish(artifact, staging, out_dir)
-        reference = TorchPredictor(source.model)
-        with spec.runner(artifact) as runner:
-            parity = measure_parity(runner, reference, images, tolerance)
-            record = parity.to_dict() | {"images": [p.name for p in images]}
-            failures = [] if parity else [parity.summary()]
-            if getattr(opts, "dynamic", False):
-                # int8 ranges come from photos, so noise at an odd shape only proves the shape runs
-                odd_tolerance = Tolerance() if precision.startswith("int8") else tolerance
-                odd = measure_odd_shape_parity(runner, reference, odd_tolerance)
-                record["odd_shape"] = odd.to_dict()
-                failures += [] if odd else [odd.summary()]
-        artifact.manifest["parity"] = record | {"status": "ok" if not failures else "failed"}
-        if failures:
-            raise ParityError(f"{spec.name} {precision} artifact rejected: {'; '.join(failures)}")
-        return _publish(artifact, staging, out_dir)
+            artifact = first
+            if precision in AUTO_PRECISIONS:
+                artifact.manifest["auto_fp"] = ({"status": "off", "reason": why_not} if why_not else
+                                                {"status": "passed", "steps": [_all_int8(first).to_dict()],
+                                                 "kept_in_float": [], "float_macs": 0.0})
+        return _publish(artifact, artifact.path.parent, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+_FALLBACK_HINT = ("; the automatic float fallback did not run (it runs unless --no-auto-fp or hand-picked "
+                  "--keep-fp/--keep-fp-groups): see `u2zoo sensitivity`")
+
+
+def _attempt(spec, opts: Any, source: ModelSource, where: Path, images: list[Path], tolerance: Tolerance,
+             parent: Artifact | None) -> tuple[Artifact, list[str]]:
+    """One conversion into ``where`` and its parity in the real runtime; returns the failures."""
+    where.mkdir(parents=True)
+    stem = artifact_stem(source.arch, spec.name, opts)
+    artifact = spec.convert(source, opts, where, stem) if parent is None else spec.convert(source, opts, where, stem, parent)
+    not_runnable = spec.runtime_unavailable_reason()
+    if not_runnable:
+        # Built and validated by the converter (see manifest "validation"), but its runtime
+        # is not on this host: say so in the manifest instead of claiming parity.
+        artifact.manifest["parity"] = {"status": "not_run", "reason": not_runnable}
+        return artifact, []
+    reference = TorchPredictor(source.model)
+    with spec.runner(artifact) as runner:
+        parity = measure_parity(runner, reference, images, tolerance)
+        record = parity.to_dict() | {"images": [p.name for p in images]}
+        failures = [] if parity else [parity.summary()]
+        if getattr(opts, "dynamic", False):
+            # int8 ranges come from photos, so noise at an odd shape only proves the shape runs
+            precision = getattr(opts, "precision", "fp32")
+            odd_tolerance = Tolerance() if precision.startswith("int8") else tolerance
+            odd = measure_odd_shape_parity(runner, reference, odd_tolerance)
+            record["odd_shape"] = odd.to_dict()
+            failures += [] if odd else [odd.summary()]
+    artifact.manifest["parity"] = record | {"status": "ok" if not failures else "failed"}
+    return artifact, failures
+
+
+def _all_int8(first: Artifact) -> Attempt:
+    parity = first.manifest["parity"]
+    return Attempt((), 0.0, parity["status"] == "ok", parity)
+
+
+def _network_hw(opts: Any, source: ModelSource) -> tuple[int, int]:
+    return (getattr(opts, "height", None) or source.contract.pre.size[0],
+            getattr(opts, "width", None) or source.contract.pre.size[1])
+
+
+def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images: list[Path], tolerance: Tolerance,
+                    parent: Artifact | None, budget: float, first: Artifact) -> Artifact:
+    """All-INT8 missed the gate: put ranked groups back in float until it passes (auto_fp)."""
+    import dataclasses
+
+    from u2zoo.benchmarks.timing import measure_latency
+    from u2zoo.quantization.auto_fp import failure_message, group_macs, ranking_for, search
+    from u2zoo.quantization.calibration import calibration_set
+
+    size = _network_hw(opts, source)
+    calib = calibration_set(opts.calib, source.contract, opts.calib_size, size, warn=False)
+    ranking, ranking_record = ranking_for(source, calib, size)
+    macs, total = group_macs(source.model)
+    counter = iter(range(1, 10_000))
+
+    def attempt(groups: tuple[str, ...], share: float) -> Attempt:
+        try:
+            artifact, failures = _attempt(spec, dataclasses.replace(opts, keep_fp_groups=groups), source,
+                                          staging / f"step{next(counter)}", images, tolerance, parent)
+        except ConfigError as exc:  # e.g. a group this backend cannot name: not a candidate here
+            return Attempt(groups, share, False, {"error": str(exc)})
+        return Attempt(groups, share, not failures, artifact.manifest["parity"], None if failures else artifact)
+
+    photo = preprocess_files(images[:1], source.contract, size)
+
+    def latency(artifact: Artifact) -> float:
+        with spec.runner(artifact) as runner:
+            return measure_latency(runner, photo, runs=10, warmup=2).p50_ms
+
+    result = search(spec.name, ranking, ranking_record, macs, total, budget, attempt, _all_int8(first), latency)
+    precision = getattr(opts, "precision", "int8")
+    if result.chosen is None:
+        raise ParityError(failure_message(spec.name, precision, result, budget, tolerance.describe(), source.arch))
+    artifact = result.chosen.artifact
+    artifact.manifest["auto_fp"] = result.record(budget)
+    return artifact
+
+
+def _warn_calibration_overlap(opts: Any, source: ModelSource, images: list[Path]) -> None:
+    """Parity measured on calibration images flatters INT8: say so (it is not an error)."""
+    from u2zoo.quantization.calibration import calibration_set
+
+    calib_path = Path(opts.calib)
+    if calib_path.suffix == ".npz":
+        return
+    calib = calibration_set(calib_path, source.contract, opts.calib_size, _network_hw(opts, source), warn=False)
+    shared = calib.overlap(images)
+    if shared:
+        print(f"u2zoo: warning: {len(shared)} of the {len(images)} parity image(s) are also calibration images "
+              f"({', '.join(p.name for p in shared[:3])}{', …' if len(shared) > 3 else ''}): parity on them is "
+              "optimistic; pass --parity-images with other photos", file=sys.stderr)
 
 
 def _publish(artifact: Artifact, staging: Path, out_dir: Path) -> Artifact:

@@ -29,6 +29,9 @@ from u2zoo.converters import TARGETS
 from u2zoo.errors import ConfigError, U2ZooError, did_you_mean
 from u2zoo.gpu import cuda_unavailable_reason
 from u2zoo.pipeline import run_batched
+from u2zoo.quantization.auto_fp import AUTO_PRECISIONS
+from u2zoo.quantization.auto_fp import applies as auto_fp_applies
+from u2zoo.quantization.auto_fp import check_options as check_auto_fp_options
 from u2zoo.zoo.contract import Contract, postprocess, preprocess
 from u2zoo.zoo.images import IMAGE_SUFFIXES, list_images, load_mask, load_rgb
 from u2zoo.zoo.reference import TorchPredictor
@@ -42,6 +45,7 @@ KNOWN_PRECISIONS = ("fp32", "fp16", "int8", "int8-qat", "dynamic-int8", "int8-we
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "coremltools",
          "ai-edge-litert", "litert-torch", "executorch")
 
+DATASET_CHUNK = 8  # images per engine call when a whole --data folder runs through one model
 
 @dataclass
 class BenchConfig:
@@ -55,6 +59,7 @@ class BenchConfig:
     weights: str | None = None
     weights_sha256: str | None = None
     random_weights: bool = False
+    contract_variant: str | None = None  # None: the weights' default (README, "Contract variants")
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     runs: int = 20
     warmup: int = 3
@@ -64,6 +69,8 @@ class BenchConfig:
     calib_size: int | None = None
     keep_fp: int = 0  # int8: keep the N most sensitive layer groups in float
     keep_fp_groups: tuple[str, ...] = ()  # int8: these layer groups stay in float too
+    auto_fp: bool = True  # int8: the automatic float fallback of `convert` (u2zoo.quantization.auto_fp)
+    fp_budget: float | None = None  # its budget, a share of the MACs (default 0.25)
     device: str = "cpu"  # where targets that can run on either device run (GPU-only ones: cuda)
 
     def validate(self) -> None:
@@ -83,6 +90,7 @@ class BenchConfig:
             raise ConfigError(f"ground-truth folder not found: {self.gt}")
         if self.calib is not None and not self.calib.is_dir():
             raise ConfigError(f"calibration folder not found: {self.calib}")
+        check_auto_fp_options(self.auto_fp, self.fp_budget)
 
 
 @dataclass
@@ -202,7 +210,13 @@ def dump_calibration(cfg: BenchConfig, model: str, data: BenchData) -> Path:
 
     if cfg.calib is not None:
         calib = calibration_set(cfg.calib, data.contract, cfg.calib_size)
+        shared = calib.overlap(data.paths)
+        if shared:
+            data.notes.append(f"{len(shared)} of the {len(data.paths)} bench image(s) are also calibration images: "
+                              "INT8 parity and accuracy on them are optimistic")
     else:
+        data.notes.append("INT8 calibrated on the bench images themselves (no --calib): its parity and accuracy "
+                          "are optimistic; pass --calib with other images")
         count = cfg.calib_size or len(data.paths)
         if count > len(data.paths):
             raise ConfigError(f"--calib-size {count} is larger than the {len(data.paths)} readable image(s)")
@@ -268,11 +282,17 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
     no_gpu = cuda_unavailable_reason() if device == "cuda" else None
     if no_gpu:
         return row("unavailable", f"{target} on cuda: {no_gpu}", options=options)
+    # With the float fallback on, the conversion itself must meet convert's INT8 gate (that is
+    # what the search aims at); every other cell converts unjudged and the bench gate decides.
+    searching = cfg.auto_fp and precision in AUTO_PRECISIONS and auto_fp_applies(target, typed) is None
     try:
         artifact = convert_model(model_name(model), target, cfg.out / "artifacts" / model.replace("/", "_"),
                                  weights=cfg.weights, weights_sha256=cfg.weights_sha256,
+                                 contract_variant=cfg.contract_variant,
                                  random_weights=cfg.random_weights, parity_images=data.paths[:4],
-                                 tolerance=Tolerance(), progress=False, **options)
+                                 tolerance=None if searching else Tolerance(), progress=False,
+                                 **({"auto_fp": cfg.auto_fp, "fp_budget": cfg.fp_budget}
+                                    if precision in AUTO_PRECISIONS else {}), **options)
     except Exception as exc:  # noqa: BLE001 - a failing backend must never stop the matrix
         return row("convert_failed", _one_line(exc), options=options)
     files = artifact.manifest["files"]  # e.g. OpenVINO's .xml + .bin: the size is all of them
@@ -289,7 +309,7 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
         started = time.perf_counter()
         with spec.runner(artifact, threads=cfg.threads) as runner:
             load_s = time.perf_counter() - started
-            outputs = run_batched(runner, data.inputs)
+            outputs = run_batched(runner, data.inputs, chunk=DATASET_CHUNK)
             speed = measure_speed(runner, data, cfg, load_s)
     except Exception as exc:  # noqa: BLE001
         return row("run_failed", _one_line(exc), options=options, artifact=art)
@@ -349,9 +369,10 @@ def run_matrix(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | None
     for entry in cfg.models:
         model, model_cfg = _model_entry(cfg, entry)
         torch_model, info, contract = load_model(model_name(model), model_cfg.weights, model_cfg.weights_sha256,
-                                                 cfg.random_weights, deploy=True, progress=False)
+                                                 cfg.random_weights, deploy=True, progress=False,
+                                                 contract_variant=cfg.contract_variant)
         data = load_bench_data(cfg.data, cfg.gt, contract)
-        reference = run_batched(TorchPredictor(torch_model, threads=cfg.threads), data.inputs)
+        reference = run_batched(TorchPredictor(torch_model, threads=cfg.threads), data.inputs, chunk=DATASET_CHUNK)
         calib = dump_calibration(cfg, model, data) if {"int8", "int8-qat"} & set(cfg.precisions) else None
         for target in cfg.targets:
             for precision in cfg.precisions:

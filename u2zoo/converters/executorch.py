@@ -45,7 +45,7 @@ class ExecuTorchOptions:
     height: int | None = None  # default: the contract's input size
     width: int | None = None
     calib: str | None = None  # int8: folder of calibration images (or a dumped .npz)
-    calib_size: int | None = None  # int8: use the first N images (sorted); default all
+    calib_size: int | None = None  # int8: N images (default 256; a larger folder is sampled with a fixed seed)
     keep_fp_groups: tuple[str, ...] = ()  # int8: module paths (or "top-level") left in float
 
     def __post_init__(self) -> None:

@@ -48,7 +48,7 @@ class OnnxOptions:
     simplify: bool = True  # run onnxslim
     # int8 only:
     calib: str | None = None  # folder of calibration images (or a dumped .npz)
-    calib_size: int | None = None  # use the first N images (sorted); default all
+    calib_size: int | None = None  # N images (default 256; a larger folder is sampled with a fixed seed)
     calib_method: str = "minmax"  # minmax | entropy | percentile
     int8_scheme: str = "u8s8-reduce-range"  # or "s8s8", "tensorrt"; see quantization.onnx_int8
     keep_fp: int = 0  # keep the N most sensitive layer groups in float (runs the sensitivity analysis)
@@ -127,13 +127,13 @@ def _quantize(fp32: Path, final: Path, source: ModelSource, options: OnnxOptions
               size: tuple[int, int]) -> tuple[dict[str, Any], dict[str, Any]]:
     """INT8 from the fp32 export; returns (calibration record, quantization record)."""
     from u2zoo.quantization.calibration import calibration_set
-    from u2zoo.quantization.onnx_int8 import plan_float_groups, quantize_int8
+    from u2zoo.quantization.onnx_int8 import plan_float_groups, quantize_int8, ranges_cache_path
 
     calib = calibration_set(options.calib, source.contract, options.calib_size, size)
     kept, nodes, ranking = plan_float_groups(fp32, calib, INPUT_NAME, options.keep_fp, options.keep_fp_groups,
                                              options.calib_method)
     settings = quantize_int8(fp32, final, calib, INPUT_NAME, method=options.calib_method, exclude_nodes=nodes,
-                             scheme=options.int8_scheme)
+                             scheme=options.int8_scheme, cache=ranges_cache_path(fp32, calib, options.calib_method))
     settings["kept_in_float"] = kept
     if ranking is not None:
         settings["sensitivity"] = [vars(r) for r in ranking]

@@ -9,6 +9,7 @@ adapters hand the same arrays to ONNX Runtime, NNCF and (later) TFLite and Tenso
 from __future__ import annotations
 
 import hashlib
+import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ class CalibrationSet:
     inputs: np.ndarray
     source: str
     files: tuple[str, ...]
+    sample: dict[str, int] | None = None  # {"seed", "from"} when drawn from a larger folder
+    paths: tuple[str, ...] = ()  # resolved paths, to spot overlap with parity images (not recorded)
 
     @property
     def digest(self) -> str:
@@ -41,8 +44,16 @@ class CalibrationSet:
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records."""
-        return {"source": self.source, "num_images": len(self.files), "shape": list(self.inputs.shape),
-                "sha256": self.digest, "files": list(self.files)}
+        record = {"source": self.source, "num_images": len(self.files), "shape": list(self.inputs.shape),
+                  "sha256": self.digest, "files": list(self.files)}
+        if self.sample:
+            record["sampled"] = {"seed": self.sample["seed"], "from_images": self.sample["from"]}
+        return record
+
+    def overlap(self, images: list[Path]) -> list[Path]:
+        """Which of ``images`` (e.g. parity images) are also calibration images."""
+        mine = set(self.paths)
+        return [p for p in images if str(Path(p).resolve()) in mine]
 
     def samples(self) -> Iterator[np.ndarray]:
         """One (1, 3, H, W) batch per image."""
@@ -87,12 +98,21 @@ class CalibrationSet:
         return path
 
 
+DEFAULT_CALIB_SIZE = 256  # images sampled from a larger folder (ModelOpt and NNCF use a few hundred)
+SAMPLE_SEED = 0  # the sample is fixed, so two runs on one folder calibrate on the same images
+
+# Preprocessed sets of this process, keyed by what determines them: the automatic float
+# fallback quantizes the same model several times and must not re-read hundreds of images.
+_MEMO: dict[tuple, "CalibrationSet"] = {}
+
+
 def calibration_set(folder: str | Path, contract: Contract, size: int | None = None,
                     shape: tuple[int, int] | None = None, warn: bool = True) -> CalibrationSet:
-    """Read up to ``size`` images of ``folder`` (sorted) through the contract.
+    """``size`` images of ``folder`` (default 256) through the contract.
 
-    Zero usable images or a ``size`` larger than the folder holds is an error; unreadable
-    files are an error too (a calibration set silently missing images would be wrong).
+    A folder with more images than that is sampled with a fixed seed (recorded); one with
+    fewer gives all it has, with a warning when ``size`` asked for more. Zero usable images
+    is an error, and so is an unreadable file (a set silently missing images would be wrong).
     """
     folder = Path(folder)
     if folder.suffix == ".npz" and folder.is_file():
@@ -102,22 +122,37 @@ def calibration_set(folder: str | Path, contract: Contract, size: int | None = N
     paths = list_images([folder])
     if not paths:
         raise ConfigError(f"calibration folder {folder} holds no images")
-    if size is not None:
-        if size < 1:
-            raise ConfigError("--calib-size must be at least 1")
-        if size > len(paths):
-            raise ConfigError(f"--calib-size {size} is larger than the {len(paths)} image(s) in {folder}")
-        paths = paths[:size]
+    if size is not None and size < 1:
+        raise ConfigError("--calib-size must be at least 1")
+    wanted = size or DEFAULT_CALIB_SIZE
+    if size is not None and size > len(paths) and warn:
+        print(f"u2zoo: warning: --calib-size {size} but {folder} holds {len(paths)} image(s): using those",
+              file=sys.stderr)
+    sampled = len(paths) > wanted
+    if sampled:
+        paths = sorted(random.Random(SAMPLE_SEED).sample(paths, wanted))
+    key = (str(folder.resolve()), tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in paths),
+           contract.pre, shape)
+    if key not in _MEMO:
+        _MEMO.clear()  # one set at a time: hundreds of 320×320 inputs are 100+ MB
+        _MEMO[key] = _read_set(folder, paths, contract, shape, sampled)
+    if warn and len(paths) < RECOMMENDED_IMAGES:
+        print(f"u2zoo: warning: {len(paths)} calibration image(s); {RECOMMENDED_IMAGES}+ are recommended "
+              "for stable INT8 ranges", file=sys.stderr)
+    return _MEMO[key]
+
+
+def _read_set(folder: Path, paths: list[Path], contract: Contract, shape: tuple[int, int] | None,
+              sampled: bool) -> CalibrationSet:
     arrays = []
     for path in paths:
         try:
             arrays.append(preprocess(load_rgb(path), contract.pre, shape))
         except U2ZooError as exc:
             raise ConfigError(f"calibration image unusable: {exc}") from None
-    if warn and len(paths) < RECOMMENDED_IMAGES:
-        print(f"u2zoo: warning: {len(paths)} calibration image(s); {RECOMMENDED_IMAGES}+ are recommended "
-              "for stable INT8 ranges", file=sys.stderr)
-    return CalibrationSet(np.stack(arrays), str(folder), tuple(p.name for p in paths))
+    sample = {"seed": SAMPLE_SEED, "from": len(list_images([folder]))} if sampled else None
+    return CalibrationSet(np.stack(arrays), str(folder), tuple(p.name for p in paths), sample,
+                          tuple(str(p.resolve()) for p in paths))
 
 
 def load_npz(path: Path) -> CalibrationSet:

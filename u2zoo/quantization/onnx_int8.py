@@ -20,6 +20,7 @@ remedies, and both are offered (``scheme``):
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from u2zoo.errors import ConfigError, ConversionError
+from u2zoo.errors import ConfigError, ConversionError, did_you_mean
 from u2zoo.quantization.calibration import CalibrationSet
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -63,7 +64,8 @@ def check_module_groups(model, groups: tuple[str, ...] | list[str]) -> list[str]
     unknown = [g for g in groups if g not in known]
     if unknown:
         top = [name for name, _ in model.named_children()] + [TOP_LEVEL]
-        raise ConfigError(f"unknown layer group(s) {', '.join(map(repr, unknown))} (groups: {', '.join(top)}, "
+        hint = did_you_mean(unknown[0], known).split(" (choose")[0]
+        raise ConfigError(f"unknown layer group(s) {', '.join(map(repr, unknown))}{hint} (groups: {', '.join(top)}, "
                           "or sub-modules such as stage2d/rebnconv1d)")
     return list(dict.fromkeys(groups))
 
@@ -84,7 +86,8 @@ def nodes_in_groups(model, groups: list[str]) -> list[str]:
     for group in groups:
         matched = [n for n in names if re.match(group_pattern(group), n)]
         if not matched:
-            raise ConfigError(f"unknown layer group {group!r} (groups: {', '.join(layer_groups(model))}, "
+            hint = did_you_mean(group, layer_groups(model)).split(" (choose")[0]
+            raise ConfigError(f"unknown layer group {group!r}{hint} (groups: {', '.join(layer_groups(model))}, "
                               "or a sub-path such as stage2d/rebnconv1d)")
         selected += [n for n in matched if n not in selected]
     return selected
@@ -105,6 +108,22 @@ def plan_float_groups(fp32_path: Path, calib: CalibrationSet, input_name: str, k
         ranking = sensitivity(fp32_path, calib, input_name, calib.inputs[:8], method)
         kept += [r.group for r in ranking[:keep_fp] if r.group not in kept]
     return kept, nodes_in_groups(model, kept), ranking
+
+
+def ranges_cache_path(fp32_path: Path, calib: CalibrationSet, method: str) -> Path:
+    """Where ONNX Runtime's calibration ranges of this graph on this set are kept.
+
+    Calibration is most of an INT8 conversion's time (hundreds of images through a graph that
+    outputs every tensor); the automatic float fallback re-quantizes the same graph several
+    times, and a later convert of the same model and set needs the same ranges. Keyed by the
+    graph's bytes, the set's digest and the method, so nothing else can hit it.
+    """
+    from u2zoo.zoo.weights import cache_dir, file_digest
+
+    key = hashlib.sha256(f"{file_digest(fp32_path)}|{calib.digest}|{method}".encode()).hexdigest()[:32]
+    folder = cache_dir() / "int8"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"ranges-{key}.json"
 
 
 def _method(name: str):
@@ -136,6 +155,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: CalibrationSet, input_
         prepared = Path(tmp) / "prepared.onnx"
         try:
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+            if cache is not None and cache.is_file() and not _readable_ranges(cache):
+                cache.unlink()  # a damaged cache is recomputed, never trusted
             quantize_static(
                 str(prepared), str(out_path), calib.ort_reader(input_name), quant_format=QuantFormat.QDQ,
                 per_channel=True, reduce_range=not s8s8, weight_type=QuantType.QInt8,
@@ -158,6 +179,15 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: CalibrationSet, input_
                     "s8s8": "AVX2 without VNNI: U8S8 sums can saturate in 16 bits; S8S8 avoids that path",
                     "tensorrt": "TensorRT explicit quantization: symmetric int8 Q/DQ, float weights behind Q/DQ "
                                 "pairs, one pair per consumer"}[scheme]}
+
+
+def _readable_ranges(path: Path) -> bool:
+    import json
+
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from u2zoo.errors import ConfigError
-from u2zoo.training.data import Augment, FolderDataset
+from u2zoo.training.data import Augment, FolderDataset, check_disjoint
 from u2zoo.training.trainer import TrainConfig, fit
 
 DEFAULT_DISTILL_LOSS = "bce=1,edge=0.5"
@@ -58,6 +58,8 @@ def distill(teacher_name: str, student_arch: str, images: str | Path, config: Tr
     teacher.to(device)
     train_set = FolderDataset(images, contract, size=size, augment=Augment(), seed=config.seed)
     val_set = FolderDataset(val_images, contract, size=size) if val_images else None
+    if val_set is not None:
+        check_disjoint(train_set.paths, val_set.paths)
     extra = {"teacher": {"name": teacher_name, "weights": teacher_info.to_dict()}, "contract": contract.to_dict()}
     return fit(student, arch, train_set, val_set, config, teacher_targets(teacher), progress=progress,
                extra_state=extra)

@@ -50,6 +50,9 @@ class TrainConfig:
     workers: int = 0
     resume: str | None = None
     max_steps_per_epoch: int | None = None  # cap for quick runs
+    channels_last: bool = False  # NHWC activations: much faster depthwise/1×1 convs on CPUs
+    bf16: str = "off"  # auto | on | off: bf16 autocast on CPUs with AMX or AVX512-BF16 (loss in float32)
+    teacher_weight: float = 0.0  # BCE of the fused map against the batch's "teacher" soft map
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0 or self.workers < 0:
@@ -58,6 +61,10 @@ class TrainConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r} (choose from: {', '.join(OPTIMIZERS)})")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"unknown device {self.device!r} (choose from: auto, cpu, cuda)")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise ConfigError(f"unknown --bf16 {self.bf16!r} (choose from: auto, on, off)")
+        if self.teacher_weight < 0:
+            raise ConfigError("--teacher-weight must be ≥ 0")
         CompositeLoss(self.loss)  # validates the spec
 
 
@@ -223,6 +230,12 @@ def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: Ta
 
     model.deploy = False
     model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    from u2zoo.training.cpu import host_record, resolve_bf16
+
+    use_bf16, bf16_reason = resolve_bf16(config.bf16, device)
+    host = host_record(use_bf16, bf16_reason)
     if config.grad_checkpoint:
         enable_gradient_checkpointing(model)
     net = model
@@ -239,11 +252,20 @@ def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: Ta
     optimizer = optimizer_type(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _scheduler(optimizer, config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch))
     use_amp = config.amp and device == "cuda"
+    autocast_dtype = torch.float16 if use_amp else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     loss = CompositeLoss(config.loss)
 
     history: list[dict[str, Any]] = []
     start_epoch, best = 0, math.inf
+    if rank == 0:
+        atomic_write_text(out / "run.json", json.dumps({"config": dataclasses.asdict(config), "host": host,
+                                                        "train_images": len(train_set),
+                                                        "val_images": len(val_set) if val_set is not None else 0},
+                                                       indent=1) + "\n")
+        if progress:
+            print(f"training on {device}: {host['cpu']}; bf16 autocast {'on' if use_bf16 else 'off'} ({bf16_reason}); "
+                  f"channels_last {'on' if config.channels_last else 'off'}", flush=True)
     if config.resume:
         state = load_checkpoint(config.resume, arch)
         model.load_state_dict(state["model"])
@@ -262,7 +284,7 @@ def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: Ta
         net.train()
         if config.freeze_bn:
             freeze_batchnorm(model)
-        running, terms = [], {}
+        running, terms, seen = [], {}, 0
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not progress or rank != 0, leave=False)
         for step, batch in enumerate(bar):
@@ -270,35 +292,55 @@ def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: Ta
                 break
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
             target = target_fn(batch)
-            with torch.autocast(device_type=device, dtype=torch.float16, enabled=use_amp):
-                maps = net(batch["image"])
-            value = loss([m.float() for m in maps], target)
+            images = batch["image"]
+            if config.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=use_amp or use_bf16):
+                maps = net(images)
+            maps = [m.float() for m in maps]  # the loss in float32: BCE is unsafe under autocast
+            value = loss(maps, target)
+            if config.teacher_weight and "teacher" in batch:
+                soft = torch.nn.functional.binary_cross_entropy(maps[0].clamp(1e-6, 1 - 1e-6), batch["teacher"])
+                value = value + config.teacher_weight * soft
+                terms.setdefault("teacher", []).append(float(soft.detach()))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(value).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             running.append(float(value.detach()))
+            seen += len(images)
             for name, term in loss.last.items():
                 terms.setdefault(name, []).append(term)
-            bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
+            rate = seen / max(time.perf_counter() - started, 1e-9)
+            left = (steps_per_epoch - step - 1) * config.batch_size * world + \
+                (config.epochs - epoch - 1) * steps_per_epoch * config.batch_size * world
+            bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}", sps=f"{rate * world:.1f}", eta=_minutes(left / (rate * world)))
+        train_seconds = time.perf_counter() - started
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(running)),
                                   "terms": {k: float(np.mean(v)) for k, v in terms.items()},
-                                  "lr": float(scheduler.get_last_lr()[0]), "steps": len(running)}
+                                  "lr": float(scheduler.get_last_lr()[0]), "steps": len(running),
+                                  "samples": seen * world, "samples_per_s": round(seen * world / max(train_seconds, 1e-9), 3)}
         if val_loader is not None and rank == 0:
             record |= evaluate(model, val_loader, target_fn, loss, device)
         record["seconds"] = round(time.perf_counter() - started, 1)
         history.append(record)
         if rank == 0:
-            _save(model, arch, optimizer, scheduler, epoch, history, config, out, extra_state)
+            _save(model, arch, optimizer, scheduler, epoch, history, config, out, (extra_state or {}) | {"host": host})
             score = record.get("val_mae", record["train_loss"])
             if score <= best:
                 best = score
-                _atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "best.pth")
+                _atomic_torch_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                                   out / "best.pth")
             if progress:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float))
-                print(f"epoch {epoch + 1}/{config.epochs}: {shown}", flush=True)
+                eta = _minutes(record["seconds"] * (config.epochs - epoch - 1))
+                print(f"epoch {epoch + 1}/{config.epochs}: {shown}; ETA {eta}", flush=True)
     return history
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def freeze_batchnorm(model) -> None:
@@ -314,7 +356,7 @@ def freeze_batchnorm(model) -> None:
 
 def _save(model, arch: str, optimizer, scheduler, epoch: int, history: list[dict[str, Any]], config: TrainConfig,
           out: Path, extra_state: dict[str, Any] | None) -> None:
-    state = {"arch": arch, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    state = {"arch": arch, "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
              "history": history, "config": dataclasses.asdict(config)} | (extra_state or {})
     _atomic_torch_save(state, out / "last.pt")

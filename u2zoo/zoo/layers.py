@@ -136,3 +136,33 @@ class RSU4F(nn.Module):
         hx2d = self.rebnconv2d(torch.cat((hx3d, hx2), 1))
         hx1d = self.rebnconv1d(torch.cat((hx2d, hx1), 1))
         return hx1d + hxin
+
+
+class DSMREBNCONV(nn.Module):
+    """U2NET-lite v2 unit: depthwise 3×3 with channel multiplier ``m`` (each input channel gets
+    ``m`` kernels, same dilation) → pointwise 1×1 → BatchNorm → ReLU.
+
+    With ``m`` = 9 it can represent any 3×3 conv exactly (per input channel, a rank-9
+    factorisation of its (out, 3×3) kernel slice); with ``m`` = 2–3 it is the per-input-channel
+    truncated SVD of one, which is how the v2 layout is initialised from U2NETP.
+    """
+
+    def __init__(self, in_ch: int = 3, out_ch: int = 3, dirate: int = 1, multiplier: int = 3):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(in_ch, in_ch * multiplier, 3, padding=dirate, dilation=dirate, groups=in_ch,
+                                 bias=False)
+        self.conv_pw = nn.Conv2d(in_ch * multiplier, out_ch, 1)
+        self.bn_s1 = nn.BatchNorm2d(out_ch)
+        self.relu_s1 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu_s1(self.bn_s1(self.conv_pw(self.conv_dw(x))))
+
+
+def ds_multiplier_conv(multiplier: int) -> ConvFactory:
+    """A conv factory of :class:`DSMREBNCONV` with a fixed channel multiplier."""
+
+    def factory(in_ch: int, out_ch: int, dirate: int) -> nn.Module:
+        return DSMREBNCONV(in_ch, out_ch, dirate, multiplier)
+
+    return factory

@@ -1,0 +1,163 @@
+"""The automatic float fallback of INT8: its plan, its search, its cache and its messages."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REAL_WEIGHTS, TEST_DATA, needs_shared, run_cli
+from u2zoo.errors import ConfigError, ParityError
+from u2zoo.quantization import auto_fp
+from u2zoo.quantization.auto_fp import Attempt, RankedGroup, check_options, plan_steps, search
+
+RANKING = [RankedGroup("stage2d", 0.13, 0.9, ("stage2d/Add", "stage2d/Concat", "stage2d/Resize")),
+           RankedGroup("outconv", 0.01, 0.2),
+           RankedGroup("stage1", 0.004, 0.1, ("stage1/Add",))]
+MACS = {"stage2d": 10, "outconv": 1, "stage1": 60, "stage2": 29}
+
+
+def test_options_are_checked():
+    assert check_options(True, None) == 0.25 and check_options(True, 1.0) == 1.0
+    for bad in (0.0, -0.1, 1.01):
+        with pytest.raises(ConfigError, match=r"--fp-budget must be in \(0, 1\]"):
+            check_options(True, bad)
+    with pytest.raises(ConfigError, match="which --no-auto-fp turns off: give one"):
+        check_options(False, 0.3)
+    assert check_options(False, None) == 0.25  # off: the budget is never used
+
+
+def test_plan_tries_element_wise_ops_before_whole_groups_and_stops_at_the_budget():
+    steps, why = plan_steps(RANKING, MACS, 100, 0.25, fine=True)
+    assert [groups for groups, _ in steps] == [
+        ("stage2d/Add", "stage2d/Concat", "stage2d/Resize"), ("stage2d",), ("stage2d", "outconv"),
+        ("stage2d", "outconv", "stage1/Add")]
+    assert steps[0][1] == ("stage2d",)  # the whole-group alternative raced against the fine step
+    assert "stage1, would put more than 25% of the MACs in float" in why
+    coarse, _ = plan_steps(RANKING, MACS, 100, 1.0, fine=False)
+    assert [groups for groups, _ in coarse] == [("stage2d",), ("stage2d", "outconv"), ("stage2d", "outconv", "stage1")]
+
+
+def _fake_attempt(passes, log):
+    def attempt(groups, share):
+        log.append(groups)
+        ok = passes(groups)
+        return Attempt(groups, share, ok, {"iou50": 0.99 if ok else 0.6, "mean_abs": 0.01}, object() if ok else None)
+    return attempt
+
+
+def test_search_stops_at_the_first_pass_and_keeps_the_faster_alternative():
+    log = []
+    first = Attempt((), 0.0, False, {"iou50": 0.51, "mean_abs": 0.14})
+    both_pass = lambda groups: any(g.startswith("stage2d") for g in groups)  # noqa: E731
+    speeds = iter([40.0, 35.0])  # fine step 40 ms, whole group 35 ms: the whole group wins
+    result = search("onnx", RANKING, {}, MACS, 100, 0.25, _fake_attempt(both_pass, log), first, lambda a: next(speeds))
+    assert log == [("stage2d/Add", "stage2d/Concat", "stage2d/Resize"), ("stage2d",)]
+    assert result.chosen.keep_fp_groups == ("stage2d",) and result.chosen.float_macs == pytest.approx(0.10)
+    record = result.record(0.25)
+    assert [s["p50_ms"] for s in record["steps"][1:]] == [40.0, 35.0] and record["status"] == "passed"
+    assert record["steps"][1]["float_macs"] == 0.0  # element-wise ops hold no MACs
+    # a backend without ONNX names (tflite, executorch) goes straight to whole groups
+    log.clear()
+    search("tflite", RANKING, {}, MACS, 100, 0.25, _fake_attempt(both_pass, log), first, lambda a: 1.0)
+    assert log == [("stage2d",)]
+
+
+def test_search_that_runs_out_of_budget_says_what_to_do_next():
+    first = Attempt((), 0.0, False, {"iou50": 0.51, "mean_abs": 0.14})
+    result = search("onnx", RANKING, {}, MACS, 100, 0.25, _fake_attempt(lambda g: False, []), first, lambda a: 1.0)
+    assert result.chosen is None and len(result.attempts) == 5
+    message = auto_fp.failure_message("onnx", "int8", result, 0.25, "IoU@0.5 ≥ 0.98", "u2netp")
+    assert "failed its gate (IoU@0.5 ≥ 0.98) even with layer groups in float" in message
+    assert "5 conversion(s) tried" in message and "would put more than 25% of the MACs in float" in message
+    assert "u2zoo sensitivity --model u2netp" in message and "--calib-size" in message and "--fp-budget" in message
+    assert "\n" not in message
+
+
+def test_ranking_cache_is_used_and_a_corrupt_one_is_recomputed(monkeypatch, isolated_cache, capsys):
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(auto_fp, "_measure_ranking", lambda *a: calls.append(1) or RANKING)
+    source = SimpleNamespace(weights=SimpleNamespace(sha256="ab" * 32), arch="u2netp")
+    calib = SimpleNamespace(digest="cd" * 32, inputs=np.zeros((3, 3, 8, 8), np.float32))
+    ranking, record = auto_fp.ranking_for(source, calib, (8, 8))
+    assert ranking == RANKING and record["cached"] is False and len(calls) == 1
+    again, record = auto_fp.ranking_for(source, calib, (8, 8))
+    assert again == RANKING and record["cached"] is True and len(calls) == 1
+    cache = next((isolated_cache / "int8").glob("ranking-*.json"))
+    cache.write_text('{"weights": "ab", "ranking": [')  # truncated
+    auto_fp.ranking_for(source, calib, (8, 8))
+    assert len(calls) == 2 and "unreadable: recomputing it" in capsys.readouterr().err
+    data = json.loads(cache.read_text())
+    data["calibration"] = "ef" * 32  # a file of other inputs under this name is not trusted
+    cache.write_text(json.dumps(data))
+    auto_fp.ranking_for(source, calib, (8, 8))
+    assert len(calls) == 3
+    other = SimpleNamespace(digest="99" * 32, inputs=calib.inputs)  # other calibration: its own entry
+    auto_fp.ranking_for(source, other, (8, 8))
+    assert len(calls) == 4 and len(list((isolated_cache / "int8").glob("ranking-*.json"))) == 2
+
+
+def test_group_macs_add_up_to_the_model(tmp_path):
+    from u2zoo.zoo.archs import build_arch, count_macs
+
+    model = build_arch("u2net-tiny", deploy=True)
+    macs, total = auto_fp.group_macs(model)
+    assert total == count_macs(model) and set(macs) >= {"stage1", "stage2d", "side1", "outconv"}
+
+
+@pytest.fixture
+def calib_dir(tmp_path):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(folder / f"c{i}.png")
+    return folder
+
+
+def test_convert_records_the_search_and_off_switches(calib_dir, tmp_path, capsys):
+    """The tiny model passes in all-INT8 under a loose gate: one step, recorded; hand-picked
+    groups and --no-auto-fp turn the search off, and the manifest says why."""
+    from u2zoo.benchmarks.compare import Tolerance
+    from u2zoo.convert import convert_model
+
+    common = dict(random_weights=True, precision="int8", calib=str(calib_dir), progress=False,
+                  tolerance=Tolerance(mean_abs=0.2))
+    artifact = convert_model("u2net-tiny", "onnx", tmp_path / "a", **common)
+    record = artifact.manifest["auto_fp"]
+    assert record["status"] == "passed" and record["kept_in_float"] == [] and record["steps"][0]["passed"]
+    hand = convert_model("u2net-tiny", "onnx", tmp_path / "b", keep_fp_groups=("outconv",), **common)
+    assert hand.manifest["auto_fp"] == {"status": "off", "reason": "layer groups chosen by hand (--keep-fp / --keep-fp-groups)"}
+    off = convert_model("u2net-tiny", "onnx", tmp_path / "c", auto_fp=False, **common)
+    assert off.manifest["auto_fp"]["reason"] == "turned off (--no-auto-fp)"
+    # the parity folder is the calibration folder: said, not refused
+    convert_model("u2net-tiny", "onnx", tmp_path / "d", parity_images=sorted(calib_dir.iterdir())[:2], **common)
+    assert "2 of the 2 parity image(s) are also calibration images" in capsys.readouterr().err
+
+
+def test_search_failure_writes_nothing_and_says_why(calib_dir, tmp_path):
+    """A gate no INT8 can meet (max abs 1e-6): the search walks the plan, then one line."""
+    from u2zoo.benchmarks.compare import Tolerance
+    from u2zoo.convert import convert_model
+
+    with pytest.raises(ParityError, match=r"onnx int8 artifact failed its gate \(max abs ≤ 1e-06\) even with layer "
+                                          r"groups in float: .* stopped because .*--fp-budget \(now 0.05\)"):
+        convert_model("u2net-tiny", "onnx", tmp_path / "out", random_weights=True, precision="int8",
+                      calib=str(calib_dir), progress=False, tolerance=Tolerance(max_abs=1e-6), fp_budget=0.05)
+    assert not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow  # about 150 s: a sensitivity ranking and three quantizations of the real U2NETP
+@needs_shared
+def test_plain_int8_of_real_u2netp_passes_by_falling_back(tmp_path, capsys):
+    """The headline case: all-INT8 U2NETP misses the gate; the fallback finds a passing set."""
+    code, out, err = run_cli(capsys, "convert", "--model", "u2netp", "--target", "onnx", "--int8",
+                             "--calib", TEST_DATA / "test_images", "--out", tmp_path)
+    assert code == 0, err
+    manifest = json.loads(next(tmp_path.glob("*.u2zoo.json")).read_text())
+    record = manifest["auto_fp"]
+    assert record["status"] == "passed" and not record["steps"][0]["passed"]  # all-INT8 failed first
+    assert record["ranking"]["groups"][0]["group"] == "stage2d" and record["float_macs"] <= 0.25
+    assert manifest["parity"]["iou50"] >= 0.98 and "int8 float fallback: kept [" in out

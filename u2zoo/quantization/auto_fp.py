@@ -1,0 +1,272 @@
+"""Automatic float fallback: INT8 that passes its gate without hand-picked layer groups.
+
+Plain ``--int8`` first tries everything in INT8. When the artifact misses its parity gate on
+the parity photos, layer groups go back to float in the order of a sensitivity ranking,
+until the gate passes or the float share of the MACs would exceed a budget (default 25%):
+
+1. The ranking quantizes one group at a time with ONNX Runtime and measures the output error
+   (``onnx_int8.sensitivity``). Every backend uses it as its order: the groups are the same
+   modules in every backend, and ranking with each backend's own quantizer would cost a full
+   quantization per group per backend. It is cached on disk per (weights sha256, calibration
+   digest, ranking backend), and a cached file that does not parse is recomputed, never trusted.
+2. For backends that keep ONNX node names (ONNX Runtime, OpenVINO, the TensorRT Q/DQ ONNX), a
+   group is first tried with only its element-wise joins in float (its ``Add``, ``Concat`` and
+   ``Resize`` ops: on U2NETP's stage2d they cause most of the error) — no MACs in float. When
+   that passes, the whole-group alternative is built too and the faster passing one is kept;
+   the manifest records both speeds.
+
+The manifest's ``auto_fp`` records the ranking, every step with its parity, and what was kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from u2zoo.errors import ConfigError
+
+DEFAULT_BUDGET = 0.25  # at most this share of the MACs in float
+MAX_ATTEMPTS = 10  # conversions per search, whatever the budget: each one re-quantizes the model
+FINE_OPS = ("Add", "Concat", "Resize")  # a group's element-wise joins, tried in float before its convs
+FINE_TARGETS = ("onnx", "openvino", "tensorrt")  # targets whose group names select ONNX nodes
+RANKING_BACKEND = "onnxruntime-u8s8-reduce-range"
+AUTO_PRECISIONS = ("int8", "dynamic-int8")
+
+
+def check_options(auto_fp: bool, fp_budget: float | None) -> float:
+    """Validate ``--no-auto-fp`` / ``--fp-budget``; return the budget to use."""
+    if fp_budget is not None and not auto_fp:
+        raise ConfigError("--fp-budget sets the automatic float fallback, which --no-auto-fp turns off: give one")
+    budget = DEFAULT_BUDGET if fp_budget is None else fp_budget
+    if not 0 < budget <= 1:
+        raise ConfigError(f"--fp-budget must be in (0, 1] (a share of the MACs), got {budget:g}")
+    return budget
+
+
+def applies(target: str, opts: Any) -> str | None:
+    """Why the search does not run for these options, or None when it does."""
+    precision = getattr(opts, "precision", "fp32")
+    if precision not in AUTO_PRECISIONS or not hasattr(opts, "keep_fp_groups"):
+        return f"not an int8 precision with layer groups ({target} {precision})"
+    if getattr(opts, "onnx", None):
+        return "the ONNX was given (--onnx)"
+    if getattr(opts, "keep_fp", 0) or opts.keep_fp_groups:
+        return "layer groups chosen by hand (--keep-fp / --keep-fp-groups)"
+    return None
+
+
+def group_macs(model) -> tuple[dict[str, int], int]:
+    """Multiply-accumulates per top-level module (the layer groups) at 320×320, and the total."""
+    import torch
+    from torch import nn
+
+    per_group: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            group = name.split(".")[0]
+
+            def hook(mod, _inputs, output, group=group):
+                kh, kw = mod.kernel_size
+                per_group[group] = per_group.get(group, 0) + \
+                    output.numel() // output.shape[0] * (mod.in_channels // mod.groups) * kh * kw
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 320, 320))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return per_group, sum(per_group.values())
+
+
+# --- the ranking and its cache -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankedGroup:
+    group: str
+    mean_abs: float  # output error with only this group quantized
+    max_abs: float
+    fine_ops: tuple[str, ...] = ()  # which of FINE_OPS the group has, as "group/Op" names
+
+
+def _cache_path(weights_key: str, calib_digest: str) -> Path:
+    from u2zoo.zoo.weights import cache_dir
+
+    key = hashlib.sha256(f"{weights_key}|{calib_digest}|{RANKING_BACKEND}".encode()).hexdigest()[:32]
+    return cache_dir() / "int8" / f"ranking-{key}.json"
+
+
+def _read_cached(path: Path, weights_key: str, calib_digest: str) -> list[RankedGroup] | None:
+    """The cached ranking if it parses and belongs to these inputs; None (and a warning) if not."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if (data["weights"], data["calibration"], data["backend"]) != (weights_key, calib_digest, RANKING_BACKEND):
+            raise ValueError("keys differ")
+        ranking = [RankedGroup(str(r["group"]), float(r["mean_abs"]), float(r["max_abs"]),
+                               tuple(str(o) for o in r["fine_ops"])) for r in data["ranking"]]
+        if not ranking:
+            raise ValueError("empty")
+        return ranking
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        print(f"u2zoo: warning: cached INT8 sensitivity ranking {path} is unreadable: recomputing it", file=sys.stderr)
+        return None
+
+
+def ranking_for(source, calib, size: tuple[int, int]) -> tuple[list[RankedGroup], dict[str, Any]]:
+    """The sensitivity ranking of ``source`` on ``calib``: from the cache, or measured and cached."""
+    from u2zoo.artifact import atomic_write_text
+
+    weights_key = source.weights.sha256 or f"random:{source.arch}"
+    path = _cache_path(weights_key, calib.digest)
+    cached = _read_cached(path, weights_key, calib.digest)
+    record = {"backend": RANKING_BACKEND, "cache": str(path), "eval_images": min(8, len(calib.inputs))}
+    if cached is not None:
+        return cached, record | {"cached": True}
+    ranking = _measure_ranking(source, calib, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"weights": weights_key, "calibration": calib.digest,
+                                        "backend": RANKING_BACKEND,
+                                        "ranking": [vars(r) | {"fine_ops": list(r.fine_ops)} for r in ranking]},
+                                       indent=1) + "\n")
+    return ranking, record | {"cached": False}
+
+
+def _measure_ranking(source, calib, size: tuple[int, int]) -> list[RankedGroup]:
+    import onnx
+
+    from u2zoo.converters.onnx import INPUT_NAME, OnnxOptions, export_onnx
+    from u2zoo.quantization.onnx_int8 import TOP_LEVEL, group_pattern, sensitivity
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "graph.onnx"
+        export_onnx(source.model, onnx_path, OnnxOptions(batch=1, height=size[0], width=size[1]), *size)
+        names = [n.name for n in onnx.load(str(onnx_path)).graph.node]
+        ranked = sensitivity(onnx_path, calib, INPUT_NAME, calib.inputs[:8])
+    import re
+
+    def fine(group: str) -> tuple[str, ...]:
+        if group == TOP_LEVEL:
+            return ()
+        return tuple(f"{group}/{op}" for op in FINE_OPS
+                     if any(re.match(group_pattern(f"{group}/{op}"), n) for n in names))
+
+    return [RankedGroup(r.group, r.mean_abs, r.max_abs, fine(r.group)) for r in ranked]
+
+
+# --- the search ----------------------------------------------------------------------------
+
+
+@dataclass
+class Attempt:
+    """What one conversion with some groups in float gave."""
+
+    keep_fp_groups: tuple[str, ...]
+    float_macs: float  # share of the model's MACs kept in float
+    passed: bool
+    parity: dict[str, Any]
+    artifact: Any = None  # kept only for passing attempts
+    p50_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"keep_fp_groups": list(self.keep_fp_groups), "float_macs": round(self.float_macs, 4),
+               "passed": self.passed, "parity": {k: self.parity.get(k) for k in ("max_abs", "mean_abs", "iou50")}}
+        if self.p50_ms is not None:
+            out["p50_ms"] = round(self.p50_ms, 2)
+        return out
+
+
+@dataclass
+class SearchResult:
+    chosen: Attempt | None
+    attempts: list[Attempt] = field(default_factory=list)
+    ranking: list[RankedGroup] = field(default_factory=list)
+    ranking_record: dict[str, Any] = field(default_factory=dict)
+    stopped: str = ""
+
+    def record(self, budget: float) -> dict[str, Any]:
+        return {"status": "passed" if self.chosen else "failed", "budget_float_macs": budget,
+                "ranking": {**self.ranking_record,
+                            "groups": [{"group": r.group, "mean_abs": r.mean_abs, "max_abs": r.max_abs}
+                                       for r in self.ranking]},
+                "steps": [a.to_dict() for a in self.attempts],
+                "kept_in_float": list(self.chosen.keep_fp_groups) if self.chosen else None,
+                "float_macs": round(self.chosen.float_macs, 4) if self.chosen else None,
+                "stopped": self.stopped or None}
+
+
+def plan_steps(ranking: list[RankedGroup], macs: dict[str, int], total: int, budget: float,
+               fine: bool) -> tuple[list[tuple[tuple[str, ...], tuple[str, ...] | None]], str]:
+    """Candidate float sets in order: (groups, whole-group alternative for fine steps or None).
+
+    Each ranked group adds first its element-wise ops (fine targets), then the whole group;
+    the list ends where the float MACs would pass the budget. Returns the steps and why it ends.
+    """
+    steps: list[tuple[tuple[str, ...], tuple[str, ...] | None]] = []
+    kept: tuple[str, ...] = ()
+    for ranked in ranking:
+        whole = kept + (ranked.group,)
+        if fine and ranked.fine_ops:
+            steps.append((kept + ranked.fine_ops, whole))
+        if sum(macs.get(g, 0) for g in whole) / total > budget:
+            return steps, f"the next group, {ranked.group}, would put more than {budget:.0%} of the MACs in float"
+        steps.append((whole, None))
+        kept = whole
+    return steps, "every group was tried"
+
+
+def search(target: str, ranking: list[RankedGroup], ranking_record: dict[str, Any], macs: dict[str, int],
+           total: int, budget: float, attempt: Callable[[tuple[str, ...], float], Attempt],
+           first: Attempt, latency: Callable[[Any], float]) -> SearchResult:
+    """Walk the planned steps after the all-INT8 ``first`` attempt failed; stop at the first pass.
+
+    ``attempt(groups, float_macs)`` converts and measures one candidate. A passing fine step is
+    raced against its whole-group alternative on ``latency`` and the faster passing one wins.
+    """
+    result = SearchResult(None, [first], ranking, ranking_record)
+    steps, why_end = plan_steps(ranking, macs, total, budget, target in FINE_TARGETS)
+    share = lambda groups: sum(macs.get(g.split("/")[0], 0) for g in groups if "/" not in g) / total  # noqa: E731
+    tried: set[tuple[str, ...]] = set()
+    for groups, whole in steps:
+        if groups in tried:
+            continue
+        if len(result.attempts) >= MAX_ATTEMPTS:
+            result.stopped = f"{MAX_ATTEMPTS} conversions tried"
+            return result
+        tried.add(groups)
+        current = attempt(groups, share(groups))
+        result.attempts.append(current)
+        if not current.passed:
+            continue
+        chosen = current
+        if whole is not None and len(result.attempts) < MAX_ATTEMPTS:
+            alternative = attempt(whole, share(whole))
+            tried.add(whole)
+            result.attempts.append(alternative)
+            if alternative.passed:
+                current.p50_ms, alternative.p50_ms = latency(current.artifact), latency(alternative.artifact)
+                chosen = min((current, alternative), key=lambda a: a.p50_ms)
+        result.chosen = chosen
+        return result
+    result.stopped = why_end
+    return result
+
+
+def failure_message(target: str, precision: str, result: SearchResult, budget: float, tolerance: str,
+                    model: str) -> str:
+    """One line: the best parity reached, what was tried, and what to do next."""
+    best = max(result.attempts, key=lambda a: (a.parity.get("iou50") or 0.0, -(a.parity.get("mean_abs") or 1.0)))
+    groups = ", ".join(best.keep_fp_groups) or "none"
+    return (f"{target} {precision} artifact failed its gate ({tolerance}) even with layer groups in float: best "
+            f"IoU@0.5 {best.parity.get('iou50', 0):.4f}, mean abs {best.parity.get('mean_abs', float('nan')):.3g} "
+            f"with [{groups}] in float ({best.float_macs:.0%} of MACs); {len(result.attempts)} conversion(s) tried, "
+            f"stopped because {result.stopped}. Next: `u2zoo sensitivity --model {model} --calib DIR` to see the "
+            f"ranking, more calibration images (--calib-size), or a larger --fp-budget (now {budget:g})")
