@@ -1,12 +1,12 @@
 """The automatic float fallback of INT8: its plan, its search, its cache and its messages."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import REAL_WEIGHTS, TEST_DATA, needs_shared, run_cli
+from conftest import TEST_DATA, needs_shared, run_cli
 from u2zoo.errors import ConfigError, ParityError
 from u2zoo.quantization import auto_fp
 from u2zoo.quantization.auto_fp import Attempt, RankedGroup, check_options, plan_steps, search
@@ -107,16 +107,6 @@ def test_group_macs_add_up_to_the_model(tmp_path):
     assert total == count_macs(model) and set(macs) >= {"stage1", "stage2d", "side1", "outconv"}
 
 
-@pytest.fixture
-def calib_dir(tmp_path):
-    folder = tmp_path / "calib"
-    folder.mkdir()
-    rng = np.random.default_rng(7)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(folder / f"c{i}.png")
-    return folder
-
-
 def test_convert_records_the_search_and_off_switches(calib_dir, tmp_path, capsys):
     """The tiny model passes in all-INT8 under a loose gate: one step, recorded; hand-picked
     groups and --no-auto-fp turn the search off, and the manifest says why."""
@@ -133,7 +123,7 @@ def test_convert_records_the_search_and_off_switches(calib_dir, tmp_path, capsys
     off = convert_model("u2net-tiny", "onnx", tmp_path / "c", auto_fp=False, **common)
     assert off.manifest["auto_fp"]["reason"] == "turned off (--no-auto-fp)"
     # the parity folder is the calibration folder: said, not refused
-    convert_model("u2net-tiny", "onnx", tmp_path / "d", parity_images=sorted(calib_dir.iterdir())[:2], **common)
+    convert_model("u2net-tiny", "onnx", tmp_path / "d", parity_images=sorted(Path(calib_dir).iterdir())[:2], **common)
     assert "2 of the 2 parity image(s) are also calibration images" in capsys.readouterr().err
 
 

@@ -98,18 +98,10 @@ class TrainPairs:
 
         from u2zoo.zoo.images import IMAGE_SUFFIXES
 
+        from u2zoo.training.data import pair_masks
+
         images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        masks = {p.stem: p for p in masks_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-        no_mask = [p.name for p in images if p.stem not in masks]
-        stems = {p.stem for p in images}
-        no_image = sorted(m.name for s, m in masks.items() if s not in stems)
-        if no_mask or no_image:
-            parts = []
-            if no_mask:
-                parts.append(f"{len(no_mask)} image(s) without a mask (e.g. {', '.join(no_mask[:3])})")
-            if no_image:
-                parts.append(f"{len(no_image)} mask(s) without an image (e.g. {', '.join(no_image[:3])})")
-            raise ConfigError(f"{images_dir.parent}: " + "; ".join(parts))
+        masks = {image.stem: mask for image, mask in zip(images, pair_masks(images, masks_dir))}
         self.paths, self.images, self.masks, self.skipped, self.resized = [], [], [], [], []
         for path in images:
             try:
@@ -226,7 +218,6 @@ def run(cfg: RunConfig, resume: bool = True) -> None:
     data = Path(cfg.data)
     phases = cfg.phase_list()
 
-    started_wall = time.time()
     pairs = TrainPairs(data / "train" / "images", data / "train" / "masks")
     val_names = {p.stem for p in (data / "val" / "images").iterdir()}
     overlap = sorted(val_names & {p.stem for p in pairs.paths})
@@ -329,7 +320,6 @@ def run(cfg: RunConfig, resume: bool = True) -> None:
     if cfg.freeze_bn:
         from u2zoo.training.trainer import freeze_batchnorm
         freeze_batchnorm(model)
-    rng_order = None
     size = phases[0][0]
     while step < steps_total:
         # which phase: by samples seen
