@@ -57,8 +57,10 @@ def _target_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _auto_fp_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Only what the user set, so that convert can refuse them for a non-INT8 precision."""
-    return {k: v for k, v in (("auto_fp", args.auto_fp), ("fp_budget", args.fp_budget))
-            if (k == "auto_fp" and v is False) or (k == "fp_budget" and v is not None)}
+    kwargs: dict[str, Any] = {} if args.auto_fp else {"auto_fp": False}
+    if args.fp_budget is not None:
+        kwargs["fp_budget"] = args.fp_budget
+    return kwargs
 
 
 def _print_auto_fp(record: dict[str, Any] | None) -> None:

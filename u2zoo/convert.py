@@ -146,8 +146,9 @@ def _convert_and_prove(spec, opts: Any, source: ModelSource, out_dir: Path, imag
     staging = Path(tempfile.mkdtemp(prefix=".u2zoo-staging-", dir=out_dir))
     try:
         why_not = auto_fp_applies(spec.name, opts) if auto_fp else "turned off (--no-auto-fp)"
-        if why_not is None and spec.runtime_unavailable_reason():
-            why_not = f"parity cannot be measured here ({spec.runtime_unavailable_reason()})"
+        not_runnable = spec.runtime_unavailable_reason()
+        if why_not is None and not_runnable:
+            why_not = f"parity cannot be measured here ({not_runnable})"
         first, failures = _attempt(spec, opts, source, staging / "step0", images, tolerance, parent)
         if failures and why_not is None:
             artifact = _float_fallback(spec, opts, source, staging, images, tolerance, parent, fp_budget, first)

@@ -233,7 +233,8 @@ def search(target: str, ranking: list[RankedGroup], ranking_record: dict[str, An
     """
     result = SearchResult(None, [first], ranking, ranking_record)
     steps, why_end = plan_steps(ranking, macs, total, budget, target in FINE_TARGETS)
-    share = lambda groups: sum(macs.get(g.split("/")[0], 0) for g in groups if "/" not in g) / total  # noqa: E731
+    def share(groups: tuple[str, ...]) -> float:
+        return sum(macs.get(g, 0) for g in groups) / total  # "stage2d/Add" and the like hold no MACs
     tried: set[tuple[str, ...]] = set()
     for groups, whole in steps:
         if groups in tried:
