@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REAL_WEIGHTS, TEST_DATA, needs_shared
+from conftest import REAL_WEIGHTS, SHARED, TEST_DATA, needs_shared
+from u2zoo.benchmarks.metrics import evaluate
 from u2zoo.convert import convert_model
 from u2zoo.converters import get_target
 from u2zoo.tasks.engine import Segmenter
@@ -62,12 +63,23 @@ def test_fp16_onnx_of_real_weights_stays_close(tmp_path):
     assert parity["mean_abs"] <= 5e-3 and parity["iou50"] >= 0.99, parity
 
 
-def test_shipped_lite_weights_are_a_real_but_coarser_student(tmp_path):
-    """The shipped U2NET-lite against the official U2NETP outputs: measured mean MAE 0.074 (max
-    0.146) on these 18 images, which were in its distillation set. The issue's 0.03 is not met
-    on a CPU budget; this pins the shipped quality so a regression shows."""
+DUTS_VAL = SHARED / "data" / "duts-tr" / "val"
+
+
+@pytest.mark.skipif(not DUTS_VAL.is_dir(), reason="../shared/data/duts-tr/val is not present")
+def test_shipped_lite_weights_segment_held_out_photos(tmp_path):
+    """The shipped U2NET-lite on the first 24 held-out DUTS-TR val/ images (never trained on),
+    deploy path (official contract, min-max, resize back), scored against ground truth.
+    Measured: MAE 0.114, max F 0.841, IoU@0.5 0.715 (all 500: 0.142 / 0.824 / 0.713). The bounds
+    leave room for float noise, not for a regression to the old blobs (0.24 / 0.59)."""
     model, info, contract = load_model("u2net-lite")
-    report = process_files(Segmenter(TorchPredictor(model), contract), [TEST_DATA / "test_images"], tmp_path, progress=False)
-    assert len(report.written) == 18 and not report.failed
-    maes = official_mae(tmp_path)
-    assert np.mean(list(maes.values())) <= 0.08 and max(maes.values()) <= 0.16, maes
+    images = sorted((DUTS_VAL / "images").iterdir())[:24]
+    report = process_files(Segmenter(TorchPredictor(model), contract), images, tmp_path, progress=False)
+    assert len(report.written) == 24 and not report.failed
+    pairs = [(np.asarray(Image.open(tmp_path / f"{p.stem}.png"), np.float32) / 255,
+              np.asarray(Image.open(DUTS_VAL / "masks" / f"{p.stem}.png").convert("L"), np.float32) / 255)
+             for p in images]
+    scores = evaluate(pairs)
+    blank_mae = float(np.mean([gt.mean() for _, gt in pairs]))  # an all-background map
+    assert scores.mae <= 0.125 and scores.max_f >= 0.82 and scores.iou50 >= 0.69, scores
+    assert scores.mae < 0.6 * blank_mae, (scores.mae, blank_mae)
