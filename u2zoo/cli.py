@@ -135,7 +135,7 @@ def open_predictor(args: argparse.Namespace):
     from u2zoo.zoo.weights import load_model
 
     model, info, contract = load_model(args.model, args.weights, args.weights_sha256, args.random_weights,
-                                       contract_variant=args.contract)
+                                       progress=not getattr(args, "quiet", False), contract_variant=args.contract)
     if info.source == "random":
         print("NOTE: random weights: the masks are meaningless")
     return nullcontext(TorchPredictor(model, threads=args.threads)), contract
@@ -778,6 +778,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "weights_sha256", None):  # before the command creates anything (it names a cache file)
+            from u2zoo.zoo.weights import checked_sha256
+
+            checked_sha256(args.weights_sha256)
         return args.func(args)
     except U2ZooError as exc:
         message = one_line(exc)

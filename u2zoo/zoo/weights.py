@@ -13,11 +13,14 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import pickletools
 import re
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +132,15 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
+def checked_sha256(value: str) -> str:
+    """A user-given sha256, lower-cased; refused unless 64 hex digits, before anything is
+    created: it also names the cache file of a URL download, so ``../…`` would escape the cache."""
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        shown = value if len(value) <= 80 else value[:80] + "…"
+        raise ConfigError(f"--weights-sha256 must be 64 hex characters (a sha256 digest), got {shown!r}")
+    return value.lower()
+
+
 def _check_hashes(path: Path, sha256: str | None, md5: str | None, what: str) -> str:
     """Verify every known hash of ``path``; return its sha256."""
     actual_sha = file_digest(path, "sha256")
@@ -140,13 +152,17 @@ def _check_hashes(path: Path, sha256: str | None, md5: str | None, what: str) ->
 
 
 def download(url: str, dest: Path, sha256: str | None = None, md5: str | None = None,
-             progress: bool = True) -> Path:
+             progress: bool = True, size: int | None = None) -> Path:
     """Fetch ``url`` to ``dest`` under a lock; verified before the rename, never after.
 
-    A download with no known hash is refused: unverified bytes are never used.
+    A download with no known hash is refused: unverified bytes are never used. With a known
+    ``size`` it stops as soon as the server announces or sends more, instead of filling the
+    disk only to fail the hash check.
     """
     if not (sha256 or md5):
         raise WeightsError(f"refusing to download {url} without a known hash (give its sha256)")
+    if sha256:
+        sha256 = checked_sha256(sha256)
     dest.parent.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
 
@@ -161,11 +177,19 @@ def download(url: str, dest: Path, sha256: str | None = None, md5: str | None = 
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
                 total = int(resp.headers.get("Content-Length") or 0) or None
+                if size and total and total > size:
+                    raise WeightsError(f"download failed: {url}: the server announces {total:,} bytes, "
+                                       f"more than the expected {size:,}")
                 from tqdm import tqdm
 
-                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress,
+                with tqdm(total=total or size, unit="B", unit_scale=True, desc=dest.name, disable=not progress,
                           leave=False) as bar:
+                    written = 0
                     for chunk in iter(lambda: resp.read(1 << 20), b""):
+                        written += len(chunk)
+                        if size and written > size:
+                            raise WeightsError(f"download failed: {url}: more than the expected {size:,} bytes "
+                                               "were sent; stopped")
                         out.write(chunk)
                         bar.update(len(chunk))
             _check_hashes(Path(tmp_name), sha256, md5, url)
@@ -212,7 +236,7 @@ def fetch(entry: WeightsEntry, source: str | None = None, progress: bool = True)
     errors = []
     for url in urls:
         try:
-            return download(url, dest, entry.sha256, entry.md5, progress)
+            return download(url, dest, entry.sha256, entry.md5, progress, size=entry.file_size)
         except WeightsError as exc:
             errors.append(str(exc))
     raise WeightsError(errors[-1] if len(errors) == 1 else "; ".join(errors))
@@ -250,11 +274,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on legacy/protocol-4 pickles: our one line says it
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        code = named.group(1) if named else _pickled_global(path)
         if code:
-            raise WeightsError(f"{path}: refused: the checkpoint holds pickled code or objects ({code.group(1)}), "
+            raise WeightsError(f"{path}: refused: the checkpoint holds pickled code or objects ({code}), "
                                "not just tensors (loaded with weights_only=True)") from None
         raise WeightsError(f"{path}: corrupt checkpoint: not a valid torch pickle") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
@@ -264,7 +291,44 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: not a state dict of tensors")
+    for name, tensor in obj.items():  # NaN/inf weights load fine and give blank masks: refuse them here
+        if tensor.is_floating_point() and not (finite := torch.isfinite(tensor)).all():
+            bad = int((~finite).sum())
+            raise WeightsError(f"{path}: refused: tensor {name!r} holds {bad} non-finite value{'s' * (bad > 1)} "
+                               "(NaN or inf), so the model's output would be meaningless")
     return obj
+
+
+def _pickled_global(path: Path) -> str | None:
+    """The first non-torch global the checkpoint's pickle would import, read with pickletools
+    (nothing runs). torch does not name it when it stops earlier, e.g. at a protocol-4 frame."""
+    memo: dict[Any, Any] = {}
+    pushed: list[Any] = []  # what each op pushed (strings, else None): STACK_GLOBAL takes the last two
+    try:
+        with ExitStack() as stack:
+            if zipfile.is_zipfile(path):
+                archive = stack.enter_context(zipfile.ZipFile(path))
+                fh = stack.enter_context(archive.open(next(n for n in archive.namelist() if n.endswith("data.pkl"))))
+                pickles = 1
+            else:  # legacy: pickles of the magic number, protocol, sys info, the object, storage keys
+                fh, pickles = stack.enter_context(open(path, "rb")), 5
+            for _ in range(pickles):
+                for op, arg, _pos in pickletools.genops(fh):
+                    if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[len(memo) if op.name == "MEMOIZE" else arg] = pushed[-1] if pushed else None
+                    elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                        pushed.append(memo.get(arg))
+                    elif op.name in ("GLOBAL", "STACK_GLOBAL"):
+                        parts = arg.split(" ", 1) if op.name == "GLOBAL" else pushed[-2:]
+                        name = ".".join(str(p) for p in parts)
+                        if not name.startswith(("torch.", "collections.OrderedDict")):
+                            return name
+                        pushed.append(None)
+                    elif op.name not in ("FRAME", "PROTO"):
+                        pushed.append(arg if isinstance(arg, str) else None)
+    except (ValueError, EOFError, OSError, StopIteration, zipfile.BadZipFile):
+        pass  # not a pickle we can read to the end: the caller calls it corrupt
+    return None
 
 
 def apply_state_dict(model: U2NetBase, state: dict[str, torch.Tensor], arch: str, source: str) -> None:
@@ -322,6 +386,8 @@ def _load_model(name: str, weights: str | None, weights_sha256: str | None, rand
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
             model = build_arch(arch, deploy=deploy)
         return model, WeightsInfo(None, "random", None, arch), contract
+    if weights_sha256:
+        weights_sha256 = checked_sha256(weights_sha256)
     model = build_arch(arch, deploy=deploy)
     if weights and "://" in weights:
         if not weights_sha256:
