@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ from u2zoo.converters import ModelSource, get_target
 from u2zoo.converters.base import ensure_writable_dir
 from u2zoo.errors import BackendUnavailable, ConfigError, ParityError
 from u2zoo.pipeline import network_size, preprocess_files, run_batched
+from u2zoo.quiet import third_party_quiet
+from u2zoo.staging import staging_folder
 from u2zoo.quantization.auto_fp import AUTO_PRECISIONS, DEFAULT_BUDGET, Attempt, check_options
 from u2zoo.quantization.auto_fp import applies as auto_fp_applies
 from u2zoo.zoo.archs import count_params
@@ -143,8 +144,7 @@ def _convert_and_prove(spec, opts: Any, source: ModelSource, out_dir: Path, imag
     if getattr(opts, "calib", None) and precision in AUTO_PRECISIONS:
         _warn_calibration_overlap(opts, source, images)
 
-    staging = Path(tempfile.mkdtemp(prefix=".u2zoo-staging-", dir=out_dir))
-    try:
+    with staging_folder(out_dir) as staging:
         why_not = auto_fp_applies(spec.name, opts) if auto_fp else "turned off (--no-auto-fp)"
         not_runnable = spec.runtime_unavailable_reason()
         if why_not is None and not_runnable:
@@ -162,8 +162,6 @@ def _convert_and_prove(spec, opts: Any, source: ModelSource, out_dir: Path, imag
                                                 {"status": "passed", "steps": [_all_int8(first).to_dict()],
                                                  "kept_in_float": [], "float_macs": 0.0})
         return _publish(artifact, artifact.path.parent, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 _FALLBACK_HINT = ("; the automatic float fallback did not run (it runs unless --no-auto-fp or hand-picked "
@@ -173,6 +171,12 @@ _FALLBACK_HINT = ("; the automatic float fallback did not run (it runs unless --
 def _attempt(spec, opts: Any, source: ModelSource, where: Path, images: list[Path], tolerance: Tolerance,
              parent: Artifact | None) -> tuple[Artifact, list[str]]:
     """One conversion into ``where`` and its parity in the real runtime; returns the failures."""
+    with third_party_quiet():
+        return _attempt_quietly(spec, opts, source, where, images, tolerance, parent)
+
+
+def _attempt_quietly(spec, opts: Any, source: ModelSource, where: Path, images: list[Path], tolerance: Tolerance,
+                     parent: Artifact | None) -> tuple[Artifact, list[str]]:
     where.mkdir(parents=True)
     stem = artifact_stem(source.arch, spec.name, opts)
     artifact = spec.convert(source, opts, where, stem) if parent is None else spec.convert(source, opts, where, stem, parent)

@@ -75,3 +75,9 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     suggestion = f"; did you mean {close[0]!r}?" if close else ""
     return f"{suggestion} (choose from: {', '.join(choices)})"
+
+
+class Interrupted(U2ZooError):
+    """Stopped by SIGTERM: cleanup ran, nothing half-written was left (the shell's 128 + 15)."""
+
+    exit_code = 143
