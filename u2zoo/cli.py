@@ -146,6 +146,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from u2zoo.converters.base import ensure_writable_dir
     from u2zoo.tasks.cli_args import open_segmenter, output_options
     from u2zoo.tasks.folder import process_files
+    from u2zoo.zoo.images import shown
 
     out = ensure_writable_dir(Path(args.out))
     options = output_options(args)
@@ -153,14 +154,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         report = process_files(segmenter, args.inputs, out, options, resume=args.resume,
                                max_pixels=args.max_pixels, progress=not args.quiet)
     for path, reason in report.failed:
-        print(f"u2zoo: skipped {path}: {reason}", file=sys.stderr)
+        print(f"u2zoo: skipped {shown(path)}: {reason}", file=sys.stderr)
     for path, note in report.notes:
-        print(f"u2zoo: note: {path}: {note}", file=sys.stderr)
+        print(f"u2zoo: note: {shown(path)}: {note}", file=sys.stderr)
     if report.not_images:
-        names = ", ".join(p.name for p in report.not_images[:5]) + (", …" if len(report.not_images) > 5 else "")
+        names = ", ".join(shown(p.name) for p in report.not_images[:5])
+        names += ", …" if len(report.not_images) > 5 else ""
         print(f"u2zoo: skipped {len(report.not_images)} non-image file(s) in the folders: {names}", file=sys.stderr)
     resumed = f", {len(report.resumed)} already done (--resume)" if args.resume else ""
-    print(f"wrote {len(report.written)} file(s) to {out}; {report.processed} image(s) in {report.seconds:.2f} s "
+    print(f"wrote {len(report.written)} file(s) to {shown(out)}; {report.processed} image(s) in {report.seconds:.2f} s "
           f"= {report.images_per_s:.2f} images/s end to end at batch {segmenter.batch_size} (engine calls "
           f"{segmenter.engine_seconds:.2f} s); {len(report.failed)} input(s) failed{resumed}")
     return 1 if report.failed else 0

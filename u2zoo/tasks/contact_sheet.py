@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from u2zoo.artifact import atomic_write_bytes
+from u2zoo.zoo.contract import to_uint8
+from u2zoo.zoo.images import load_rgb
 
 ROW_HEIGHT = 256
 GAP = 8
@@ -70,9 +72,10 @@ def write_contact_sheet(photos: list[Path], masks_dir: Path, dest: Path, title: 
     """Build the sheet from ``masks_dir/<stem>.png`` and ``<stem>_cutout.png`` of each photo."""
     rows = []
     for photo in photos:
-        with Image.open(photo) as img, Image.open(masks_dir / f"{photo.stem}.png") as mask, \
+        upright = Image.fromarray(to_uint8(load_rgb(photo)), mode="RGB")  # as its mask was made: EXIF applied
+        with Image.open(masks_dir / f"{photo.stem}.png") as mask, \
                 Image.open(masks_dir / f"{photo.stem}_cutout.png") as cutout:
-            rows.append(sheet_row(img, mask, cutout))
+            rows.append(sheet_row(upright, mask, cutout))
     buffer = io.BytesIO()
     render_sheet(rows, title).save(buffer, format="PNG", optimize=True)
     atomic_write_bytes(dest, buffer.getvalue())

@@ -20,9 +20,9 @@ from PIL import Image
 
 from u2zoo.errors import ConfigError, U2ZooError
 from u2zoo.tasks.engine import Segmenter
-from u2zoo.tasks.folder import collect_inputs, save_png
+from u2zoo.tasks.folder import collect_inputs, save_png, unique_stems, write_error
 from u2zoo.zoo.contract import to_uint8
-from u2zoo.zoo.images import load_rgb
+from u2zoo.zoo.images import load_rgb, shown
 
 
 @dataclass
@@ -31,6 +31,7 @@ class DrawingReport:
     failed: list[tuple[Path, str]] = field(default_factory=list)
     no_face: list[Path] = field(default_factory=list)  # drawn whole, as the official demo does
     aligned: dict[Path, float] = field(default_factory=dict)  # degrees each photo was rotated by
+    notes: list[tuple[Path, str]] = field(default_factory=list)  # e.g. an output name that keeps its extension
     drawn: int = 0
     seconds: float = 0.0
 
@@ -71,10 +72,12 @@ def draw_files(segmenter: Segmenter, inputs: list[str | Path], out_dir: Path, al
     (``stem_face.png``) and the official blurred-photo composite (``stem_composite.png``) if asked."""
     from tqdm import tqdm
 
-    images, _ = collect_inputs(inputs)
+    images, _ = collect_inputs(inputs, out_dir)
     if not images:
-        raise U2ZooError(f"no images found in: {', '.join(map(str, inputs))}")
-    report = DrawingReport()
+        raise U2ZooError(f"no images found in: {', '.join(map(shown, inputs))}")
+    suffixes = ["", *(["_face"] if save_crop else []), *(["_composite"] if blend else [])]
+    images, renamed = unique_stems(images, suffixes)
+    report = DrawingReport(notes=renamed)
     started = time.perf_counter()
     for path, stem in tqdm(images, desc="portrait", unit="img", disable=not progress):
         try:
@@ -82,22 +85,25 @@ def draw_files(segmenter: Segmenter, inputs: list[str | Path], out_dir: Path, al
         except U2ZooError as exc:
             report.failed.append((path, str(exc)))
             continue
+        (drawing,) = segmenter.maps([portrait.image])
+        pictures = {"": Image.fromarray(to_uint8(drawing), mode="L")}
+        if save_crop:
+            pictures["_face"] = Image.fromarray(to_uint8(portrait.image), mode="RGB")
+        if blend:
+            pictures["_composite"] = Image.fromarray(to_uint8(blend.apply(portrait.image, drawing)), mode="RGB")
+        try:
+            for suffix, picture in pictures.items():
+                target = out_dir / stem.parent / f"{stem.name}{suffix}.png"
+                save_png(picture, target)
+                report.written.append(target)
+        except OSError as exc:
+            report.failed.append((path, write_error(target, exc)))
+            continue
+        report.drawn += 1
         if portrait.face is None:
             report.no_face.append(path)
         if portrait.aligned_degrees is not None:
             report.aligned[path] = portrait.aligned_degrees
-        (drawing,) = segmenter.maps([portrait.image])
-        target = out_dir / stem.with_suffix(".png")
-        save_png(Image.fromarray(to_uint8(drawing), mode="L"), target)
-        report.written.append(target)
-        report.drawn += 1
-        extras = {"_face": portrait.image if save_crop else None,
-                  "_composite": blend.apply(portrait.image, drawing) if blend else None}
-        for suffix, picture in extras.items():
-            if picture is not None:
-                target = out_dir / stem.parent / f"{stem.name}{suffix}.png"
-                save_png(Image.fromarray(to_uint8(picture), mode="RGB"), target)
-                report.written.append(target)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -142,12 +148,15 @@ def cmd_portrait(args: argparse.Namespace) -> int:
         report = draw_files(segmenter, args.inputs, out, aligner, args.save_crop, args.max_pixels,
                             progress=not args.quiet, blend=blend)
     for path, reason in report.failed:
-        print(f"u2zoo: skipped {path}: {reason}", file=sys.stderr)
+        print(f"u2zoo: skipped {shown(path)}: {reason}", file=sys.stderr)
+    for path, note in report.notes:
+        print(f"u2zoo: note: {shown(path)}: {note}", file=sys.stderr)
     for path in report.no_face:
-        print(f"u2zoo: note: no face found in {path}: drew the whole photo, resized to 512×512", file=sys.stderr)
+        print(f"u2zoo: note: no face found in {shown(path)}: drew the whole photo, resized to 512×512",
+              file=sys.stderr)
     for path, degrees in report.aligned.items():
-        print(f"aligned {path.name}: rotated {degrees:+.1f}° to level the eyes")
-    print(f"drew {report.drawn} portrait(s) with {what} into {out} ({report.drawn - len(report.no_face)} face "
+        print(f"aligned {shown(path.name)}: rotated {degrees:+.1f}° to level the eyes")
+    print(f"drew {report.drawn} portrait(s) with {what} into {shown(out)} ({report.drawn - len(report.no_face)} face "
           f"crop(s), {len(report.no_face)} whole photo(s)) in {report.seconds:.1f} s; "
           f"{len(report.failed)} input(s) failed")
     return 1 if report.failed else 0

@@ -1,10 +1,12 @@
 """Video files in → mask, cut-out or composite videos out (``u2zoo video``, needs ``u2zoo[video]``).
 
 Frames are decoded with PyAV, run through the same ``Segmenter`` and ``render`` as images
-(``segmenter.batch_size`` frames per engine call) and encoded again. The output keeps the
-input's frame size and average frame rate; frames are renumbered at that constant rate, so a
-variable-frame-rate input comes out constant-rate. **Audio, subtitles and metadata are not
-copied**: the outputs hold one video stream.
+(``segmenter.batch_size`` frames per engine call) and encoded again. Frames are turned upright
+by the input's display rotation first (a phone video stored sideways), as images are by their
+EXIF orientation: the output keeps the input's displayed frame size and its average frame
+rate; frames are renumbered at that constant rate, so a variable-frame-rate input comes out
+constant-rate. **Audio, subtitles and metadata are not copied**: the outputs hold one video
+stream.
 
 The output file's suffix picks the codec (``encoder_for``); pixel formats are for mask /
 cut-out / composite:
@@ -49,7 +51,7 @@ from PIL import Image
 from u2zoo.errors import BackendUnavailable, ConfigError, VideoError, one_line
 from u2zoo.tasks.engine import Segmenter
 from u2zoo.tasks.outputs import SUFFIXES, OutputOptions, render
-from u2zoo.zoo.images import DEFAULT_MAX_PIXELS
+from u2zoo.zoo.images import DEFAULT_MAX_PIXELS, shown
 
 CONTAINERS = ("mp4", "mov", "mkv", "webm")
 # --out FOLDER without --format: H.264 plays everywhere, but has no alpha channel
@@ -351,11 +353,14 @@ def process_video(segmenter: Segmenter, source: Path, targets: dict[str, Path],
 
 
 def _decode(av: Any, container: Any, stream: Any, source: Path):
-    """Frames as float RGB (H, W, 3) in [0, 1]; a decoding error names how far it got."""
+    """Upright frames as float RGB (H, W, 3) in [0, 1]; a decoding error names how far it got.
+    The outputs carry no display rotation, so the frames are turned as a player would show them."""
     count = 0
     try:
         for frame in container.decode(stream):
-            yield frame.to_ndarray(format="rgb24").astype(np.float32) / 255.0
+            pixels = frame.to_ndarray(format="rgb24")
+            quarter_turns = round((getattr(frame, "rotation", 0) or 0) / 90)  # counter-clockwise
+            yield np.rot90(pixels, quarter_turns).astype(np.float32) / 255.0
             count += 1
     except (av.error.FFmpegError, OSError) as exc:
         raise VideoError(f"{source} is corrupt or truncated: decoding failed after {count} frame(s) "
@@ -416,25 +421,25 @@ def cmd_video(args: argparse.Namespace) -> int:
     inputs = [Path(item) for item in args.inputs]
     for source in inputs:
         if not source.exists():
-            raise VideoError(f"input not found: {source}")
+            raise VideoError(f"input not found: {shown(source)}")
         if not source.is_file():
-            raise VideoError(f"{source} is not a file (give video files)")
+            raise VideoError(f"{shown(source)} is not a file (give video files)")
     options = output_options(args)
     plans = plan_outputs(inputs, Path(args.out), options.kinds, args.format.lower() if args.format else None)
     for folder in {target.parent for _, targets in plans for target in targets.values()}:
         ensure_writable_dir(folder)
 
     def show(result: VideoResult) -> None:
-        print(f"{result.source}: {result.frames} frame(s) in {result.seconds:.2f} s = "
-              f"{result.frames_per_s:.2f} frames/s end to end → {', '.join(map(str, result.outputs))}")
+        print(f"{shown(result.source)}: {result.frames} frame(s) in {result.seconds:.2f} s = "
+              f"{result.frames_per_s:.2f} frames/s end to end → {', '.join(map(shown, result.outputs))}")
         for note in result.notes:
-            print(f"u2zoo: note: {result.source}: {note}", file=sys.stderr)
+            print(f"u2zoo: note: {shown(result.source)}: {note}", file=sys.stderr)
 
     with open_segmenter(args, args.batch) as segmenter:
         report = process_videos(segmenter, plans, options, args.smooth, args.resume, args.max_pixels,
                                 progress=not args.quiet, on_done=show)
     for source, reason in report.failed:
-        print(f"u2zoo: skipped {source}: {reason}", file=sys.stderr)
+        print(f"u2zoo: skipped {shown(source)}: {reason}", file=sys.stderr)
     frames = sum(r.frames for r in report.done)
     seconds = sum(r.seconds for r in report.done)
     speed = f" = {frames / seconds:.2f} frames/s" if seconds > 0 else ""

@@ -94,7 +94,7 @@ class TrainPairs:
     """DUTS-style train/ pairs decoded once into uint8 memory; corrupt images skipped and named."""
 
     def __init__(self, images_dir: Path, masks_dir: Path, out: Path | None = None):
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         from u2zoo.zoo.images import IMAGE_SUFFIXES
 
@@ -105,10 +105,10 @@ class TrainPairs:
         self.paths, self.images, self.masks, self.skipped, self.resized = [], [], [], [], []
         for path in images:
             try:
-                with Image.open(path) as img:
-                    image = np.asarray(img.convert("RGB"), np.uint8)
+                with Image.open(path) as img:  # upright as displayed, like every other reader
+                    image = np.asarray(ImageOps.exif_transpose(img).convert("RGB"), np.uint8)
                 with Image.open(masks[path.stem]) as img:
-                    mask_img = img.convert("L")
+                    mask_img = ImageOps.exif_transpose(img).convert("L")
                     if mask_img.size != (image.shape[1], image.shape[0]):
                         self.resized.append(path.stem)
                         mask_img = mask_img.resize((image.shape[1], image.shape[0]), Image.Resampling.BILINEAR)

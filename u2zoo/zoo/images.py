@@ -2,7 +2,8 @@
 
 Grayscale, palette, RGBA, CMYK and 16-bit images are converted (16-bit keeps its full
 precision: the contract divides by the image's max anyway); unreadable or empty files raise
-``ImageError``.
+``ImageError``. Every image is turned upright by its EXIF orientation first, as viewers show
+it: a phone photo stored sideways would otherwise get a mask that does not line up with it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from u2zoo.errors import ImageError, ImageTooLarge
 
@@ -22,14 +23,20 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 DEFAULT_MAX_PIXELS = 100_000_000
 
 
+def shown(path: str | Path) -> str:
+    """A file name fit for a one-line message: control and unprintable characters (a newline,
+    an undecodable byte) escaped as Python would, everything else as it is."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(path))
+
+
 def load_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image file as an (H, W, 3) float32 RGB array in [0, 1]."""
     path = Path(path)
     if not path.is_file():
-        raise ImageError(f"image not found: {path}")
+        raise ImageError(f"image not found: {shown(path)}")
     if path.stat().st_size == 0:
-        raise ImageError(f"image file is empty (0 bytes): {path}")
-    return _decode(path, f"image {path}", max_pixels)
+        raise ImageError(f"image file is empty (0 bytes): {shown(path)}")
+    return _decode(path, f"image {shown(path)}", max_pixels)
 
 
 def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, what: str = "the image") -> np.ndarray:
@@ -51,7 +58,7 @@ def _decode(source, what: str, max_pixels: int | None) -> np.ndarray:
             if max_pixels and img.width * img.height > max_pixels:
                 raise ImageTooLarge(f"{what} is {img.width}×{img.height} = {img.width * img.height / 1e6:.0f} MP, over "
                                     f"the limit of {max_pixels / 1e6:g} MP (raise it with --max-pixels)")
-            img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # loads it, upright
             return pil_to_rgb(img)
     except UnidentifiedImageError:
         raise ImageError(f"cannot read {what}: not an image format Pillow can decode") from None
@@ -85,7 +92,7 @@ def list_images(inputs: list[str | Path]) -> list[Path]:
         elif path.exists():
             found.append(path)
         else:
-            raise ImageError(f"input not found: {path}")
+            raise ImageError(f"input not found: {shown(path)}")
     return found
 
 
@@ -95,10 +102,11 @@ def load_mask(path: str | Path, size: tuple[int, int], resample: str = "nearest"
     filters = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
     try:
         with Image.open(path) as img:
+            ImageOps.exif_transpose(img, in_place=True)  # upright, like its image
             gray = img.convert("L")
             resized = gray.size != (size[1], size[0])
             if resized:
                 gray = gray.resize((size[1], size[0]), filters[resample])
             return np.asarray(gray, np.float32) / 255.0, resized
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"cannot read mask {path}: {exc}") from None
+        raise ImageError(f"cannot read mask {shown(path)}: {exc}") from None
