@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -22,7 +23,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from u2zoo.errors import ArtifactError
+from u2zoo.errors import ArtifactError, ConfigError
+from u2zoo.safe_paths import confined
 from u2zoo.zoo.contract import Contract
 from u2zoo.zoo.weights import file_digest
 
@@ -90,7 +92,7 @@ def host_info() -> dict[str, Any]:
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    shape: tuple[int | str, ...]  # str for dynamic dims ("batch", "height", "width")
+    shape: tuple[int | str, ...]  # str for dynamic dims ("batch", "height", "width"); a runtime may say None
     dtype: str
     # Integer I/O (e.g. a full-INT8 TFLite model): real = (q - zero_point) * scale
     quantization: tuple[float, int] | None = None
@@ -106,6 +108,104 @@ class TensorSpec:
         quant = data.get("quantization")
         return cls(data["name"], tuple(data["shape"]), data["dtype"],
                    (quant["scale"], quant["zero_point"]) if quant else None)
+
+
+# What every reader of a manifest relies on: {key: type}, [item schema] for a non-empty list.
+_TENSOR = {"name": str, "shape": list, "dtype": str}
+_MANIFEST = {"target": str, "files": [{"name": str, "sha256": str, "size": int}], "contract": dict,
+             "model": {"arch": str}, "io": {"inputs": [_TENSOR], "outputs": [_TENSOR]}}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _json_type(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _check_structure(value: Any, schema: Any, label: str, fail) -> None:
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            fail(f"'{label}' must be an object, not {_json_type(value)}")
+        for key, inner in schema.items():
+            where = f"{label}.{key}" if label else key
+            if key not in value:
+                fail(f"'{where}' is missing")
+            _check_structure(value[key], inner, where, fail)
+    elif isinstance(schema, list):
+        if not isinstance(value, list):
+            fail(f"'{label}' must be a list, not {_json_type(value)}")
+        if not value:
+            fail(f"'{label}' is empty")
+        for i, item in enumerate(value):
+            _check_structure(item, schema[0], f"{label}[{i}]", fail)
+    elif not isinstance(value, schema) or isinstance(value, bool):
+        wanted = {str: "a string", int: "a whole number", list: "a list", dict: "an object"}[schema]
+        fail(f"'{label}' must be {wanted}, not {_json_type(value)}")
+
+
+def check_manifest(manifest: Any, where: str | Path = "manifest") -> None:
+    """Refuse a manifest whose structure is wrong, naming the field: runners, tasks and reports
+    all read these fields, and a malformed one would otherwise end in a KeyError traceback."""
+    def fail(problem: str):
+        raise ArtifactError(f"{where}: malformed manifest: {problem}")
+
+    if not isinstance(manifest, dict):
+        fail(f"{_json_type(manifest)}, not a JSON object")
+    _check_structure(manifest, _MANIFEST, "", fail)
+    for i, entry in enumerate(manifest["files"]):
+        if not _SHA256.fullmatch(entry["sha256"]):
+            fail(f"'files[{i}].sha256' is not a sha256 (64 lowercase hex digits)")
+    for side in ("inputs", "outputs"):
+        for i, spec in enumerate(manifest["io"][side]):
+            if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in spec["shape"]):
+                fail(f"'io.{side}[{i}].shape' must hold whole numbers or dimension names")
+            quant = spec.get("quantization")
+            if quant is not None and not (isinstance(quant, dict) and isinstance(quant.get("scale"), (int, float))
+                                          and isinstance(quant.get("zero_point"), int)):
+                fail(f"'io.{side}[{i}].quantization' must be an object with a number 'scale' and an "
+                     "integer 'zero_point'")
+    for key in ("options", "tools"):
+        if not isinstance(manifest.get(key, {}), dict):
+            fail(f"'{key}' must be an object, not {_json_type(manifest[key])}")
+
+
+def _known(dim: Any) -> bool:
+    return isinstance(dim, int) and not isinstance(dim, bool) and dim > 0
+
+
+def _show(spec: TensorSpec) -> str:
+    return f"{spec.name!r} {spec.dtype} {list(spec.shape) if spec.shape is not None else '(unknown shape)'}"
+
+
+def _io_matches(claimed: TensorSpec, real: TensorSpec, is_input: bool) -> bool:
+    if (claimed.name, claimed.dtype) != (real.name, real.dtype):
+        return False
+    if real.shape is None:  # the runtime cannot say
+        return True
+    if len(claimed.shape) != len(real.shape):
+        return False
+    for want, have in zip(claimed.shape, real.shape):
+        if _known(want) and _known(have) and want != have:
+            return False
+        # an input the manifest calls dynamic gets any size from the pipeline: it must be dynamic
+        if is_input and isinstance(want, str) and _known(have):
+            return False
+    return True
+
+
+def check_io(artifact: "Artifact", inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+    """Refuse a loaded model whose real I/O (names, dtypes, ranks, static dims) differs from its
+    manifest's: everything upstream feeds what the manifest says, and a mismatch would end in
+    a runtime's multi-line traceback or, for a layout, in wrong masks."""
+    for kind, claimed, real in (("input", artifact.inputs, inputs), ("output", artifact.outputs, outputs)):
+        if len(claimed) != len(real):
+            raise ArtifactError(f"{artifact.path.name}: the model has {len(real)} {kind}(s), its manifest "
+                                f"lists {len(claimed)}: the manifest does not describe this model")
+        for want, have in zip(claimed, real):
+            if not _io_matches(want, have, kind == "input"):
+                raise ArtifactError(f"{artifact.path.name}: the model has {kind} {_show(have)}, its manifest "
+                                    f"says {_show(want)}: the manifest does not describe this model")
 
 
 @dataclass
@@ -144,9 +244,15 @@ class Artifact:
         return manifest_path_for(self.path)
 
     def verify(self) -> None:
-        """Re-hash every file; refuse a missing, modified or corrupt one."""
+        """Re-hash every file; refuse a missing, modified or corrupt one, and any name (or a
+        symlink inside a package folder) that leads outside the artifact's folder: a forged
+        manifest must not make us read and trust other files on the machine."""
+        root = self.path.parent
         for entry in self.manifest["files"]:
-            file = self.path.parent / entry["name"]
+            file = confined(root, entry["name"])
+            if file.is_dir():
+                for inner in file.rglob("*"):  # lazily: refused before a symlinked folder is walked
+                    confined(root, inner.relative_to(root).as_posix())
             if not (file.is_file() or file.is_dir()):
                 raise ArtifactError(f"artifact file missing: {file}")
             actual = entry_digest(file)
@@ -214,9 +320,19 @@ def open_artifact(path: str | Path, verify: bool = True) -> Artifact:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"unreadable manifest {mpath}: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{mpath}: malformed manifest: {_json_type(manifest)}, not a JSON object")
     if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(f"{mpath}: schema {manifest.get('schema')!r} v{manifest.get('schema_version')} "
                             f"is not {SCHEMA!r} v{SCHEMA_VERSION}")
+    check_manifest(manifest, mpath)
+    if manifest["files"][0]["name"] != path.name:  # x.onnx and x.fp16.onnx would share x.u2zoo.json
+        raise ArtifactError(f"{path} is not the file this manifest describes: {mpath.name} is for "
+                            f"{manifest['files'][0]['name']!r}")
+    try:
+        Contract.from_dict(manifest["contract"])  # range-checked once here, for every runner
+    except ConfigError as exc:
+        raise ArtifactError(f"{mpath}: {exc}") from None
     artifact = Artifact(path, manifest)
     if verify:
         artifact.verify()

@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from u2zoo.artifact import Artifact, TensorSpec, new_manifest
-from u2zoo.errors import BackendUnavailable, ConfigError, RuntimeLoadError, U2ZooError
+from u2zoo.artifact import Artifact, TensorSpec, check_io, new_manifest
+from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError, RuntimeLoadError, U2ZooError
 from u2zoo.zoo.contract import Contract
 from u2zoo.zoo.weights import WeightsInfo
 
@@ -87,11 +87,18 @@ class Runner(ABC):
         self.artifact.verify()  # never run bytes that differ from what the manifest describes
         try:
             self.load()
+            real_io = self.loaded_io()
         except U2ZooError:
             raise
         except Exception as exc:  # noqa: BLE001 - the runtime's own refusal, as one line
             raise RuntimeLoadError(f"{self.artifact.target} runtime could not load {self.artifact.path.name}: "
                                    f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+        if real_io is not None:
+            try:
+                check_io(self.artifact, *real_io)
+            except ArtifactError:
+                self.close()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -103,6 +110,12 @@ class Runner(ABC):
 
     def close(self) -> None:
         """Free the runtime's resources."""
+
+    def loaded_io(self) -> tuple[list[TensorSpec], list[TensorSpec]] | None:
+        """The loaded model's own (inputs, outputs), which ``__enter__`` checks against the
+        manifest so a mismatch is one line at load, not a runtime traceback mid-run. None: this
+        runtime cannot say (the check is skipped); a shape of None: rank unknown."""
+        return None
 
     @abstractmethod
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

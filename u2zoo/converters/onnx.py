@@ -26,7 +26,8 @@ import numpy as np
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
 from u2zoo.converters.base import (ModelSource, Runner, TargetSpec, build_artifact, check_int8_options,
                                   check_qat_options, quiet_loggers, register)
-from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
+from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError, ConversionError, U2ZooError
+from u2zoo.safe_paths import confined
 from u2zoo.zoo.weights import file_digest
 
 INPUT_NAME = "input"
@@ -286,6 +287,28 @@ def adopt_onnx(path: Path, source: ModelSource) -> Artifact:
     return Artifact(path, manifest)
 
 
+def check_external_data(artifact: Artifact) -> None:
+    """Refuse an ONNX whose tensors live in files its manifest does not list: ``verify`` hashes
+    only listed files, so unlisted external data could be swapped for other weights unnoticed."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    root = artifact.path.parent
+    listed = {confined(root, entry["name"]) for entry in artifact.manifest["files"]}
+    model = onnx.load(str(artifact.path), load_external_data=False)
+    for location in sorted({ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)}):
+        if confined(root, location) not in listed:
+            raise ArtifactError(f"{artifact.path.name} loads external data {location!r} that its manifest does "
+                                "not list, so it cannot be verified: list it in the manifest's files with its sha256")
+
+
+def _ort_spec(arg) -> TensorSpec:
+    """An ONNX Runtime NodeArg as a TensorSpec ('tensor(float)' → 'float32')."""
+    dtype = arg.type.removeprefix("tensor(").removesuffix(")")
+    dtype = {"float": "float32", "double": "float64"}.get(dtype, dtype)
+    return TensorSpec(arg.name, tuple(arg.shape) if arg.shape is not None else None, dtype)
+
+
 class OnnxRuntimeRunner(Runner):
     """ONNX Runtime on CPU (or the providers given), threads fixed when asked."""
 
@@ -303,7 +326,11 @@ class OnnxRuntimeRunner(Runner):
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        check_external_data(self.artifact)
         self.session = ort.InferenceSession(str(self.artifact.path), opts, providers=list(self.providers))
+
+    def loaded_io(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        return [_ort_spec(a) for a in self.session.get_inputs()], [_ort_spec(a) for a in self.session.get_outputs()]
 
     def close(self) -> None:
         self.session = None

@@ -161,6 +161,9 @@ class OpenVinoRunner(Runner):
         self.compiled = ov.Core().compile_model(str(self.artifact.path), "CPU", config)
         self.request = self.compiled.create_infer_request()
 
+    def loaded_io(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        return [_spec(p) for p in self.compiled.inputs], [_spec(p) for p in self.compiled.outputs]
+
     def close(self) -> None:
         self.request = self.compiled = None
 

@@ -27,6 +27,8 @@ better one (see the README), which is why it stays one flag away.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -35,8 +37,29 @@ from PIL import Image
 
 from u2zoo.errors import ConfigError
 
+# Largest network input side a contract may ask for. U²-Net is trained at 320 (portraits at
+# 512); at 4096² one image's activations already take tens of GiB, so a larger value is a typo
+# or a forged manifest, refused before anything is allocated.
+MAX_SIDE = 4096
+
 _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+
+
+def _sequence(value: Any, length: int) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == length
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    return f"[{', '.join(map(str, value))}]" if isinstance(value, (tuple, list)) else repr(value)
 
 
 @dataclass(frozen=True)
@@ -56,6 +79,18 @@ class Preprocess:
     layout: str = "NCHW"
     dtype: str = "float32"
     face_crop: bool = False  # portrait drawing: crop around the largest face first
+
+    def __post_init__(self) -> None:
+        """Refuse values every runtime would choke on or silently turn into blank masks (a size
+        of 0 or 10⁵, a NaN mean, a zero std), whether they come from code or a manifest."""
+        if not (_sequence(self.size, 2) and all(_whole(v) and 1 <= v <= MAX_SIDE for v in self.size)):
+            raise ConfigError(f"contract size must be [height, width], whole numbers from 1 to {MAX_SIDE}, "
+                              f"got {_shown(self.size)}")
+        for name, values, above_zero in (("mean", self.mean, False), ("std", self.std, True)):
+            if not (_sequence(values, 3) and all(_real(v) and math.isfinite(v) and (v > 0 or not above_zero)
+                                                 for v in values)):
+                raise ConfigError(f"contract {name} must be 3 finite numbers{' above 0' if above_zero else ''} "
+                                  f"(one per RGB channel), got {_shown(values)}")
 
 
 @dataclass(frozen=True)
@@ -88,11 +123,11 @@ class Contract:
     def from_dict(cls, data: dict[str, Any]) -> "Contract":
         try:
             pre = dict(data["pre"])
-            for key in ("size", "mean", "std"):
-                pre[key] = tuple(pre[key])
+            for key in ("size", "mean", "std"):  # JSON lists; anything else is left for the checks to name
+                pre[key] = tuple(pre[key]) if isinstance(pre[key], list) else pre[key]
             # manifests written before variants existed hold the official resizes
             return cls(Preprocess(**pre), Postprocess(**data["post"]), data.get("variant", "official"))
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed pre/post contract in manifest: {exc}") from None
 
 
