@@ -13,8 +13,9 @@ from u2zoo.quantization.auto_fp import Attempt, RankedGroup, check_options, plan
 
 RANKING = [RankedGroup("stage2d", 0.13, 0.9, ("stage2d/Add", "stage2d/Concat", "stage2d/Resize")),
            RankedGroup("outconv", 0.01, 0.2),
-           RankedGroup("stage1", 0.004, 0.1, ("stage1/Add",))]
-MACS = {"stage2d": 10, "outconv": 1, "stage1": 60, "stage2": 29}
+           RankedGroup("stage1", 0.004, 0.1, ("stage1/Add",)),
+           RankedGroup("side1", 0.001, 0.05)]
+MACS = {"stage2d": 10, "outconv": 1, "stage1": 60, "stage2": 29, "side1": 2}
 
 
 def test_options_are_checked():
@@ -27,15 +28,18 @@ def test_options_are_checked():
     assert check_options(False, None) == 0.25  # off: the budget is never used
 
 
-def test_plan_tries_element_wise_ops_before_whole_groups_and_stops_at_the_budget():
+def test_plan_tries_element_wise_ops_before_whole_groups_and_skips_what_the_budget_cannot_hold():
     steps, why = plan_steps(RANKING, MACS, 100, 0.25, fine=True)
     assert [groups for groups, _ in steps] == [
         ("stage2d/Add", "stage2d/Concat", "stage2d/Resize"), ("stage2d",), ("stage2d", "outconv"),
-        ("stage2d", "outconv", "stage1/Add")]
+        ("stage2d", "outconv", "stage1/Add"), ("stage2d", "outconv", "side1")]
     assert steps[0][1] == ("stage2d",)  # the whole-group alternative raced against the fine step
-    assert "stage1, would put more than 25% of the MACs in float" in why
-    coarse, _ = plan_steps(RANKING, MACS, 100, 1.0, fine=False)
-    assert [groups for groups, _ in coarse] == [("stage2d",), ("stage2d", "outconv"), ("stage2d", "outconv", "stage1")]
+    assert steps[3][1] is None  # stage1 as a whole would pass the budget: only its element-wise ops
+    assert why == "every group within the budget was tried; stage1 would put more than 25% of the MACs in float"
+    coarse, why = plan_steps(RANKING, MACS, 100, 1.0, fine=False)
+    assert [groups for groups, _ in coarse] == [("stage2d",), ("stage2d", "outconv"), ("stage2d", "outconv", "stage1"),
+                                                ("stage2d", "outconv", "stage1", "side1")]
+    assert why == "every group was tried"
 
 
 def _fake_attempt(passes, log):
@@ -66,10 +70,10 @@ def test_search_stops_at_the_first_pass_and_keeps_the_faster_alternative():
 def test_search_that_runs_out_of_budget_says_what_to_do_next():
     first = Attempt((), 0.0, False, {"iou50": 0.51, "mean_abs": 0.14})
     result = search("onnx", RANKING, {}, MACS, 100, 0.25, _fake_attempt(lambda g: False, []), first, lambda a: 1.0)
-    assert result.chosen is None and len(result.attempts) == 5
+    assert result.chosen is None and len(result.attempts) == 6
     message = auto_fp.failure_message("onnx", "int8", result, 0.25, "IoU@0.5 ≥ 0.98", "u2netp")
     assert "failed its gate (IoU@0.5 ≥ 0.98) even with layer groups in float" in message
-    assert "5 conversion(s) tried" in message and "would put more than 25% of the MACs in float" in message
+    assert "6 conversion(s) tried" in message and "would put more than 25% of the MACs in float" in message
     assert "u2zoo sensitivity --model u2netp" in message and "--calib-size" in message and "--fp-budget" in message
     assert "\n" not in message
 

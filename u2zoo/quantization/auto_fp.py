@@ -207,19 +207,28 @@ def plan_steps(ranking: list[RankedGroup], macs: dict[str, int], total: int, bud
                fine: bool) -> tuple[list[tuple[tuple[str, ...], tuple[str, ...] | None]], str]:
     """Candidate float sets in order: (groups, whole-group alternative for fine steps or None).
 
-    Each ranked group adds first its element-wise ops (fine targets), then the whole group;
-    the list ends where the float MACs would pass the budget. Returns the steps and why it ends.
+    Each ranked group adds first its element-wise ops (fine targets), then the whole group. A
+    group that would take the float MACs past the budget is skipped (its element-wise ops are
+    still tried) and the walk goes on with the next, smaller ones. Returns the steps and a
+    note of what the budget left out.
     """
     steps: list[tuple[tuple[str, ...], tuple[str, ...] | None]] = []
     kept: tuple[str, ...] = ()
+    skipped: list[str] = []
     for ranked in ranking:
         whole = kept + (ranked.group,)
+        fits = sum(macs.get(g, 0) for g in whole) / total <= budget
         if fine and ranked.fine_ops:
-            steps.append((kept + ranked.fine_ops, whole))
-        if sum(macs.get(g, 0) for g in whole) / total > budget:
-            return steps, f"the next group, {ranked.group}, would put more than {budget:.0%} of the MACs in float"
+            steps.append((kept + ranked.fine_ops, whole if fits else None))
+        if not fits:
+            skipped.append(ranked.group)
+            continue
         steps.append((whole, None))
         kept = whole
+    if skipped:
+        return steps, (f"every group within the budget was tried; {', '.join(skipped[:3])}"
+                       f"{' and others' if len(skipped) > 3 else ''} would put more than {budget:.0%} "
+                       "of the MACs in float")
     return steps, "every group was tried"
 
 
