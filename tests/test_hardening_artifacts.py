@@ -225,3 +225,17 @@ def test_confined_allows_names_inside_and_refuses_the_rest(tmp_path):
             confined(tmp_path, bad)
     with pytest.raises(ConfigError, match="is not inside"):
         confined(tmp_path, "../x", ConfigError)
+
+
+def test_a_static_artifact_records_its_input_size_and_a_disagreeing_contract_is_refused(tmp_path, capsys):
+    """#6: a static input fixes the size the network sees, so the manifest's contract must say it."""
+    from u2zoo.convert import convert_model
+
+    artifact = convert_model("u2net-tiny", "onnx", tmp_path / "art", random_weights=True, height=64, width=96,
+                             progress=False)
+    assert list(artifact.manifest["contract"]["pre"]["size"]) == [64, 96]
+    assert list(artifact.manifest["io"]["inputs"][0]["shape"]) == [1, 3, 64, 96]
+    path = copy_artifact(artifact, tmp_path / "a")
+    edit_manifest(path, lambda m: m["contract"]["pre"].update(size=[320, 320]))
+    code, _, err = predict(capsys, path, tmp_path)
+    assert_one_line_error(code, err, r"contract size \[320, 320\] disagrees with the model's fixed input \[64, 96\]")

@@ -308,6 +308,14 @@ def new_manifest(*, target: str, precision: str, files: list[Path], parent: dict
     }
 
 
+def static_size(shape: list[Any] | tuple[Any, ...], layout: str = "NCHW") -> tuple[int, int] | None:
+    """(height, width) of an input shape whose spatial dims are fixed numbers, else None."""
+    if not isinstance(shape, (list, tuple)) or len(shape) != 4:
+        return None
+    dims = shape[1:3] if layout == "NHWC" else shape[2:4]
+    return tuple(dims) if all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims) else None
+
+
 def open_artifact(path: str | Path, verify: bool = True) -> Artifact:
     """Read an artifact's manifest and check every file's sha256 against it."""
     path = Path(path)
@@ -330,9 +338,13 @@ def open_artifact(path: str | Path, verify: bool = True) -> Artifact:
         raise ArtifactError(f"{path} is not the file this manifest describes: {mpath.name} is for "
                             f"{manifest['files'][0]['name']!r}")
     try:
-        Contract.from_dict(manifest["contract"])  # range-checked once here, for every runner
+        contract = Contract.from_dict(manifest["contract"])  # range-checked once here, for every runner
     except ConfigError as exc:
         raise ArtifactError(f"{mpath}: {exc}") from None
+    static = static_size(manifest["io"]["inputs"][0].get("shape"), contract.pre.layout)
+    if static and static != tuple(contract.pre.size):
+        raise ArtifactError(f"{mpath}: contract size {list(contract.pre.size)} disagrees with the model's fixed "
+                            f"input {list(static)} (height, width): the manifest does not describe this model")
     artifact = Artifact(path, manifest)
     if verify:
         artifact.verify()

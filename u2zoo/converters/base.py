@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from u2zoo.artifact import Artifact, TensorSpec, check_io, new_manifest
+from u2zoo.artifact import Artifact, TensorSpec, check_io, new_manifest, static_size
 from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError, RuntimeLoadError, U2ZooError
 from u2zoo.zoo.contract import Contract
 from u2zoo.zoo.weights import WeightsInfo
@@ -249,10 +249,17 @@ def build_artifact(source: ModelSource, options: Any, *, target: str, files: lis
                    outputs: list[TensorSpec], tools: dict[str, Any], size: tuple[int, int], started: float,
                    parent: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
                    quantization: dict[str, Any] | None = None) -> Artifact:
-    """The manifest every converter writes: provenance from ``source``, its own I/O and tools."""
+    """The manifest every converter writes: provenance from ``source``, its own I/O and tools.
+
+    A static input fixes the size the network sees, so the recorded contract says that size
+    (``open_artifact`` refuses a manifest where the two disagree)."""
+    contract = source.contract
+    static = static_size(inputs[0].shape, contract.pre.layout)
+    if static and static != tuple(contract.pre.size):
+        contract = dataclasses.replace(contract, pre=dataclasses.replace(contract.pre, size=static))
     manifest = new_manifest(
         target=target, precision=options.precision, files=files, parent=parent, calibration=calibration,
-        weights=source.weights.to_dict(), contract=source.contract, inputs=inputs, outputs=outputs,
+        weights=source.weights.to_dict(), contract=contract, inputs=inputs, outputs=outputs,
         options=dataclasses.asdict(options) | {"height": size[0], "width": size[1]}, tools=tools,
         arch=source.arch, num_params=source.num_params,
     )

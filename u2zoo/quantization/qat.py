@@ -103,6 +103,11 @@ def qat_openvino(model, calib, *, epochs: int | None = None, lr: float | None = 
     """NNCF-quantize a deploy-mode torch ``model`` on ``calib`` (a CalibrationSet), fine-tune it
     against the float model on the calibration images and their mirror images, and convert to
     an OpenVINO model. ``epochs``/``lr`` default to DEFAULT_QAT_EPOCHS/DEFAULT_QAT_LR."""
+    import os
+
+    # NNCF compiles a C++ extension on first use and gives up after 60 s, which a busy 2-core
+    # machine can exceed; a user's own setting wins.
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "600")
     import nncf
     import openvino as ov
     import torch
