@@ -78,13 +78,19 @@ def test_native_chatter_is_discarded_but_python_messages_get_through(capfd):
 
     from u2zoo.quiet import third_party_quiet
 
+    import ctypes
+
     with third_party_quiet():
+        ctypes.CDLL(None).printf(b"[cpuinfo_utils.cpp:125] buffered by C stdio\n")
+        for piece in ("[", "cpuinfo_utils.cpp", ":71] ", "Reading file\n"):  # ExecuTorch, via sys.stderr
+            sys.stderr.write(piece)
         os.write(2, b"I0000 flatbuffer_export.cc] native chatter\n")
         os.write(1, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
         warnings.warn("isinstance(treespec, LeafSpec) is deprecated", FutureWarning)
         logging.getLogger("torchao").warning("Failed to load _C_mxfp8.so")
         print("u2zoo: warning: our own message", file=sys.stderr)
     os.write(2, b"after\n")
+    ctypes.CDLL(None).fflush(None)
     out, err = capfd.readouterr()
     assert out == ""
     assert err == "u2zoo: warning: our own message\nafter\n"
