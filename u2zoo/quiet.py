@@ -40,7 +40,9 @@ def _env(values: dict[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _loggers_at_error(names: tuple[str, ...]) -> Iterator[None]:
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Raise these loggers to ERROR for a while: backends print routine notes on stderr (skipped
+    optional ops, CUDA libraries a CPU build lacks) that would bury u2zoo's own output."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -130,7 +132,7 @@ def third_party_quiet() -> Iterator[None]:
     """All of the above for one conversion or one runtime set-up."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(_env(CHATTY_ENV))
-        stack.enter_context(_loggers_at_error(CHATTY_LOGGERS))
+        stack.enter_context(quiet_loggers(*CHATTY_LOGGERS))
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)

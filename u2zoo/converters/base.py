@@ -9,20 +9,19 @@ loads on any machine and says what is missing instead of crashing.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
-import logging
 import platform
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, check_io, new_manifest, static_size
+from u2zoo.quiet import quiet_loggers  # noqa: F401 - converters import it from here
 from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError, RuntimeLoadError, U2ZooError
 from u2zoo.zoo.contract import Contract
 from u2zoo.zoo.weights import WeightsInfo
@@ -220,21 +219,6 @@ def check_int8_options(precision: str, calib: str | None, keep_fp: int, int8_onl
         raise ConfigError(f"{', '.join(used)} only apply to --int8 (this is {precision})")
     if keep_fp < 0:
         raise ConfigError("--keep-fp must be ≥ 0")
-
-
-@contextlib.contextmanager
-def quiet_loggers(*names: str) -> Iterator[None]:
-    """Raise these loggers to ERROR for a while: backends print routine notes on stderr (skipped
-    optional ops, CUDA libraries a CPU build lacks) that would bury u2zoo's own output."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def check_qat_options(qat: bool, epochs: int | None, lr: float | None) -> None:
