@@ -32,7 +32,7 @@ def test_plan_tries_element_wise_ops_before_whole_groups_and_skips_what_the_budg
     steps, why = plan_steps(RANKING, MACS, 100, 0.25, fine=True)
     assert [groups for groups, _ in steps] == [
         ("stage2d/Add", "stage2d/Concat", "stage2d/Resize"), ("stage2d",), ("stage2d", "outconv"),
-        ("stage2d", "outconv", "stage1/Add"), ("stage2d", "outconv", "side1")]
+        ("stage2d", "outconv", "stage1/Add"), ("stage2d", "outconv", "stage1/Add", "side1")]
     assert steps[0][1] == ("stage2d",)  # the whole-group alternative raced against the fine step
     assert steps[3][1] is None  # stage1 as a whole would pass the budget: only its element-wise ops
     assert why == "every group within the budget was tried; stage1 would put more than 25% of the MACs in float"

@@ -31,7 +31,7 @@ from typing import Any, Callable
 from u2zoo.errors import ConfigError
 
 DEFAULT_BUDGET = 0.25  # at most this share of the MACs in float
-MAX_ATTEMPTS = 10  # conversions per search, whatever the budget: each one re-quantizes the model
+MAX_ATTEMPTS = 16  # conversions per search, whatever the budget: each one re-quantizes the model
 FINE_OPS = ("Add", "Concat", "Resize")  # a group's element-wise joins, tried in float before its convs
 FINE_TARGETS = ("onnx", "openvino", "tensorrt")  # targets whose group names select ONNX nodes
 RANKING_BACKEND = "onnxruntime-u8s8-reduce-range"
@@ -209,7 +209,7 @@ def plan_steps(ranking: list[RankedGroup], macs: dict[str, int], total: int, bud
 
     Each ranked group adds first its element-wise ops (fine targets), then the whole group. A
     group that would take the float MACs past the budget is skipped (its element-wise ops are
-    still tried) and the walk goes on with the next, smaller ones. Returns the steps and a
+    still tried, and kept for the later steps) and the walk goes on with the next, smaller ones. Returns the steps and a
     note of what the budget left out.
     """
     steps: list[tuple[tuple[str, ...], tuple[str, ...] | None]] = []
@@ -222,6 +222,8 @@ def plan_steps(ranking: list[RankedGroup], macs: dict[str, int], total: int, bud
             steps.append((kept + ranked.fine_ops, whole if fits else None))
         if not fits:
             skipped.append(ranked.group)
+            if fine and ranked.fine_ops:
+                kept += ranked.fine_ops  # they hold no MACs: keep them for the next groups
             continue
         steps.append((whole, None))
         kept = whole
