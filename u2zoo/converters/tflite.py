@@ -41,7 +41,6 @@ from u2zoo.artifact import Artifact, TensorSpec, tool_versions
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
 from u2zoo.quantization.onnx_int8 import TOP_LEVEL, check_module_groups
-from u2zoo.quiet import third_party_quiet
 from u2zoo.zoo.weights import file_digest
 
 QUANTIZED = ("int8", "dynamic-int8")
@@ -302,9 +301,8 @@ class TFLiteRunner(Runner):
     def load(self) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
-        with third_party_quiet():  # XNNPACK announces itself on stderr
-            self.interpreter = Interpreter(model_path=str(self.artifact.path), num_threads=self.threads or os.cpu_count())
-            self.interpreter.allocate_tensors()
+        self.interpreter = Interpreter(model_path=str(self.artifact.path), num_threads=self.threads or os.cpu_count())
+        self.interpreter.allocate_tensors()
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
 
