@@ -230,6 +230,13 @@ def check_qat_options(qat: bool, epochs: int | None, lr: float | None) -> None:
         raise ConfigError("QAT needs ≥ 1 epoch and a positive learning rate")
 
 
+def contract_at_size(contract: Contract, size: tuple[int, int]) -> Contract:
+    """The contract as a static artifact built for ``size`` (height, width) applies it."""
+    if tuple(contract.pre.size) == tuple(size):
+        return contract
+    return dataclasses.replace(contract, pre=dataclasses.replace(contract.pre, size=tuple(size)))
+
+
 def build_artifact(source: ModelSource, options: Any, *, target: str, files: list[Path], inputs: list[TensorSpec],
                    outputs: list[TensorSpec], tools: dict[str, Any], size: tuple[int, int], started: float,
                    parent: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
@@ -240,8 +247,8 @@ def build_artifact(source: ModelSource, options: Any, *, target: str, files: lis
     (``open_artifact`` refuses a manifest where the two disagree)."""
     contract = source.contract
     static = static_size(inputs[0].shape, contract.pre.layout)
-    if static and static != tuple(contract.pre.size):
-        contract = dataclasses.replace(contract, pre=dataclasses.replace(contract.pre, size=static))
+    if static:
+        contract = contract_at_size(contract, static)
     manifest = new_manifest(
         target=target, precision=options.precision, files=files, parent=parent, calibration=calibration,
         weights=source.weights.to_dict(), contract=contract, inputs=inputs, outputs=outputs,

@@ -47,7 +47,7 @@ import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, entry_size, tool_versions
 from u2zoo.benchmarks.compare import DEFAULT_TOLERANCES, compare
-from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, register
+from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, contract_at_size, register
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, did_you_mean
 from u2zoo.zoo.contract import Contract
 
@@ -283,10 +283,11 @@ def _metadata(source: ModelSource, options: CoreMLOptions, size: tuple[int, int]
     """What an app needs to feed the model and read its output, as user-defined metadata."""
     from u2zoo import __version__
 
-    pre = source.contract.pre
+    contract = contract_at_size(source.contract, size)
+    pre = contract.pre
     height, width = size
     common = {
-        "u2zoo.contract": json.dumps(source.contract.to_dict(), sort_keys=True),
+        "u2zoo.contract": json.dumps(contract.to_dict(), sort_keys=True),
         "u2zoo.input": "image" if options.image_input else "tensor",
         "u2zoo.preprocess.color": "RGB",
         "u2zoo.preprocess.size": f"{height}x{width}",  # height x width
@@ -425,7 +426,7 @@ def validate_package(package: Path, source: ModelSource, options: CoreMLOptions,
         contract_ok = False
     if not contract_ok:
         problems.append("metadata u2zoo.contract differs from the artifact's contract")
-    elif Contract.from_dict(json.loads(stored["u2zoo.contract"])) != source.contract:
+    elif Contract.from_dict(json.loads(stored["u2zoo.contract"])) != contract_at_size(source.contract, size):
         problems.append("metadata u2zoo.contract does not parse back to the artifact's contract")
     differing = sorted(k for k in ours if k in stored and k != "u2zoo.contract" and stored[k] != ours[k])
     if differing:
