@@ -371,11 +371,17 @@ def read_line_starting(stream, prefix: str, timeout: float = 120) -> str:
             return line
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_cli_serves_until_ctrl_c_or_sigterm(tiny_dynamic_onnx, photo_png, stop):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job of a non-interactive shell starts
+
+
+@pytest.mark.parametrize("stop,inherited", [(signal.SIGINT, None), (signal.SIGTERM, None),
+                                             (signal.SIGINT, _ignore_sigint)],
+                         ids=["ctrl-c", "sigterm", "ctrl-c-after-background-start"])
+def test_cli_serves_until_ctrl_c_or_sigterm(tiny_dynamic_onnx, photo_png, stop, inherited):
     proc = subprocess.Popen([sys.executable, "-m", "u2zoo", "-q", "serve", "--artifact", str(tiny_dynamic_onnx.path),
                              "--port", "0", "--outputs", "cutout"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=inherited)
     try:
         line = read_line_starting(proc.stdout, "serving ")
         assert line.rstrip().endswith("(POST /predict, GET /health)") and tiny_dynamic_onnx.path.name in line

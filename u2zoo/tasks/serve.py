@@ -518,13 +518,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = make_server(segmenter, options, args.host, args.port, args.max_bytes, args.max_pixels, label,
                              args.log_requests, args.pixel_budget, args.request_timeout)
         print(f"serving {label} on {server.url} (POST /predict, GET /health)", flush=True)
-        previous = signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: stop as on Ctrl-C
+        # `docker stop`, systemd: SIGTERM stops as Ctrl-C does. SIGINT is set explicitly too: a
+        # process started from a non-interactive shell's background job inherits it ignored.
+        previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             server.serve_forever()
         except KeyboardInterrupt:
             pass  # Ctrl-C is how a foreground server is meant to stop
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             server.server_close()
     return 0
 
