@@ -238,7 +238,7 @@ def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images:
     photo = preprocess_files(images[:1], source.contract, size)
 
     def latency(artifact: Artifact) -> float:
-        with third_party_quiet(), spec.runner(artifact) as runner:
+        with spec.runner(artifact) as runner:  # the runner loads quietly itself
             return measure_latency(runner, photo, runs=10, warmup=2).p50_ms
 
     result = search(spec.name, ranking, ranking_record, macs, total, budget, attempt, _all_int8(first), latency)

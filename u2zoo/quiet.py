@@ -54,13 +54,13 @@ def quiet_loggers(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _python_stream_on_fd(stream, fd: int):
-    """The Python stream (``sys.stdout``/``sys.stderr``) if it writes to ``fd``, else None
-    (under pytest's capsys it is an in-memory buffer and needs no rerouting)."""
+def _writes_to_fd(stream, fd: int) -> bool:
+    """Whether a Python stream (``sys.stdout``/``sys.stderr``) writes to ``fd``; under pytest's
+    capsys it is an in-memory buffer and needs no rerouting."""
     try:
-        return stream if stream.fileno() == fd else None
+        return stream.fileno() == fd
     except (AttributeError, OSError, ValueError):
-        return None
+        return False
 
 
 class OwnLinesOnly(io.TextIOBase):
@@ -110,7 +110,7 @@ def native_output_discarded() -> Iterator[None]:
         try:
             for name, fd in (("stdout", 1), ("stderr", 2)):
                 stream = originals[name]
-                if _python_stream_on_fd(stream, fd) is not None:
+                if _writes_to_fd(stream, fd):
                     stream = open(os.dup(saved[fd]), "w", encoding=stream.encoding, errors=stream.errors,
                                   buffering=1)
                     opened.append(stream)
