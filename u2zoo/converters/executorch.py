@@ -125,6 +125,90 @@ def make_quantizer(kept: list[str]):
     return FloatGroupsXNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
 
 
+# Calibrated observer states per float model and (calibration set, input shape), for this
+# process. The float fallback prepares the same model again with other groups in float;
+# calibration runs the float model, so an observer that watches the same tensors with the
+# same settings ends in the same state, and copying it replaces hundreds of forward passes.
+_OBSERVER_STATES: "weakref.WeakKeyDictionary[Any, dict[tuple, dict[tuple, dict]]]" = weakref.WeakKeyDictionary()
+
+
+def _observers(prepared) -> dict[tuple, list[Any]]:
+    """Each observer of a prepared graph, keyed by what makes its state: the graph nodes whose
+    outputs it watches, once per call in a forward pass (a histogram counts every call; the
+    node names of ``torch.export`` are stable), its class, dtype and scheme.
+
+    Observers are told apart by identity, not by attribute name: a shared quantization spec
+    (a ``cat`` and its inputs, a max-pool and its input) puts one observer under several names.
+    """
+    watched: dict[int, tuple[Any, list[str]]] = {}
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and node.target.startswith("activation_post_process"):
+            origin = node.args[0]
+            while origin.op == "call_module" and origin.target.startswith("activation_post_process"):
+                origin = origin.args[0]  # an input edge reusing an output observer's result
+            observer = getattr(prepared, node.target)
+            watched.setdefault(id(observer), (observer, []))[1].append(origin.name)
+    out: dict[tuple, list[Any]] = {}
+    for observer, nodes in watched.values():
+        key = (tuple(sorted(nodes)), type(observer).__name__, str(getattr(observer, "dtype", "")),
+               str(getattr(observer, "qscheme", "")))
+        out.setdefault(key, []).append(observer)  # two observers of the same calls end in one state
+    return out
+
+
+def _observer_states(prepared) -> dict[tuple, dict]:
+    return {key: {k: v.detach().clone() for k, v in observers[0].state_dict().items()}
+            for key, observers in _observers(prepared).items()}
+
+
+def _load_observer_states(prepared, known: dict[tuple, dict]) -> list[Any]:
+    """Load the state of every observer found in ``known``; return the others, still to calibrate."""
+    missing = []
+    for key, group in _observers(prepared).items():
+        if key not in known:
+            missing += group
+            continue
+        for observer in group:
+            for name, value in known[key].items():
+                # setattr, not load_state_dict: PerChannelMinMaxObserver's loader skips ``eps``,
+                # which its first forward sets (2**-12 in XNNPACK's config)
+                setattr(observer, name, value.clone())
+    return missing
+
+
+def _calibrate(prepared, batches, known: dict[tuple, dict]) -> str:
+    """Calibrate ``prepared``, reusing the states in ``known``; record the new ones there.
+
+    Observers already known are switched off during the passes (their state is final); the
+    passes run only when some observer is new. Returns what happened, for the manifest.
+    """
+    import torch
+
+    total = sum(len(group) for group in _observers(prepared).values())
+    missing = _load_observer_states(prepared, known)
+    if not missing:
+        return f"reused: all {total} observers' ranges from this process's earlier calibration"
+    missing_ids = {id(o) for o in missing}
+    switched_off = [o for group in _observers(prepared).values() for o in group if id(o) not in missing_ids]
+    for observer in switched_off:
+        observer.forward = _identity
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                prepared(torch.from_numpy(batch))
+    finally:
+        for observer in switched_off:
+            del observer.forward
+    known.update(_observer_states(prepared))
+    if len(missing) == total:
+        return f"measured: {total} observers"
+    return f"measured {len(missing)} of {total} observers; the rest reused from this process's earlier calibration"
+
+
+def _identity(x):
+    return x
+
+
 def _quantize(model, example, source: ModelSource, options: ExecuTorchOptions, kept: list[str],
               size: tuple[int, int]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """PT2E: export → annotate (XNNPACKQuantizer) → calibrate → convert; returns the converted module."""
@@ -143,9 +227,8 @@ def _quantize(model, example, source: ModelSource, options: ExecuTorchOptions, k
     try:
         graph = torch.export.export(model, example).module()
         prepared = prepare_pt2e(graph, quantizer)
-        with torch.no_grad():
-            for batch in _batches(calib.inputs, options.batch):
-                prepared(torch.from_numpy(batch))
+        known = _OBSERVER_STATES.setdefault(model, {}).setdefault((calib.digest, tuple(example[0].shape)), {})
+        ranges = _calibrate(prepared, _batches(calib.inputs, options.batch), known)
         converted = convert_pt2e(prepared)
     except U2ZooError:
         raise
@@ -160,7 +243,7 @@ def _quantize(model, example, source: ModelSource, options: ExecuTorchOptions, k
         "quantized_convs": quantized,
         "float_convs": len(convs) - quantized,
     }
-    return converted, calib.describe(), settings
+    return converted, calib.describe() | {"ranges": ranges}, settings
 
 
 def _lowering_summary(edge_program) -> dict[str, Any]:

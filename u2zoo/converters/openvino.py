@@ -84,13 +84,19 @@ def _quantize(ov_model, onnx_path: Path, source: ModelSource, options: OpenVinoO
         quantized = nncf.quantize_with_accuracy_control(
             ov_model, dataset, dataset, validate, max_drop=options.max_drop,
             drop_type=nncf.DropType.ABSOLUTE, ignored_scope=ignored, subset_size=len(calib.inputs))
+        statistics = None
     else:
-        quantized = nncf.quantize(ov_model, dataset, subset_size=len(calib.inputs), ignored_scope=ignored)
+        from u2zoo.quantization import nncf_reuse
+        from u2zoo.zoo.weights import file_digest
+
+        quantized, statistics = nncf_reuse.quantize(ov_model, dataset, len(calib.inputs), ignored,
+                                                    (file_digest(onnx_path), calib.digest, len(calib.inputs)))
     settings: dict[str, Any] = {"tool": "nncf", "preset": "performance (symmetric int8)",
                                 "kept_in_float": kept, "accuracy_control": options.accuracy_control}
     if ranking is not None:
         settings["sensitivity"] = [vars(r) for r in ranking]
-    return quantized, calib.describe(), settings
+    record = calib.describe() | ({"ranges": statistics} if statistics else {})
+    return quantized, record, settings
 
 
 def _quantize_aware(source: ModelSource, options: OpenVinoOptions,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import io
@@ -197,16 +198,41 @@ def quantize_tflite(fp32: Path, out: Path, source: ModelSource, options: TFLiteO
             settings["sensitivity"] = [vars(r) for r in ranking]
     result = None
     if q.need_calibration:
-        signature, input_name = _signature(fp32)
-        data = calib.litert_data(signature, input_name, channels_last=options.nhwc)
-        with _quiet_progress_bars():
-            result = q.calibrate(data, num_threads=os.cpu_count() or 1)
-        calibration = calib.describe()
+        result, reused = _calibration_result(fp32, calib, options.nhwc)
+        calibration = calib.describe() | {"ranges": "reused from this process's earlier calibration" if reused
+                                          else "measured"}
     with _quiet_progress_bars():
         q.quantize(result, enable_progress_report=False).export_model(out, overwrite=True)
     if options.precision == "int8":
         _refuse_empty_ranges(out)
     return calibration, settings
+
+
+# Calibration ranges per (fp32 model, calibration set, layout), for this process: the float
+# fallback re-quantizes the same model with other groups in float, and the ranges of a
+# tensor do not depend on which ops are quantized (calibration runs the float model).
+_CALIBRATIONS: dict[Any, Any] = {}
+
+
+def _calibration_result(fp32: Path, calib, nhwc: bool) -> tuple[dict[str, Any], bool]:
+    """ai-edge-quantizer's min/max ranges of every quantizable tensor of ``fp32`` on ``calib``.
+
+    Measured once with the all-INT8 recipe (ops left in float are skipped by the calibrator,
+    so that recipe covers every tensor any other recipe needs) and reused afterwards; returns
+    the ranges and whether they were reused.
+    """
+    from ai_edge_quantizer import quantizer, recipe
+
+    key = (file_digest(fp32), calib.digest, nhwc)
+    reused = key in _CALIBRATIONS
+    if not reused:
+        q = quantizer.Quantizer(str(fp32))
+        q.load_quantization_recipe(recipe.static_wi8_ai8())
+        signature, input_name = _signature(fp32)
+        data = calib.litert_data(signature, input_name, channels_last=nhwc)
+        with _quiet_progress_bars():
+            _CALIBRATIONS[key] = q.calibrate(data, num_threads=os.cpu_count() or 1)
+    return copy.deepcopy(_CALIBRATIONS[key]), reused  # the quantizer may write into it
 
 
 def _group_of(tensor_name: str) -> str:

@@ -1,0 +1,100 @@
+"""NNCF post-training quantization of an OpenVINO model, with statistics reused across calls.
+
+``nncf.quantize`` collects activation statistics by running the model on every calibration
+image with an extra output at each quantizer and bias-correction point: on U2NETP at 320 px
+that is most of an INT8 conversion (about 1 s an image on one core). The automatic float
+fallback quantizes the same graph again with other layer groups ignored; the statistics of a
+point do not depend on what is ignored (they are taken on the float model), so points seen
+before are not collected again.
+
+This follows ``nncf.openvino.quantization.quantize_model.native_quantize_impl`` step by step
+(the same ``PostTrainingQuantization`` algorithm, the same weight compression afterwards),
+with the statistics collection split out. Statistics are matched by target point and by the
+reducer/aggregator configuration of their collectors, and kept for this process only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# (graph digest, calibration digest, subset size) → statistic points collected so far
+_COLLECTED: dict[tuple, Any] = {}
+
+
+def _algorithm_kind(key: str) -> str:
+    """'MMQ_8751…' → 'MMQ': NNCF keys statistics by algorithm instance (its hash)."""
+    return key.split("_", 1)[0]
+
+
+def _signature(collectors: list) -> tuple:
+    """What a collector computes: its statistic type, and its (reducer, aggregator) branches."""
+    return tuple((repr(getattr(c, "_stat_container", None)), tuple(sorted(c.aggregators))) for c in collectors)
+
+
+def _split(wanted, known) -> tuple[Any, Any]:
+    """(points answered from ``known`` under ``wanted``'s algorithm keys, points still to collect)."""
+    from nncf.common.tensor_statistics.statistic_point import StatisticPoint, StatisticPointsContainer
+
+    answered, missing = StatisticPointsContainer(), StatisticPointsContainer()
+    for node, points in wanted.items():
+        for point in points:
+            for algorithm, collectors in point.algorithm_to_tensor_collectors.items():
+                found = _find(known, node, point.target_point, _algorithm_kind(algorithm), _signature(collectors))
+                into, use = (answered, found) if found is not None else (missing, collectors)
+                for collector in use:
+                    into.add_statistic_point(StatisticPoint(point.target_point, collector, algorithm))
+    return answered, missing
+
+
+def _find(known, node: str, target_point, kind: str, signature: tuple) -> list | None:
+    if known is None:
+        return None
+    for point in known.get(node, []):
+        if point.target_point != target_point:
+            continue
+        for algorithm, collectors in point.algorithm_to_tensor_collectors.items():
+            if _algorithm_kind(algorithm) == kind and _signature(collectors) == signature:
+                return collectors
+    return None
+
+
+def _merge(into, points) -> None:
+    from nncf.common.tensor_statistics.statistic_point import StatisticPoint
+
+    for node_points in points.values():
+        for point in node_points:
+            for algorithm, collectors in point.algorithm_to_tensor_collectors.items():
+                for collector in collectors:
+                    into.add_statistic_point(StatisticPoint(point.target_point, collector, algorithm))
+
+
+def quantize(ov_model, dataset, subset_size: int, ignored_scope, cache_key: tuple) -> tuple[Any, str]:
+    """``nncf.quantize(ov_model, dataset, subset_size=…, ignored_scope=…)`` (default preset),
+    collecting only the statistics this process has not collected for ``cache_key`` yet.
+    Returns the quantized model and what happened to the statistics, for the manifest."""
+    from nncf.common.tensor_statistics.statistic_point import StatisticPointsContainer
+    from nncf.openvino.graph.model_utils import remove_friendly_name_duplicates
+    from nncf.openvino.graph.nncf_graph_builder import GraphConverter
+    from nncf.quantization.algorithms.pipeline import collect_statistics
+    from nncf.quantization.algorithms.post_training.algorithm import PostTrainingQuantization
+    from openvino._offline_transformations import compress_quantize_weights_transformation
+
+    model = remove_friendly_name_duplicates(ov_model)
+    algorithm = PostTrainingQuantization(subset_size=subset_size, ignored_scope=ignored_scope)
+    graph = GraphConverter.create_nncf_graph(model)
+    wanted = algorithm.get_statistic_points(model, graph)
+    known = _COLLECTED.get(cache_key)
+    answered, missing = _split(wanted, known)
+    total = sum(len(points) for points in wanted.values())
+    still = sum(len(points) for points in missing.values())
+    if still:
+        collected = collect_statistics(missing, model, graph, dataset)
+        _merge(answered, collected)
+        _merge(_COLLECTED.setdefault(cache_key, StatisticPointsContainer()), collected)
+    quantized = algorithm.apply(model, graph, statistic_points=answered, dataset=dataset)
+    compress_quantize_weights_transformation(quantized)
+    if not still:
+        return quantized, f"reused: all {total} statistic points from this process's earlier calibration"
+    if still == total:
+        return quantized, f"measured: {total} statistic points"
+    return quantized, f"measured {still} of {total} statistic points; the rest reused from this process's earlier calibration"
