@@ -67,6 +67,54 @@ def test_search_stops_at_the_first_pass_and_keeps_the_faster_alternative():
     assert log == [("stage2d",)]
 
 
+CHILDREN = [RankedGroup("stage2d/rebnconv1d", 0.05, 0.8), RankedGroup("stage2d/rebnconvin", 0.01, 0.3)]
+
+
+def test_a_passing_group_is_narrowed_to_its_most_sensitive_sub_modules_when_that_is_faster():
+    first = Attempt((), 0.0, False, {"iou50": 0.66, "mean_abs": 0.07})
+    macs = MACS | {"stage2d/rebnconv1d": 2, "stage2d/rebnconvin": 3}
+    log, asked = [], []
+    passes = lambda groups: "stage2d" in groups or "stage2d/rebnconv1d" in groups  # noqa: E731
+    speeds = iter([41.0, 35.0])  # the whole group, then the narrowed candidate
+    result = search("tflite", RANKING, {}, macs, 100, 0.25, _fake_attempt(passes, log), first, lambda a: next(speeds),
+                    children=lambda group: asked.append(group) or CHILDREN)
+    assert asked == ["stage2d"] and log == [("stage2d",), ("stage2d/rebnconv1d",)]
+    assert result.chosen.keep_fp_groups == ("stage2d/rebnconv1d",) and result.chosen.float_macs == pytest.approx(0.02)
+    assert [s.get("p50_ms") for s in result.record(0.25)["steps"][1:]] == [41.0, 35.0]
+    # a narrowed candidate that misses the gate leaves the whole group chosen, after two tries
+    log.clear()
+    only_whole = lambda groups: "stage2d" in groups  # noqa: E731
+    result = search("tflite", RANKING, {}, macs, 100, 0.25, _fake_attempt(only_whole, log), first, lambda a: 1.0,
+                    children=lambda group: CHILDREN)
+    assert log == [("stage2d",), ("stage2d/rebnconv1d",), ("stage2d/rebnconv1d", "stage2d/rebnconvin")]
+    assert result.chosen.keep_fp_groups == ("stage2d",)
+    # slower narrowed candidates lose the race
+    speeds = iter([30.0, 33.0])
+    result = search("tflite", RANKING, {}, macs, 100, 0.25, _fake_attempt(passes, []), first, lambda a: next(speeds),
+                    children=lambda group: CHILDREN)
+    assert result.chosen.keep_fp_groups == ("stage2d",)
+
+
+def test_children_ranking_is_cached_apart_from_the_group_ranking(monkeypatch, isolated_cache):
+    from types import SimpleNamespace
+
+    from u2zoo.zoo.archs import build_arch
+
+    calls = []
+    monkeypatch.setattr(auto_fp, "_measure_ranking", lambda *a, only=None: calls.append(only) or (
+        CHILDREN if only else RANKING))
+    source = SimpleNamespace(weights=SimpleNamespace(sha256="ab" * 32), arch="u2net-tiny",
+                             model=build_arch("u2net-tiny"))
+    calib = SimpleNamespace(digest="cd" * 32, inputs=np.zeros((3, 3, 8, 8), np.float32))
+    auto_fp.ranking_for(source, calib, (8, 8))
+    assert auto_fp.children_ranking_for(source, calib, (8, 8), "stage2d") == CHILDREN
+    assert auto_fp.children_ranking_for(source, calib, (8, 8), "stage2d") == CHILDREN
+    assert calls[0] is None and calls[1][0] == "stage2d/rebnconvin" and len(calls) == 2
+    assert all(c.startswith("stage2d/") for c in calls[1])
+    assert len(list((isolated_cache / "int8").glob("ranking-*.json"))) == 2
+    assert auto_fp.children_ranking_for(source, calib, (8, 8), "outconv") == []  # a conv has no sub-modules
+
+
 def test_search_that_runs_out_of_budget_says_what_to_do_next():
     first = Attempt((), 0.0, False, {"iou50": 0.51, "mean_abs": 0.14})
     result = search("onnx", RANKING, {}, MACS, 100, 0.25, _fake_attempt(lambda g: False, []), first, lambda a: 1.0)
@@ -109,6 +157,8 @@ def test_group_macs_add_up_to_the_model(tmp_path):
     model = build_arch("u2net-tiny", deploy=True)
     macs, total = auto_fp.group_macs(model)
     assert total == count_macs(model) and set(macs) >= {"stage1", "stage2d", "side1", "outconv"}
+    children = {k: v for k, v in macs.items() if k.startswith("stage2d/") and k.count("/") == 1}
+    assert "stage2d/rebnconv1d" in children and sum(children.values()) == macs["stage2d"]
 
 
 def test_convert_records_the_search_and_off_switches(calib_dir, tmp_path, capsys):

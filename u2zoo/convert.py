@@ -218,7 +218,7 @@ def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images:
     import dataclasses
 
     from u2zoo.benchmarks.timing import measure_latency
-    from u2zoo.quantization.auto_fp import failure_message, group_macs, ranking_for, search
+    from u2zoo.quantization.auto_fp import children_ranking_for, failure_message, group_macs, ranking_for, search
     from u2zoo.quantization.calibration import calibration_set
 
     size = _network_hw(opts, source)
@@ -241,7 +241,8 @@ def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images:
         with spec.runner(artifact) as runner:  # the runner loads quietly itself
             return measure_latency(runner, photo, runs=10, warmup=2).p50_ms
 
-    result = search(spec.name, ranking, ranking_record, macs, total, budget, attempt, _all_int8(first), latency)
+    result = search(spec.name, ranking, ranking_record, macs, total, budget, attempt, _all_int8(first), latency,
+                    children=lambda group: children_ranking_for(source, calib, size, group))
     precision = getattr(opts, "precision", "int8")
     if result.chosen is None:
         raise ParityError(failure_message(spec.name, precision, result, budget, tolerance.describe(), source.arch))

@@ -61,7 +61,8 @@ def applies(target: str, opts: Any) -> str | None:
 
 
 def group_macs(model) -> tuple[dict[str, int], int]:
-    """Multiply-accumulates per top-level module (the layer groups) at 320×320, and the total."""
+    """Multiply-accumulates per module path (``stage2d``, ``stage2d/rebnconv1d``) at 320×320, and
+    the total."""
     import torch
     from torch import nn
 
@@ -69,12 +70,14 @@ def group_macs(model) -> tuple[dict[str, int], int]:
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
-            group = name.split(".")[0]
+            parts = name.split(".")
+            paths = ["/".join(parts[:depth]) for depth in range(1, len(parts))] or [parts[0]]
 
-            def hook(mod, _inputs, output, group=group):
+            def hook(mod, _inputs, output, paths=paths):
                 kh, kw = mod.kernel_size
-                per_group[group] = per_group.get(group, 0) + \
-                    output.numel() // output.shape[0] * (mod.in_channels // mod.groups) * kh * kw
+                macs = output.numel() // output.shape[0] * (mod.in_channels // mod.groups) * kh * kw
+                for path in paths:  # "stage2d" and "stage2d/rebnconv1d" both hold this conv
+                    per_group[path] = per_group.get(path, 0) + macs
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -82,7 +85,7 @@ def group_macs(model) -> tuple[dict[str, int], int]:
     finally:
         for handle in handles:
             handle.remove()
-    return per_group, sum(per_group.values())
+    return per_group, sum(v for k, v in per_group.items() if "/" not in k)
 
 
 # --- the ranking and its cache -------------------------------------------------------------
@@ -140,7 +143,31 @@ def ranking_for(source, calib, size: tuple[int, int]) -> tuple[list[RankedGroup]
     return ranking, record | {"cached": False}
 
 
-def _measure_ranking(source, calib, size: tuple[int, int]) -> list[RankedGroup]:
+def children_ranking_for(source, calib, size: tuple[int, int], group: str) -> list[RankedGroup]:
+    """The sub-modules of ``group`` (``stage2d/rebnconv1d``, …) ranked the same way, cached the same way.
+
+    Measured only when a whole group is what made the gate pass: often one of its convs
+    carries the error, and keeping just that one in float is nearly as fast as all-INT8.
+    """
+    from u2zoo.artifact import atomic_write_text
+
+    children = [f"{group}/{name}" for name, _ in source.model.get_submodule(group).named_children()]
+    if not children:
+        return []
+    weights_key = source.weights.sha256 or f"random:{source.arch}"
+    key_digest = f"{calib.digest}|children-of:{group}"
+    path = _cache_path(weights_key, key_digest)
+    cached = _read_cached(path, weights_key, key_digest)
+    if cached is not None:
+        return cached
+    ranking = _measure_ranking(source, calib, size, only=children)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"weights": weights_key, "calibration": key_digest, "backend": RANKING_BACKEND,
+                                        "ranking": [vars(r) | {"fine_ops": []} for r in ranking]}, indent=1) + "\n")
+    return ranking
+
+
+def _measure_ranking(source, calib, size: tuple[int, int], only: list[str] | None = None) -> list[RankedGroup]:
     import onnx
 
     from u2zoo.converters.onnx import INPUT_NAME, OnnxOptions, export_onnx
@@ -150,7 +177,9 @@ def _measure_ranking(source, calib, size: tuple[int, int]) -> list[RankedGroup]:
         onnx_path = Path(tmp) / "graph.onnx"
         export_onnx(source.model, onnx_path, OnnxOptions(batch=1, height=size[0], width=size[1]), *size)
         names = [n.name for n in onnx.load(str(onnx_path)).graph.node]
-        ranked = sensitivity(onnx_path, calib, INPUT_NAME, calib.inputs[:8])
+        ranked = sensitivity(onnx_path, calib, INPUT_NAME, calib.inputs[:8], only=only)
+    if only is not None:
+        return [RankedGroup(r.group, r.mean_abs, r.max_abs) for r in ranked]
     import re
 
     def fine(group: str) -> tuple[str, ...]:
@@ -236,11 +265,14 @@ def plan_steps(ranking: list[RankedGroup], macs: dict[str, int], total: int, bud
 
 def search(target: str, ranking: list[RankedGroup], ranking_record: dict[str, Any], macs: dict[str, int],
            total: int, budget: float, attempt: Callable[[tuple[str, ...], float], Attempt],
-           first: Attempt, latency: Callable[[Any], float]) -> SearchResult:
+           first: Attempt, latency: Callable[[Any], float],
+           children: Callable[[str], list[RankedGroup]] | None = None) -> SearchResult:
     """Walk the planned steps after the all-INT8 ``first`` attempt failed; stop at the first pass.
 
     ``attempt(groups, float_macs)`` converts and measures one candidate. A passing fine step is
     raced against its whole-group alternative on ``latency`` and the faster passing one wins.
+    When a whole group made the gate pass, its most sensitive sub-modules (``children(group)``,
+    ranked) are tried in its place, and the faster passing candidate wins.
     """
     result = SearchResult(None, [first], ranking, ranking_record)
     steps, why_end = plan_steps(ranking, macs, total, budget, target in FINE_TARGETS)
@@ -266,10 +298,38 @@ def search(target: str, ranking: list[RankedGroup], ranking_record: dict[str, An
             if alternative.passed:
                 current.p50_ms, alternative.p50_ms = latency(current.artifact), latency(alternative.artifact)
                 chosen = min((current, alternative), key=lambda a: a.p50_ms)
+        if children is not None and "/" not in chosen.keep_fp_groups[-1] and chosen.keep_fp_groups[-1] != "top-level":
+            chosen = _narrow(chosen, children(chosen.keep_fp_groups[-1]), result, attempt, share, latency, tried)
         result.chosen = chosen
         return result
     result.stopped = why_end
     return result
+
+
+NARROW_TRIES = 2  # sub-module candidates per passing group: its top one, then its top two
+
+
+def _narrow(chosen: Attempt, ranked_children: list[RankedGroup], result: SearchResult,
+            attempt: Callable[[tuple[str, ...], float], Attempt], share: Callable[[tuple[str, ...]], float],
+            latency: Callable[[Any], float], tried: set) -> Attempt:
+    """Replace the group that made ``chosen`` pass by its top sub-modules; keep the faster pass."""
+    base, picked = chosen.keep_fp_groups[:-1], ()
+    for child in ranked_children[:NARROW_TRIES]:
+        if len(result.attempts) >= MAX_ATTEMPTS:
+            break
+        picked += (child.group,)
+        candidate = base + picked
+        if candidate in tried:
+            continue
+        tried.add(candidate)
+        current = attempt(candidate, share(candidate))
+        result.attempts.append(current)
+        if current.passed:
+            if chosen.p50_ms is None:
+                chosen.p50_ms = latency(chosen.artifact)
+            current.p50_ms = latency(current.artifact)
+            return min((chosen, current), key=lambda a: a.p50_ms)
+    return chosen
 
 
 def failure_message(target: str, precision: str, result: SearchResult, budget: float, tolerance: str,

@@ -199,11 +199,13 @@ class GroupSensitivity:
 
 
 def sensitivity(fp32_path: Path, calib: CalibrationSet, input_name: str, eval_inputs: np.ndarray,
-                method: str = "minmax", threads: int | None = None) -> list[GroupSensitivity]:
+                method: str = "minmax", threads: int | None = None,
+                only: list[str] | None = None) -> list[GroupSensitivity]:
     """Quantize one layer group at a time (everything else float) and measure the output error.
 
     Ranges are calibrated once and cached, so each group costs one quantization and one pass
-    over ``eval_inputs``. Sorted most sensitive first.
+    over ``eval_inputs``. ``only`` ranks these groups (e.g. sub-modules ``stage2d/rebnconv1d``)
+    instead of the top-level ones. Sorted most sensitive first.
     """
     import onnx
     import onnxruntime as ort
@@ -216,12 +218,13 @@ def sensitivity(fp32_path: Path, calib: CalibrationSet, input_name: str, eval_in
         return np.concatenate([session.run(None, {input_name: x[None]})[0] for x in eval_inputs])
 
     reference = run(fp32_path)
-    groups = layer_groups(onnx.load(str(fp32_path)))
+    graph = onnx.load(str(fp32_path))
+    groups = layer_groups(graph) if only is None else {g: nodes_in_groups(graph, [g]) for g in only}
     results = []
+    cache = ranges_cache_path(fp32_path, calib, method)  # shared with later rankings of this graph
     with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(tmp) / "ranges.cache"
         for group, nodes in groups.items():
-            out = Path(tmp) / f"{group}.onnx"
+            out = Path(tmp) / f"{group.replace('/', '.')}.onnx"
             quantize_int8(fp32_path, out, calib, input_name, method=method, only_nodes=nodes, cache=cache)
             diff = np.abs(run(out) - reference)
             results.append(GroupSensitivity(group, len(nodes), float(diff.mean()), float(diff.max())))
