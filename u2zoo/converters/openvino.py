@@ -9,6 +9,9 @@ directly onto NNCF's ``ignored_scope``. INT8 can instead be driven by our parity
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import tempfile
 import time
 from dataclasses import dataclass
@@ -71,6 +74,14 @@ def _quantize(ov_model, onnx_path: Path, source: ModelSource, options: OpenVinoO
     # OpenVINO keeps the ONNX node names, so the same patterns select the same ops.
     ignored = nncf.IgnoredScope(patterns=[group_pattern(g) for g in kept], validate=False)
     dataset = calib.nncf_dataset()
+    # NNCF draws rich progress bars on stdout (no switch to turn them off): they would break
+    # `u2zoo -q` and bury the search's one line per step
+    with contextlib.redirect_stdout(io.StringIO()):
+        return _nncf_quantize(nncf, ov_model, onnx_path, calib, dataset, ignored, kept, ranking, options)
+
+
+def _nncf_quantize(nncf, ov_model, onnx_path: Path, calib, dataset, ignored, kept: list[str], ranking,
+                   options: OpenVinoOptions) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     if options.accuracy_control:
         import openvino as ov
 
