@@ -156,15 +156,15 @@ def _observers(prepared) -> dict[tuple, list[Any]]:
     return out
 
 
-def _observer_states(prepared) -> dict[tuple, dict]:
-    return {key: {k: v.detach().clone() for k, v in observers[0].state_dict().items()}
-            for key, observers in _observers(prepared).items()}
+def _observer_states(observers: dict[tuple, list[Any]]) -> dict[tuple, dict]:
+    return {key: {k: v.detach().clone() for k, v in group[0].state_dict().items()}
+            for key, group in observers.items()}
 
 
-def _load_observer_states(prepared, known: dict[tuple, dict]) -> list[Any]:
+def _load_observer_states(observers: dict[tuple, list[Any]], known: dict[tuple, dict]) -> list[Any]:
     """Load the state of every observer found in ``known``; return the others, still to calibrate."""
     missing = []
-    for key, group in _observers(prepared).items():
+    for key, group in observers.items():
         if key not in known:
             missing += group
             continue
@@ -184,12 +184,13 @@ def _calibrate(prepared, batches, known: dict[tuple, dict]) -> str:
     """
     import torch
 
-    total = sum(len(group) for group in _observers(prepared).values())
-    missing = _load_observer_states(prepared, known)
+    observers = _observers(prepared)
+    total = sum(len(group) for group in observers.values())
+    missing = _load_observer_states(observers, known)
     if not missing:
         return f"reused: all {total} observers' ranges from this process's earlier calibration"
     missing_ids = {id(o) for o in missing}
-    switched_off = [o for group in _observers(prepared).values() for o in group if id(o) not in missing_ids]
+    switched_off = [o for group in observers.values() for o in group if id(o) not in missing_ids]
     for observer in switched_off:
         observer.forward = _identity
     try:
@@ -199,7 +200,7 @@ def _calibrate(prepared, batches, known: dict[tuple, dict]) -> str:
     finally:
         for observer in switched_off:
             del observer.forward
-    known.update(_observer_states(prepared))
+    known.update(_observer_states(observers))
     if len(missing) == total:
         return f"measured: {total} observers"
     return f"measured {len(missing)} of {total} observers; the rest reused from this process's earlier calibration"

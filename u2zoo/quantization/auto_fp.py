@@ -124,23 +124,31 @@ def _read_cached(path: Path, weights_key: str, calib_digest: str) -> list[Ranked
         return None
 
 
-def ranking_for(source, calib, size: tuple[int, int]) -> tuple[list[RankedGroup], dict[str, Any]]:
-    """The sensitivity ranking of ``source`` on ``calib``: from the cache, or measured and cached."""
+def _cached_ranking(source, calib_key: str, measure: Callable[[], list[RankedGroup]]
+                    ) -> tuple[list[RankedGroup], Path, bool]:
+    """The ranking cached for (``source``'s weights, ``calib_key``), or ``measure()`` it and cache
+    it; returns it, its cache file and whether it came from there."""
     from u2zoo.artifact import atomic_write_text
 
     weights_key = source.weights.sha256 or f"random:{source.arch}"
-    path = _cache_path(weights_key, calib.digest)
-    cached = _read_cached(path, weights_key, calib.digest)
-    record = {"backend": RANKING_BACKEND, "cache": str(path), "eval_images": min(8, len(calib.inputs))}
+    path = _cache_path(weights_key, calib_key)
+    cached = _read_cached(path, weights_key, calib_key)
     if cached is not None:
-        return cached, record | {"cached": True}
-    ranking = _measure_ranking(source, calib, size)
+        return cached, path, True
+    ranking = measure()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"weights": weights_key, "calibration": calib.digest,
+    atomic_write_text(path, json.dumps({"weights": weights_key, "calibration": calib_key,
                                         "backend": RANKING_BACKEND,
                                         "ranking": [vars(r) | {"fine_ops": list(r.fine_ops)} for r in ranking]},
                                        indent=1) + "\n")
-    return ranking, record | {"cached": False}
+    return ranking, path, False
+
+
+def ranking_for(source, calib, size: tuple[int, int]) -> tuple[list[RankedGroup], dict[str, Any]]:
+    """The sensitivity ranking of ``source`` on ``calib``: from the cache, or measured and cached."""
+    ranking, path, cached = _cached_ranking(source, calib.digest, lambda: _measure_ranking(source, calib, size))
+    record = {"backend": RANKING_BACKEND, "cache": str(path), "eval_images": min(8, len(calib.inputs))}
+    return ranking, record | {"cached": cached}
 
 
 def children_ranking_for(source, calib, size: tuple[int, int], group: str) -> list[RankedGroup]:
@@ -149,21 +157,11 @@ def children_ranking_for(source, calib, size: tuple[int, int], group: str) -> li
     Measured only when a whole group is what made the gate pass: often one of its convs
     carries the error, and keeping just that one in float is nearly as fast as all-INT8.
     """
-    from u2zoo.artifact import atomic_write_text
-
     children = [f"{group}/{name}" for name, _ in source.model.get_submodule(group).named_children()]
     if not children:
         return []
-    weights_key = source.weights.sha256 or f"random:{source.arch}"
-    key_digest = f"{calib.digest}|children-of:{group}"
-    path = _cache_path(weights_key, key_digest)
-    cached = _read_cached(path, weights_key, key_digest)
-    if cached is not None:
-        return cached
-    ranking = _measure_ranking(source, calib, size, only=children)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"weights": weights_key, "calibration": key_digest, "backend": RANKING_BACKEND,
-                                        "ranking": [vars(r) | {"fine_ops": []} for r in ranking]}, indent=1) + "\n")
+    ranking, _, _ = _cached_ranking(source, f"{calib.digest}|children-of:{group}",
+                                    lambda: _measure_ranking(source, calib, size, only=children))
     return ranking
 
 

@@ -31,18 +31,32 @@ def _signature(collectors: list) -> tuple:
     return tuple((repr(getattr(c, "_stat_container", None)), tuple(sorted(c.aggregators))) for c in collectors)
 
 
-def _split(wanted, known) -> tuple[Any, Any]:
-    """(points answered from ``known`` under ``wanted``'s algorithm keys, points still to collect)."""
-    from nncf.common.tensor_statistics.statistic_point import StatisticPoint, StatisticPointsContainer
-
-    answered, missing = StatisticPointsContainer(), StatisticPointsContainer()
-    for node, points in wanted.items():
+def _entries(container):
+    """(node, target point, algorithm key, its collectors) of every statistic point in ``container``."""
+    for node, points in container.items():
         for point in points:
             for algorithm, collectors in point.algorithm_to_tensor_collectors.items():
-                found = _find(known, node, point.target_point, _algorithm_kind(algorithm), _signature(collectors))
-                into, use = (answered, found) if found is not None else (missing, collectors)
-                for collector in use:
-                    into.add_statistic_point(StatisticPoint(point.target_point, collector, algorithm))
+                yield node, point.target_point, algorithm, collectors
+
+
+def _add(into, target_point, algorithm: str, collectors: list) -> None:
+    from nncf.common.tensor_statistics.statistic_point import StatisticPoint
+
+    for collector in collectors:
+        into.add_statistic_point(StatisticPoint(target_point, collector, algorithm))
+
+
+def _split(wanted, known) -> tuple[Any, Any]:
+    """(points answered from ``known`` under ``wanted``'s algorithm keys, points still to collect)."""
+    from nncf.common.tensor_statistics.statistic_point import StatisticPointsContainer
+
+    answered, missing = StatisticPointsContainer(), StatisticPointsContainer()
+    for node, target_point, algorithm, collectors in _entries(wanted):
+        found = _find(known, node, target_point, _algorithm_kind(algorithm), _signature(collectors))
+        if found is not None:
+            _add(answered, target_point, algorithm, found)
+        else:
+            _add(missing, target_point, algorithm, collectors)
     return answered, missing
 
 
@@ -59,13 +73,8 @@ def _find(known, node: str, target_point, kind: str, signature: tuple) -> list |
 
 
 def _merge(into, points) -> None:
-    from nncf.common.tensor_statistics.statistic_point import StatisticPoint
-
-    for node_points in points.values():
-        for point in node_points:
-            for algorithm, collectors in point.algorithm_to_tensor_collectors.items():
-                for collector in collectors:
-                    into.add_statistic_point(StatisticPoint(point.target_point, collector, algorithm))
+    for _, target_point, algorithm, collectors in _entries(points):
+        _add(into, target_point, algorithm, collectors)
 
 
 def quantize(ov_model, dataset, subset_size: int, ignored_scope, cache_key: tuple) -> tuple[Any, str]:
