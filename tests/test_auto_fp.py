@@ -95,6 +95,28 @@ def test_a_passing_group_is_narrowed_to_its_most_sensitive_sub_modules_when_that
     assert result.chosen.keep_fp_groups == ("stage2d",)
 
 
+def test_every_whole_group_of_the_passing_set_is_narrowed_largest_first():
+    """ExecuTorch on U2NETP passed with [stage2d, outconv, stage2] in float: stage2 (last added)
+    could not be narrowed, but stage2d (more MACs) could."""
+    ranking = [RankedGroup("stage2d", 0.13, 0.9), RankedGroup("outconv", 0.01, 0.2), RankedGroup("stage2", 0.01, 0.2)]
+    macs = {"stage2d": 13, "outconv": 1, "stage2": 9, "stage2d/rebnconv1d": 2, "stage2/rebnconvin": 4}
+    kids = {"stage2d": [RankedGroup("stage2d/rebnconv1d", 0.3, 0.9)], "stage2": [RankedGroup("stage2/rebnconvin", 0.01, 0.1)],
+            "outconv": []}
+    first = Attempt((), 0.0, False, {"iou50": 0.55, "mean_abs": 0.1})
+
+    def passes(groups):  # stage2 is needed whole; stage2d only for its first conv
+        return "stage2" in groups and ("stage2d" in groups or "stage2d/rebnconv1d" in groups)
+    log, asked = [], []
+    speeds = iter([50.0, 40.0])  # the passing set, then stage2d narrowed (stage2 narrowed fails: not timed)
+    result = search("executorch", ranking, {}, macs, 100, 0.25, _fake_attempt(passes, log), first,
+                    lambda a: next(speeds), children=lambda g: asked.append(g) or kids[g])
+    assert asked == ["stage2d", "stage2", "outconv"]  # by MACs: 13, 9, 1
+    assert log == [("stage2d",), ("stage2d", "outconv"), ("stage2d", "outconv", "stage2"),
+                   ("stage2d/rebnconv1d", "outconv", "stage2"), ("stage2d/rebnconv1d", "outconv", "stage2/rebnconvin")]
+    assert result.chosen.keep_fp_groups == ("stage2d/rebnconv1d", "outconv", "stage2")
+    assert result.chosen.float_macs == pytest.approx(0.12) and result.chosen.p50_ms == 40.0
+
+
 def test_children_ranking_is_cached_apart_from_the_group_ranking(monkeypatch, isolated_cache):
     from types import SimpleNamespace
 

@@ -64,7 +64,8 @@ def test_executorch_reused_observers_equal_a_fresh_calibration(tiny_source, cali
         quantize([])  # back to the state the next step expects: the all-INT8 ranges known
 
 
-def test_nncf_reused_statistics_equal_nncf_quantize(tiny_source, calib, tmp_path):
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_nncf_reused_statistics_equal_nncf_quantize(tiny_source, calib, tmp_path, bias_correction):
     nncf = pytest.importorskip("nncf")
     ov = pytest.importorskip("openvino")
     from u2zoo.converters.onnx import OnnxOptions, export_onnx
@@ -79,14 +80,15 @@ def test_nncf_reused_statistics_equal_nncf_quantize(tiny_source, calib, tmp_path
         compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         return np.concatenate([compiled(calib.inputs[i:i + 1])[0] for i in range(2)])
 
-    key = ("tiny", calib.digest, 4)
+    key = ("tiny", calib.digest, 4, bias_correction)
     nncf_reuse._COLLECTED.pop(key, None)
     hows = []
     for kept in ([], ["stage2d"], ["stage2d", "outconv"]):
         ignored = nncf.IgnoredScope(patterns=[group_pattern(g) for g in kept], validate=False)
-        mine, how = nncf_reuse.quantize(ov.convert_model(str(onnx_path)), calib.nncf_dataset(), 4, ignored, key)
+        mine, how = nncf_reuse.quantize(ov.convert_model(str(onnx_path)), calib.nncf_dataset(), 4, ignored, key,
+                                        bias_correction)
         theirs = nncf.quantize(ov.convert_model(str(onnx_path)), calib.nncf_dataset(), subset_size=4,
-                               ignored_scope=ignored)
+                               ignored_scope=ignored, advanced_parameters=nncf_reuse.advanced_parameters(bias_correction))
         np.testing.assert_array_equal(outputs(mine), outputs(theirs))
         hows.append(how)
     assert hows[0].startswith("measured: ")

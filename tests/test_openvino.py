@@ -56,10 +56,26 @@ def test_int8_by_nncf_with_ignored_scope(tmp_path, tiny_weights, capsys):
     assert manifest["quantization"]["tool"] == "nncf" and manifest["quantization"]["kept_in_float"] == ["outconv"]
     assert manifest["calibration"]["num_images"] == 4
     assert manifest["calibration"]["ranges"].startswith(("measured", "reused"))
+    assert manifest["quantization"]["bias_correction"] == "off"  # ours by default: it hurt U2NETP
     xml = artifact.path.read_text()
     assert "FakeQuantize" in xml  # NNCF inserted real int8 quantizers
     out, err = capsys.readouterr()
     assert "Statistics collection" not in out + err  # NNCF's progress bars are kept off u2zoo's output
+
+
+@needs_shared
+def test_bias_correction_is_nncf_s_and_only_when_asked(tmp_path, tiny_weights):
+    """--bias-correction runs NNCF's fast bias correction: the biases of the IR change, and the
+    manifest says which was used."""
+    biases = {}
+    for corrected in (False, True):
+        artifact = convert_model("u2net-tiny", "openvino", tmp_path / str(corrected), weights=str(tiny_weights),
+                                 precision="int8", calib=str(TEST_DATA / "test_images"), calib_size=4,
+                                 keep_fp_groups=("outconv",), bias_correction=corrected, progress=False,
+                                 tolerance=Tolerance(mean_abs=0.05))
+        assert artifact.manifest["quantization"]["bias_correction"] == ("fast" if corrected else "off")
+        biases[corrected] = artifact.path.with_suffix(".bin").read_bytes()
+    assert biases[False] != biases[True]
 
 
 def test_openvino_bad_inputs(tmp_path, monkeypatch):
@@ -115,6 +131,8 @@ def test_int8_qat_fine_tunes_against_the_float_model(tmp_path, healthy_tiny, cal
     ({"precision": "int8-qat", "calib": "c", "qat_epochs": 0}, "QAT needs ≥ 1 epoch"),
     ({"precision": "int8-qat", "calib": "c", "keep_fp": 2}, "int8-qat keeps named groups only"),
     ({"precision": "int8", "calib": "c", "qat_epochs": 2}, "only apply to --int8-qat"),
+    ({"precision": "int8-qat", "calib": "c", "bias_correction": True}, "bias correction are post-training"),
+    ({"precision": "fp32", "bias_correction": True}, "bias_correction only apply to --int8"),
 ])
 def test_int8_qat_bad_options(options, pattern):
     from u2zoo.converters.openvino import OpenVinoOptions

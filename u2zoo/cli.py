@@ -44,7 +44,7 @@ def _target_options(args: argparse.Namespace) -> dict[str, Any]:
     if chosen:
         options["precision"] = chosen[0]
     for name in ("dynamic", "opset", "batch", "height", "width", "exporter", "calib", "calib_size",
-                 "calib_method", "keep_fp", "accuracy_control", "max_drop", "int8_scheme", "nhwc",
+                 "calib_method", "keep_fp", "accuracy_control", "max_drop", "bias_correction", "int8_scheme", "nhwc",
                  "palettize", "image_input", "deployment_target", "device", "min_batch", "opt_batch", "max_batch",
                  "workspace_mb", "timing_cache", "onnx", "compile_mode", "qat_epochs", "qat_lr"):
         value = getattr(args, name)
@@ -657,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-control", action="store_true",
                    help="openvino int8: nncf.quantize_with_accuracy_control on the parity metric")
     p.add_argument("--max-drop", type=float, help="openvino int8 accuracy control: allowed drop (default 0.01)")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="openvino int8: NNCF's fast bias correction (off by default: it worsened U2NETP's parity)")
     p.add_argument("--parity-images", help="folder of photos for the parity check (default: bundled samples)")
     p.add_argument("--out", required=True, help="output folder")
 

@@ -269,8 +269,8 @@ def search(target: str, ranking: list[RankedGroup], ranking_record: dict[str, An
 
     ``attempt(groups, float_macs)`` converts and measures one candidate. A passing fine step is
     raced against its whole-group alternative on ``latency`` and the faster passing one wins.
-    When a whole group made the gate pass, its most sensitive sub-modules (``children(group)``,
-    ranked) are tried in its place, and the faster passing candidate wins.
+    Then every whole group of the passing set, largest first, is tried replaced by its most
+    sensitive sub-modules (``children(group)``, ranked), and the faster passing candidate wins.
     """
     result = SearchResult(None, [first], ranking, ranking_record)
     steps, why_end = plan_steps(ranking, macs, total, budget, target in FINE_TARGETS)
@@ -296,8 +296,8 @@ def search(target: str, ranking: list[RankedGroup], ranking_record: dict[str, An
             if alternative.passed:
                 current.p50_ms, alternative.p50_ms = latency(current.artifact), latency(alternative.artifact)
                 chosen = min((current, alternative), key=lambda a: a.p50_ms)
-        if children is not None and "/" not in chosen.keep_fp_groups[-1] and chosen.keep_fp_groups[-1] != "top-level":
-            chosen = _narrow(chosen, children(chosen.keep_fp_groups[-1]), result, attempt, share, latency, tried)
+        if children is not None:
+            chosen = _narrow_groups(chosen, children, macs, result, attempt, share, latency, tried)
         result.chosen = chosen
         return result
     result.stopped = why_end
@@ -307,16 +307,33 @@ def search(target: str, ranking: list[RankedGroup], ranking_record: dict[str, An
 NARROW_TRIES = 2  # sub-module candidates per passing group: its top one, then its top two
 
 
-def _narrow(chosen: Attempt, ranked_children: list[RankedGroup], result: SearchResult,
+def _narrow_groups(chosen: Attempt, children: Callable[[str], list[RankedGroup]], macs: dict[str, int],
+                   result: SearchResult, attempt: Callable[[tuple[str, ...], float], Attempt],
+                   share: Callable[[tuple[str, ...]], float], latency: Callable[[Any], float], tried: set) -> Attempt:
+    """Narrow every whole group of the passing set, the one with most MACs first (it has most to
+    give back), within the search's conversion budget."""
+    wholes = [g for g in chosen.keep_fp_groups if "/" not in g and macs.get(g, 0) > 0]
+    for group in sorted(wholes, key=lambda g: -macs[g]):
+        if len(result.attempts) >= MAX_ATTEMPTS:
+            break
+        ranked = children(group)
+        if ranked:  # a lone conv (outconv, side1) has no sub-modules to narrow to
+            chosen = _narrow(chosen, group, ranked, result, attempt, share, latency, tried)
+    return chosen
+
+
+def _narrow(chosen: Attempt, group: str, ranked_children: list[RankedGroup], result: SearchResult,
             attempt: Callable[[tuple[str, ...], float], Attempt], share: Callable[[tuple[str, ...]], float],
             latency: Callable[[Any], float], tried: set) -> Attempt:
-    """Replace the group that made ``chosen`` pass by its top sub-modules; keep the faster pass."""
-    base, picked = chosen.keep_fp_groups[:-1], ()
+    """Replace ``group`` in ``chosen`` by its top sub-modules; keep the faster pass."""
+    at = chosen.keep_fp_groups.index(group)
+    before, after = chosen.keep_fp_groups[:at], chosen.keep_fp_groups[at + 1:]
+    picked: tuple[str, ...] = ()
     for child in ranked_children[:NARROW_TRIES]:
         if len(result.attempts) >= MAX_ATTEMPTS:
             break
         picked += (child.group,)
-        candidate = base + picked
+        candidate = before + picked + after
         if candidate in tried:
             continue
         tried.add(candidate)

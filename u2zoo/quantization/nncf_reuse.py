@@ -77,10 +77,19 @@ def _merge(into, points) -> None:
         _add(into, target_point, algorithm, collectors)
 
 
-def quantize(ov_model, dataset, subset_size: int, ignored_scope, cache_key: tuple) -> tuple[Any, str]:
-    """``nncf.quantize(ov_model, dataset, subset_size=…, ignored_scope=…)`` (default preset),
-    collecting only the statistics this process has not collected for ``cache_key`` yet.
-    Returns the quantized model and what happened to the statistics, for the manifest."""
+def advanced_parameters(bias_correction: bool):
+    """NNCF's advanced settings for u2zoo: bias correction only when asked (see the OpenVINO target)."""
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+
+    return AdvancedQuantizationParameters(disable_bias_correction=not bias_correction)
+
+
+def quantize(ov_model, dataset, subset_size: int, ignored_scope, cache_key: tuple,
+             bias_correction: bool = False) -> tuple[Any, str]:
+    """``nncf.quantize(ov_model, dataset, subset_size=…, ignored_scope=…)`` (default preset;
+    fast bias correction only when asked), collecting only the statistics this process has not
+    collected for ``cache_key`` yet. Returns the quantized model and what happened to the
+    statistics, for the manifest."""
     from nncf.common.tensor_statistics.statistic_point import StatisticPointsContainer
     from nncf.openvino.graph.model_utils import remove_friendly_name_duplicates
     from nncf.openvino.graph.nncf_graph_builder import GraphConverter
@@ -89,7 +98,8 @@ def quantize(ov_model, dataset, subset_size: int, ignored_scope, cache_key: tupl
     from openvino._offline_transformations import compress_quantize_weights_transformation
 
     model = remove_friendly_name_duplicates(ov_model)
-    algorithm = PostTrainingQuantization(subset_size=subset_size, ignored_scope=ignored_scope)
+    algorithm = PostTrainingQuantization(subset_size=subset_size, ignored_scope=ignored_scope,
+                                         advanced_parameters=advanced_parameters(bias_correction))
     graph = GraphConverter.create_nncf_graph(model)
     wanted = algorithm.get_statistic_points(model, graph)
     known = _COLLECTED.get(cache_key)
