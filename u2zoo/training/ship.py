@@ -124,7 +124,25 @@ def _run_record(candidate: Path) -> dict[str, Any]:
         if "host" in state:
             record["host"] = state["host"]
         record["history"] = history
+        if candidate.name == "best.pth":
+            _describe_best(record, history)
     return record
+
+
+def _describe_best(record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """``best.pth`` is the checkpoint with the lowest val MAE in the history, not the run's last
+    state: record its own step, samples and wall time, and the run's end apart."""
+    scored = [h for h in history if isinstance(h.get("val"), dict) and "mae" in h["val"] and "step" in h]
+    if not scored or "step" not in record:
+        return
+    best = min(scored, key=lambda h: h["val"]["mae"])
+    record["run_end"] = {k: record.pop(k) for k in ("epoch", "step", "samples", "wall_s") if k in record}
+    record |= {"step": best["step"], "picked": f"lowest val MAE of the run ({best['val']['mae']:.4f} on "
+                                               f"{best['val'].get('images', '?')} images)"}
+    if "samples" in best:
+        record["samples"] = best["samples"]
+    if "wall_s" in best:
+        record["wall_s"] = round(float(best["wall_s"]), 1)
 
 
 def ship_if_better(candidate: str | Path, dest: str | Path, data: str | Path = DEFAULT_DATA, split: str = "val",
@@ -172,7 +190,8 @@ def ship_if_better(candidate: str | Path, dest: str | Path, data: str | Path = D
         "metrics": {"val": entry(new, sha)},
         "previous": {"val": entry(old, file_digest(dest))} if old else None,
         "data": {"set": data.name, "split": f"{split}/", "train_split": "train/", "counts": counts},
-        "training": {k: run.get(k) for k in ("epoch", "step", "samples", "epochs", "steps", "wall_s") if k in run},
+        "training": {k: run.get(k) for k in ("epoch", "step", "samples", "epochs", "steps", "wall_s", "picked", "run_end")
+                     if k in run},
         "device": run.get("host"), "recipe": {k: run.get(k) for k in ("config", "init", "teacher", "train_pairs")},
         "contract": contract.to_dict(), "scored_in_s": round(time.time() - started, 1),
         "shipped": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
