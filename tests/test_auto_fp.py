@@ -194,6 +194,7 @@ def test_convert_records_the_search_and_off_switches(calib_dir, tmp_path, capsys
     artifact = convert_model("u2net-tiny", "onnx", tmp_path / "a", **common)
     record = artifact.manifest["auto_fp"]
     assert record["status"] == "passed" and record["kept_in_float"] == [] and record["steps"][0]["passed"]
+    assert 0 < record["steps"][0]["seconds"] < 600  # the step's wall time, for whoever sizes a search
     hand = convert_model("u2net-tiny", "onnx", tmp_path / "b", keep_fp_groups=("outconv",), **common)
     assert hand.manifest["auto_fp"] == {"status": "off", "reason": "layer groups chosen by hand (--keep-fp / --keep-fp-groups)"}
     off = convert_model("u2net-tiny", "onnx", tmp_path / "c", auto_fp=False, **common)
@@ -226,4 +227,5 @@ def test_plain_int8_of_real_u2netp_passes_by_falling_back(tmp_path, capsys):
     record = manifest["auto_fp"]
     assert record["status"] == "passed" and not record["steps"][0]["passed"]  # all-INT8 failed first
     assert record["ranking"]["groups"][0]["group"] == "stage2d" and record["float_macs"] <= 0.25
+    assert record["ranking"]["seconds"] >= 0 and all(step["seconds"] > 0 for step in record["steps"])
     assert manifest["parity"]["iou50"] >= 0.98 and "int8 float fallback: kept [" in out

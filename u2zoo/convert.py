@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +150,11 @@ def _convert_and_prove(spec, opts: Any, source: ModelSource, out_dir: Path, imag
         not_runnable = spec.runtime_unavailable_reason()
         if why_not is None and not_runnable:
             why_not = f"parity cannot be measured here ({not_runnable})"
+        started = time.perf_counter()
         first, failures = _attempt(spec, opts, source, staging / "step0", images, tolerance, parent)
+        first_try = _all_int8(first, time.perf_counter() - started)
         if failures and why_not is None:
-            artifact = _float_fallback(spec, opts, source, staging, images, tolerance, parent, fp_budget, first)
+            artifact = _float_fallback(spec, opts, source, staging, images, tolerance, parent, fp_budget, first_try)
         elif failures:
             raise ParityError(f"{spec.name} {precision} artifact rejected: {'; '.join(failures)}"
                               + (_FALLBACK_HINT if precision in AUTO_PRECISIONS else ""))
@@ -159,7 +162,7 @@ def _convert_and_prove(spec, opts: Any, source: ModelSource, out_dir: Path, imag
             artifact = first
             if precision in AUTO_PRECISIONS:
                 artifact.manifest["auto_fp"] = ({"status": "off", "reason": why_not} if why_not else
-                                                {"status": "passed", "steps": [_all_int8(first).to_dict()],
+                                                {"status": "passed", "steps": [first_try.to_dict()],
                                                  "kept_in_float": [], "float_macs": 0.0})
         return _publish(artifact, artifact.path.parent, out_dir)
 
@@ -202,9 +205,9 @@ def _attempt_quietly(spec, opts: Any, source: ModelSource, where: Path, images: 
     return artifact, failures
 
 
-def _all_int8(first: Artifact) -> Attempt:
+def _all_int8(first: Artifact, seconds: float) -> Attempt:
     parity = first.manifest["parity"]
-    return Attempt((), 0.0, parity["status"] == "ok", parity)
+    return Attempt((), 0.0, parity["status"] == "ok", parity, seconds=seconds)
 
 
 def _network_hw(opts: Any, source: ModelSource) -> tuple[int, int]:
@@ -213,7 +216,7 @@ def _network_hw(opts: Any, source: ModelSource) -> tuple[int, int]:
 
 
 def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images: list[Path], tolerance: Tolerance,
-                    parent: Artifact | None, budget: float, first: Artifact) -> Artifact:
+                    parent: Artifact | None, budget: float, first: Attempt) -> Artifact:
     """All-INT8 missed the gate: put ranked groups back in float until it passes (auto_fp)."""
     import dataclasses
 
@@ -228,12 +231,14 @@ def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images:
     counter = iter(range(1, 10_000))
 
     def attempt(groups: tuple[str, ...], share: float) -> Attempt:
+        started = time.perf_counter()
         try:
             artifact, failures = _attempt(spec, dataclasses.replace(opts, keep_fp_groups=groups), source,
                                           staging / f"step{next(counter)}", images, tolerance, parent)
         except ConfigError as exc:  # e.g. a group this backend cannot name: not a candidate here
-            return Attempt(groups, share, False, {"error": str(exc)})
-        return Attempt(groups, share, not failures, artifact.manifest["parity"], None if failures else artifact)
+            return Attempt(groups, share, False, {"error": str(exc)}, seconds=time.perf_counter() - started)
+        return Attempt(groups, share, not failures, artifact.manifest["parity"], None if failures else artifact,
+                       seconds=time.perf_counter() - started)
 
     photo = preprocess_files(images[:1], source.contract, size)
 
@@ -241,7 +246,7 @@ def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images:
         with spec.runner(artifact) as runner:  # the runner loads quietly itself
             return measure_latency(runner, photo, runs=10, warmup=2).p50_ms
 
-    result = search(spec.name, ranking, ranking_record, macs, total, budget, attempt, _all_int8(first), latency,
+    result = search(spec.name, ranking, ranking_record, macs, total, budget, attempt, first, latency,
                     children=lambda group: children_ranking_for(source, calib, size, group))
     precision = getattr(opts, "precision", "int8")
     if result.chosen is None:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -146,9 +147,10 @@ def _cached_ranking(source, calib_key: str, measure: Callable[[], list[RankedGro
 
 def ranking_for(source, calib, size: tuple[int, int]) -> tuple[list[RankedGroup], dict[str, Any]]:
     """The sensitivity ranking of ``source`` on ``calib``: from the cache, or measured and cached."""
+    started = time.perf_counter()
     ranking, path, cached = _cached_ranking(source, calib.digest, lambda: _measure_ranking(source, calib, size))
     record = {"backend": RANKING_BACKEND, "cache": str(path), "eval_images": min(8, len(calib.inputs))}
-    return ranking, record | {"cached": cached}
+    return ranking, record | {"cached": cached, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def children_ranking_for(source, calib, size: tuple[int, int], group: str) -> list[RankedGroup]:
@@ -202,10 +204,13 @@ class Attempt:
     parity: dict[str, Any]
     artifact: Any = None  # kept only for passing attempts
     p50_ms: float | None = None
+    seconds: float | None = None  # wall time of the conversion and its parity check
 
     def to_dict(self) -> dict[str, Any]:
         out = {"keep_fp_groups": list(self.keep_fp_groups), "float_macs": round(self.float_macs, 4),
                "passed": self.passed, "parity": {k: self.parity.get(k) for k in ("max_abs", "mean_abs", "iou50")}}
+        if self.seconds is not None:
+            out["seconds"] = round(self.seconds, 1)
         if self.p50_ms is not None:
             out["p50_ms"] = round(self.p50_ms, 2)
         return out
