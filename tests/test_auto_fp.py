@@ -100,8 +100,8 @@ def test_every_whole_group_of_the_passing_set_is_narrowed_largest_first():
     could not be narrowed, but stage2d (more MACs) could."""
     ranking = [RankedGroup("stage2d", 0.13, 0.9), RankedGroup("outconv", 0.01, 0.2), RankedGroup("stage2", 0.01, 0.2)]
     macs = {"stage2d": 13, "outconv": 1, "stage2": 9, "stage2d/rebnconv1d": 2, "stage2/rebnconvin": 4}
-    kids = {"stage2d": [RankedGroup("stage2d/rebnconv1d", 0.3, 0.9)], "stage2": [RankedGroup("stage2/rebnconvin", 0.01, 0.1)],
-            "outconv": []}
+    kids = {"stage2d": [RankedGroup("stage2d/rebnconv1d", 0.3, 0.9)],
+            "stage2": [RankedGroup("stage2/rebnconvin", 0.01, 0.1)], "outconv": []}
     first = Attempt((), 0.0, False, {"iou50": 0.55, "mean_abs": 0.1})
 
     def passes(groups):  # stage2 is needed whole; stage2d only for its first conv

@@ -88,7 +88,8 @@ def test_nncf_reused_statistics_equal_nncf_quantize(tiny_source, calib, tmp_path
         mine, how = nncf_reuse.quantize(ov.convert_model(str(onnx_path)), calib.nncf_dataset(), 4, ignored, key,
                                         bias_correction)
         theirs = nncf.quantize(ov.convert_model(str(onnx_path)), calib.nncf_dataset(), subset_size=4,
-                               ignored_scope=ignored, advanced_parameters=nncf_reuse.advanced_parameters(bias_correction))
+                               ignored_scope=ignored,
+                               advanced_parameters=nncf_reuse.advanced_parameters(bias_correction))
         np.testing.assert_array_equal(outputs(mine), outputs(theirs))
         hows.append(how)
     assert hows[0].startswith("measured: ")

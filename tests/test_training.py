@@ -547,8 +547,9 @@ def test_ship_replaces_with_better_weights_and_records_the_run(tmp_path, pairs, 
     torch.save(_tiny_state(0.2), run_dir / "best.pth")
     old_sha = __import__("hashlib").sha256(dest.read_bytes()).hexdigest()
     torch.save({"arch": "u2net-tiny", "model": _tiny_state(0.2), "step": 40, "samples": 320, "epoch": 80,
-                "wall_s": 12.5, "history": [{"step": 20, "samples": 160, "wall_s": 6.04, "val": {"mae": 0.09, "images": 2}},
-                                            {"step": 40, "val": {"mae": 0.1}}]}, run_dir / "last.pt")
+                "wall_s": 12.5, "history": [
+                    {"step": 20, "samples": 160, "wall_s": 6.04, "val": {"mae": 0.09, "images": 2}},
+                    {"step": 40, "val": {"mae": 0.1}}]}, run_dir / "last.pt")
     (run_dir / "run.json").write_text(json.dumps({"config": {"lr": 1e-3}, "host": {"cpu": "Test CPU"},
                                                   "init": {"init": "bundled"}, "train_pairs": 4}))
     _fake_scores(monkeypatch, {0.1: (0.20, 0.65), 0.2: (0.05, 0.93)})

@@ -156,8 +156,8 @@ def ranking_for(source, calib, size: tuple[int, int]) -> tuple[list[RankedGroup]
 def children_ranking_for(source, calib, size: tuple[int, int], group: str) -> list[RankedGroup]:
     """The sub-modules of ``group`` (``stage2d/rebnconv1d``, …) ranked the same way, cached the same way.
 
-    Measured only when a whole group is what made the gate pass: often one of its convs
-    carries the error, and keeping just that one in float is nearly as fast as all-INT8.
+    Measured only for the whole groups of a set that passed the gate: often one of a group's
+    convs carries the error, and keeping just that one in float is nearly as fast as all-INT8.
     """
     children = [f"{group}/{name}" for name, _ in source.model.get_submodule(group).named_children()]
     if not children:

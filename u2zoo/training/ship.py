@@ -98,6 +98,10 @@ def score_state(state: dict[str, Any], arch: str, val, contract) -> dict[str, An
         return deploy_scores(model.float().eval(), val, contract)
 
 
+# what the record beside the weights says of the training that made them
+TRAINING_KEYS = ("epoch", "step", "samples", "epochs", "steps", "wall_s", "picked", "run_end")
+
+
 def _run_record(candidate: Path) -> dict[str, Any]:
     """What the run folder of ``candidate`` says about the training (longrun's or the trainer's files)."""
     import torch
@@ -190,8 +194,7 @@ def ship_if_better(candidate: str | Path, dest: str | Path, data: str | Path = D
         "metrics": {"val": entry(new, sha)},
         "previous": {"val": entry(old, file_digest(dest))} if old else None,
         "data": {"set": data.name, "split": f"{split}/", "train_split": "train/", "counts": counts},
-        "training": {k: run.get(k) for k in ("epoch", "step", "samples", "epochs", "steps", "wall_s", "picked", "run_end")
-                     if k in run},
+        "training": {k: run.get(k) for k in TRAINING_KEYS if k in run},
         "device": run.get("host"), "recipe": {k: run.get(k) for k in ("config", "init", "teacher", "train_pairs")},
         "contract": contract.to_dict(), "scored_in_s": round(time.time() - started, 1),
         "shipped": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
