@@ -123,7 +123,7 @@ def test_children_ranking_is_cached_apart_from_the_group_ranking(monkeypatch, is
     from u2zoo.zoo.archs import build_arch
 
     calls = []
-    monkeypatch.setattr(auto_fp, "_measure_ranking", lambda *a, only=None: calls.append(only) or (
+    monkeypatch.setattr(auto_fp, "_measure_ranking", lambda *a, only=None, **kw: calls.append(only) or (
         CHILDREN if only else RANKING))
     source = SimpleNamespace(weights=SimpleNamespace(sha256="ab" * 32), arch="u2net-tiny",
                              model=build_arch("u2net-tiny"))
@@ -152,7 +152,7 @@ def test_ranking_cache_is_used_and_a_corrupt_one_is_recomputed(monkeypatch, isol
     from types import SimpleNamespace
 
     calls = []
-    monkeypatch.setattr(auto_fp, "_measure_ranking", lambda *a: calls.append(1) or RANKING)
+    monkeypatch.setattr(auto_fp, "_measure_ranking", lambda *a, **kw: calls.append(1) or RANKING)
     source = SimpleNamespace(weights=SimpleNamespace(sha256="ab" * 32), arch="u2netp")
     calib = SimpleNamespace(digest="cd" * 32, inputs=np.zeros((3, 3, 8, 8), np.float32))
     ranking, record = auto_fp.ranking_for(source, calib, (8, 8))
@@ -216,6 +216,21 @@ def test_search_failure_writes_nothing_and_says_why(calib_dir, tmp_path):
     assert not list((tmp_path / "out").iterdir())
 
 
+def test_the_ranking_reuses_the_calibration_of_a_dynamic_onnx_conversion(calib_dir, tmp_path, isolated_cache):
+    """The ranking's graph is exported like the artifact's (here with dynamic shapes, whose
+    tensors are named unlike a static graph's), so the ranges that the all-INT8 attempt cached
+    serve the ranking: one calibration pass for the whole search, not two."""
+    from u2zoo.benchmarks.compare import Tolerance
+    from u2zoo.convert import convert_model
+
+    with pytest.raises(ParityError):
+        convert_model("u2net-tiny", "onnx", tmp_path / "out", random_weights=True, precision="int8", dynamic=True,
+                      calib=str(calib_dir), progress=False, tolerance=Tolerance(max_abs=1e-6), fp_budget=0.05)
+    cache = isolated_cache / "int8"
+    assert len(list(cache.glob("ranking-*.json"))) == 1
+    assert len(list(cache.glob("ranges-*.json"))) == 1
+
+
 @pytest.mark.slow  # about 150 s: a sensitivity ranking and three quantizations of the real U2NETP
 @needs_shared
 def test_plain_int8_of_real_u2netp_passes_by_falling_back(tmp_path, capsys):
@@ -229,3 +244,55 @@ def test_plain_int8_of_real_u2netp_passes_by_falling_back(tmp_path, capsys):
     assert record["ranking"]["groups"][0]["group"] == "stage2d" and record["float_macs"] <= 0.25
     assert record["ranking"]["seconds"] >= 0 and all(step["seconds"] > 0 for step in record["steps"])
     assert manifest["parity"]["iou50"] >= 0.98 and "int8 float fallback: kept [" in out
+
+
+def test_only_a_stand_in_that_clearly_misses_the_gate_skips_the_build():
+    """``_screened_out`` trusts a stand-in's miss only beyond the margin, and only for int8."""
+    from types import SimpleNamespace
+
+    from u2zoo.benchmarks.compare import Tolerance
+    from u2zoo.convert import SCREEN_MARGIN, _screened_out
+    from u2zoo.converters.base import ModelSource
+    from u2zoo.zoo.reference import TorchPredictor, sample_images
+    from u2zoo.zoo.weights import load_model
+
+    model, info, contract = load_model("u2net-tiny", random_weights=True, deploy=True, progress=False)
+    source = ModelSource(model, info, contract, info.arch, 0)
+    reference = TorchPredictor(model)
+
+    class StandIn:
+        what, fixed_batch, fixed_size = "a test stand-in", None, None
+
+        def __init__(self, shift):
+            self.shift = shift
+
+        def predict(self, batch):
+            return np.clip(reference.predict(batch) + self.shift, 0, 1)
+
+    images = sample_images()[:2]
+    opts = SimpleNamespace(precision="int8", height=64, width=64)
+    gate = Tolerance(iou50_min=0.98)
+    spec = SimpleNamespace(screen=lambda src, o: StandIn(0.6))  # every pixel above 0.5: far off
+    record = _screened_out(spec, opts, source, images, gate)
+    assert record is not None and not record["passed"] and record["iou50"] < 0.98 - SCREEN_MARGIN
+    assert record["screened"].startswith("not built: a test stand-in reached IoU@0.5")
+    step = Attempt(("stage2d",), 0.1, False, record).to_dict()
+    assert step["screened"] == record["screened"]
+    near = SimpleNamespace(screen=lambda src, o: StandIn(0.0))
+    assert _screened_out(near, opts, source, images, gate) is None  # might pass: built and measured for real
+    assert _screened_out(SimpleNamespace(screen=None), opts, source, images, gate) is None
+    assert _screened_out(spec, SimpleNamespace(precision="dynamic-int8"), source, images, gate) is None
+    assert _screened_out(spec, opts, source, images, Tolerance(mean_abs=0.05)) is None  # no IoU gate to loosen
+
+
+def test_cached_ranking_only_reads_never_measures(isolated_cache, capsys):
+    from types import SimpleNamespace
+
+    source = SimpleNamespace(weights=SimpleNamespace(sha256="ab" * 32), arch="u2netp")
+    calib = SimpleNamespace(digest="cd" * 32, inputs=np.zeros((3, 3, 8, 8), np.float32))
+    assert auto_fp.cached_ranking(source, calib) is None
+    auto_fp._cached_ranking(source, calib.digest, lambda: RANKING)
+    assert auto_fp.cached_ranking(source, calib) == RANKING
+    next((isolated_cache / "int8").glob("ranking-*.json")).write_text("{")
+    assert auto_fp.cached_ranking(source, calib) is None
+    assert capsys.readouterr().err == ""  # the search itself warns when it recomputes

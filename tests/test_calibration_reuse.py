@@ -116,3 +116,61 @@ def test_tflite_reused_ranges_equal_a_fresh_calibration(tiny_source, calib, tmp_
     tflite._CALIBRATIONS.clear()
     fresh, how = quantize(("stage2d",), "fresh")
     assert how == "measured" and reused == fresh
+
+
+def test_nncf_statistics_of_the_likely_next_scope_ride_along(tiny_source, calib, tmp_path):
+    """A group's element-wise joins in float collect, in the same pass, the points the whole
+    group in float will need: that next call collects nothing and equals nncf.quantize."""
+    nncf = pytest.importorskip("nncf")
+    ov = pytest.importorskip("openvino")
+    from u2zoo.converters.onnx import OnnxOptions, export_onnx
+    from u2zoo.converters.openvino import _likely_next
+    from u2zoo.quantization.auto_fp import RankedGroup
+    from u2zoo.quantization import nncf_reuse
+    from u2zoo.quantization.onnx_int8 import group_pattern
+
+    onnx_path = tmp_path / "tiny.onnx"
+    export_onnx(tiny_source.model, onnx_path, OnnxOptions(batch=1, height=SIZE[0], width=SIZE[1]), *SIZE)
+    key = ("tiny-ride-along", calib.digest, 4)
+    nncf_reuse._COLLECTED.pop(key, None)
+
+    def scope(kept):
+        return nncf.IgnoredScope(patterns=[group_pattern(g) for g in kept], validate=False)
+
+    nncf_reuse.quantize(ov.convert_model(str(onnx_path)), calib.nncf_dataset(), 4, scope([]), key)
+    joins = ["stage2d/Add", "stage2d/Concat", "stage2d/Resize"]
+    assert _likely_next(joins) == [["stage2d"]]
+    assert _likely_next(["stage2d/rebnconv1d"]) == [] and _likely_next([]) == []
+    assert _likely_next([], [RankedGroup("stage2d", 0.1, 0.5, tuple(joins))]) == [joins, ["stage2d"]]
+    _, how = nncf_reuse.quantize(ov.convert_model(str(onnx_path)), calib.nncf_dataset(), 4, scope(joins), key,
+                                 also_for=(scope(["stage2d"]),))
+    assert how.startswith("measured "), how  # the joins' own new points: one pass
+    mine, how = nncf_reuse.quantize(ov.convert_model(str(onnx_path)), calib.nncf_dataset(), 4, scope(["stage2d"]), key)
+    assert how.startswith("reused: all"), how
+    theirs = nncf.quantize(ov.convert_model(str(onnx_path)), calib.nncf_dataset(), subset_size=4,
+                           ignored_scope=scope(["stage2d"]), advanced_parameters=nncf_reuse.advanced_parameters(False))
+    core = ov.Core()
+    outputs = [np.concatenate([core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(calib.inputs[i:i + 1])[0]
+                               for i in range(2)]) for m in (mine, theirs)]
+    np.testing.assert_array_equal(*outputs)
+
+
+def test_tflite_profiler_ranges_equal_the_default_modes(tiny_source, calib):
+    """The profiler-based calibration u2zoo uses measures the default mode's min/max."""
+    pytest.importorskip("litert_torch")
+    pytest.importorskip("ai_edge_quantizer")
+    from ai_edge_quantizer import quantizer, recipe
+
+    from u2zoo.converters import tflite
+
+    fp32 = tflite.export_fp32(tiny_source.model, 1, SIZE, False)
+    tflite._CALIBRATIONS.clear()
+    mine, _ = tflite._calibration_result(fp32, calib, False)
+    q = quantizer.Quantizer(str(fp32))
+    q.load_quantization_recipe(recipe.static_wi8_ai8())
+    signature, input_name = tflite._signature(fp32)
+    default = q.calibrate(calib.litert_data(signature, input_name), num_threads=1)
+    assert set(default) <= set(mine)
+    for name, qsv in default.items():
+        for k in ("min", "max"):
+            np.testing.assert_allclose(np.ravel(mine[name][k]), np.ravel(qsv[k]), rtol=1e-5, atol=1e-6, err_msg=name)

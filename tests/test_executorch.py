@@ -165,3 +165,24 @@ def test_real_u2netp_fp32_and_int8_keeping_stage2d(tmp_path):
     parity = int8.manifest["parity"]
     assert parity["iou50"] >= 0.98, parity
     assert int8.manifest["quantization"]["kept_in_float"] == ["stage2d"]
+
+
+def test_screen_stand_in_matches_the_program_and_convert_takes_its_module(tmp_path, tiny_checkpoint, calib_dir):
+    """The float fallback's stand-in (the quantized graph in torch, before lowering) gives the
+    XNNPACK program's outputs up to int8 rounding, and converting the same candidate next
+    reuses its module instead of quantizing again."""
+    from u2zoo.converters import executorch as et
+    from u2zoo.converters.base import ModelSource
+
+    model, info, contract = load_model("u2net-tiny", weights=str(tiny_checkpoint), deploy=True, progress=False)
+    source = ModelSource(model, info, contract, info.arch, 0)
+    options = et.ExecuTorchOptions(precision="int8", calib=str(calib_dir), calib_size=3, height=96, width=96,
+                                   keep_fp_groups=("outconv",))
+    stand_in = et.screen(source, options)
+    assert len(et._SCREENED[model]) == 1
+    artifact = et.convert(source, options, tmp_path, "tiny")
+    assert not et._SCREENED[model]  # taken by convert
+    x = np.random.default_rng(0).uniform(-2, 2, (1, 3, 96, 96)).astype(np.float32)
+    with et.ExecuTorchRunner(artifact) as runner:
+        program = runner.predict(x)
+    assert float(np.abs(program - stand_in.predict(x)).max()) < 0.02

@@ -71,8 +71,10 @@ def _print_auto_fp(record: dict[str, Any] | None) -> None:
         speed = f", p50 {step['p50_ms']:.1f} ms" if "p50_ms" in step else ""
         parity = step["parity"]
         iou = f"IoU@0.5 {parity['iou50']:.4f}" if parity.get("iou50") is not None else "not converted"
-        print(f"int8 float fallback: float [{groups}] ({step['float_macs']:.1%} of MACs): {iou}"
-              f"{speed} — {'passed' if step['passed'] else 'failed'}")
+        verdict = "passed" if step["passed"] else "failed"
+        if "screened" in step:
+            verdict += " (screened, not built)"
+        print(f"int8 float fallback: float [{groups}] ({step['float_macs']:.1%} of MACs): {iou}{speed} — {verdict}")
     if record["kept_in_float"] is not None:
         print(f"int8 float fallback: kept [{', '.join(record['kept_in_float']) or 'nothing'}] in float "
               f"({record['float_macs']:.1%} of MACs)")

@@ -151,8 +151,13 @@ def _convert_and_prove(spec, opts: Any, source: ModelSource, out_dir: Path, imag
         if why_not is None and not_runnable:
             why_not = f"parity cannot be measured here ({not_runnable})"
         started = time.perf_counter()
-        first, failures = _attempt(spec, opts, source, staging / "step0", images, tolerance, parent)
-        first_try = _all_int8(first, time.perf_counter() - started)
+        screened = _screened_out(spec, opts, source, images, tolerance) if why_not is None else None
+        if screened is not None:  # all-INT8 clearly fails: straight to the fallback, nothing built
+            first, failures = None, [screened["screened"]]
+            first_try = Attempt((), 0.0, False, screened, seconds=time.perf_counter() - started)
+        else:
+            first, failures = _attempt(spec, opts, source, staging / "step0", images, tolerance, parent)
+            first_try = _all_int8(first, time.perf_counter() - started)
         if failures and why_not is None:
             artifact = _float_fallback(spec, opts, source, staging, images, tolerance, parent, fp_budget, first_try)
         elif failures:
@@ -205,6 +210,29 @@ def _attempt_quietly(spec, opts: Any, source: ModelSource, where: Path, images: 
     return artifact, failures
 
 
+SCREEN_MARGIN = 0.03  # IoU@0.5 below the gate at which a stand-in's miss is trusted
+
+
+def _screened_out(spec, opts: Any, source: ModelSource, images: list[Path], tolerance: Tolerance
+                  ) -> dict[str, Any] | None:
+    """The parity record of a float-fallback candidate whose stand-in (``spec.screen``: its
+    quantized numerics before the target's slow last step) misses an IoU gate by more than
+    ``SCREEN_MARGIN``; that candidate is then not built. None: build it and measure it in the
+    real runtime, as every candidate that might pass is, and every artifact written."""
+    if spec.screen is None or tolerance.iou50_min is None or getattr(opts, "precision", "") != "int8":
+        return None
+    with third_party_quiet():
+        stand_in = spec.screen(source, opts)
+    inputs = preprocess_files(images, source.contract, _network_hw(opts, source))
+    loose = Tolerance(iou50_min=tolerance.iou50_min - SCREEN_MARGIN)
+    parity = compare(run_batched(TorchPredictor(source.model), inputs), run_batched(stand_in, inputs), loose)
+    if parity:
+        return None
+    return parity.to_dict() | {"images": [p.name for p in images], "status": "failed",
+                               "screened": f"not built: {stand_in.what} reached IoU@0.5 {parity.iou50:.4f}, "
+                                           f"more than {SCREEN_MARGIN} below the gate ({tolerance.describe()})"}
+
+
 def _all_int8(first: Artifact, seconds: float) -> Attempt:
     parity = first.manifest["parity"]
     return Attempt((), 0.0, parity["status"] == "ok", parity, seconds=seconds)
@@ -226,15 +254,20 @@ def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images:
 
     size = _network_hw(opts, source)
     calib = calibration_set(opts.calib, source.contract, opts.calib_size, size, warn=False)
-    ranking, ranking_record = ranking_for(source, calib, size)
+    graph = _ranking_graph_options(spec.name, opts)
+    ranking, ranking_record = ranking_for(source, calib, size, graph)
     macs, total = group_macs(source.model)
     counter = iter(range(1, 10_000))
 
     def attempt(groups: tuple[str, ...], share: float) -> Attempt:
         started = time.perf_counter()
+        candidate = dataclasses.replace(opts, keep_fp_groups=groups)
         try:
-            artifact, failures = _attempt(spec, dataclasses.replace(opts, keep_fp_groups=groups), source,
-                                          staging / f"step{next(counter)}", images, tolerance, parent)
+            screened = _screened_out(spec, candidate, source, images, tolerance)
+            if screened is not None:
+                return Attempt(groups, share, False, screened, seconds=time.perf_counter() - started)
+            artifact, failures = _attempt(spec, candidate, source, staging / f"step{next(counter)}", images,
+                                          tolerance, parent)
         except ConfigError as exc:  # e.g. a group this backend cannot name: not a candidate here
             return Attempt(groups, share, False, {"error": str(exc)}, seconds=time.perf_counter() - started)
         return Attempt(groups, share, not failures, artifact.manifest["parity"], None if failures else artifact,
@@ -247,13 +280,25 @@ def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images:
             return measure_latency(runner, photo, runs=10, warmup=2).p50_ms
 
     result = search(spec.name, ranking, ranking_record, macs, total, budget, attempt, first, latency,
-                    children=lambda group: children_ranking_for(source, calib, size, group))
+                    children=lambda group: children_ranking_for(source, calib, size, group, graph))
     precision = getattr(opts, "precision", "int8")
     if result.chosen is None:
         raise ParityError(failure_message(spec.name, precision, result, budget, tolerance.describe(), source.arch))
     artifact = result.chosen.artifact
     artifact.manifest["auto_fp"] = result.record(budget)
     return artifact
+
+
+def _ranking_graph_options(target: str, opts: Any) -> Any:
+    """The ONNX export options of an ONNX Runtime INT8 conversion, for its ranking's graph (then the
+    ranking reuses the ranges the all-INT8 attempt cached); None for other targets. The ranking
+    calibrates with min/max, so only a min/max conversion's ranges can serve."""
+    if target != "onnx" or getattr(opts, "calib_method", "minmax") != "minmax":
+        return None
+    from u2zoo.converters.onnx import OnnxOptions
+
+    return OnnxOptions(dynamic=opts.dynamic, opset=opts.opset, batch=opts.batch, height=opts.height,
+                       width=opts.width, exporter=opts.exporter, simplify=opts.simplify)
 
 
 def _warn_calibration_overlap(opts: Any, source: ModelSource, images: list[Path]) -> None:

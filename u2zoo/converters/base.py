@@ -152,6 +152,9 @@ class TargetSpec:
     # leave the user (e.g. a trtexec script) when this host cannot finish the chain
     onnx_options: Callable[[Any], dict[str, Any]] | None = None
     handoff: Callable[[Artifact, Any, Path], str] | None = None
+    # int8 targets with a slow last step: a stand-in with the artifact's quantized numerics that
+    # runs before that step (a predictor), so the float fallback skips candidates that clearly fail
+    screen: Callable[["ModelSource", Any], Any] | None = None
 
     def missing_modules(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]

@@ -247,6 +247,48 @@ def _quantize(model, example, source: ModelSource, options: ExecuTorchOptions, k
     return converted, calib.describe() | {"ranges": ranges}, settings
 
 
+# Converted modules that ``screen`` built in this process, keyed by model and then by what
+# makes them: ``convert`` of the same candidate takes its module instead of quantizing again.
+_SCREENED: "weakref.WeakKeyDictionary[Any, dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
+
+
+def _screen_key(options: ExecuTorchOptions, kept: list[str], size: tuple[int, int]) -> tuple:
+    return (tuple(kept), options.calib, options.calib_size, options.batch, size)
+
+
+class QuantizedTorchModule:
+    """The INT8 program's graph before lowering, run in torch: torchao's reference kernels
+    (dequantize → float op → quantize), the same quantized numerics as XNNPACK's int8 kernels
+    up to rounding. Measured on U2NETP all-INT8 (4 sample photos, 256 DUTS-TR calibration
+    images): IoU@0.5 vs torch 0.822 here, 0.820 in the XNNPACK program."""
+
+    what = "the quantized graph run in torch before XNNPACK lowering"
+
+    def __init__(self, module, batch: int, size: tuple[int, int]):
+        self.module, self.fixed_batch, self.fixed_size = module, batch, size
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.module(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()
+
+
+def screen(source: ModelSource, options: ExecuTorchOptions) -> QuantizedTorchModule:
+    """Quantize (export, annotate, calibrate, convert) without the XNNPACK lowering, which takes
+    most of a fallback step's time once calibration is reused; kept for ``convert``."""
+    import torch
+
+    size = (options.height or source.contract.pre.size[0], options.width or source.contract.pre.size[1])
+    kept = check_module_groups(source.model, options.keep_fp_groups)
+    example = (torch.zeros(options.batch, 3, *size),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = _quantize(source.model.eval(), example, source, options, kept, size)
+    _SCREENED.setdefault(source.model, {})[_screen_key(options, kept, size)] = built
+    return QuantizedTorchModule(built[0], options.batch, size)
+
+
 def _lowering_summary(edge_program) -> dict[str, Any]:
     """How much of the graph XNNPACK took: delegate calls and the ops left to portable kernels."""
     outside: dict[str, int] = {}
@@ -287,7 +329,9 @@ def convert(source: ModelSource, options: ExecuTorchOptions, out_dir: Path, stem
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if options.precision == "int8":
-            model, calibration, quantization = _quantize(model, example, source, options, kept, (height, width))
+            screened = _SCREENED.get(source.model, {}).pop(_screen_key(options, kept, (height, width)), None)
+            model, calibration, quantization = screened or _quantize(model, example, source, options, kept,
+                                                                     (height, width))
         try:
             exported = torch.export.export(model, example)
         except Exception as exc:  # noqa: BLE001 - the exporter's own failure
@@ -379,6 +423,6 @@ class ExecuTorchRunner(Runner):
 register(TargetSpec(
     name="executorch", source="torch", precisions=PRECISIONS, dynamic_shapes=False, devices=("cpu",),
     host_os=None, extra="executorch", requires=("executorch", "torchao"),
-    options_type=ExecuTorchOptions, convert=convert, runner=ExecuTorchRunner,
+    options_type=ExecuTorchOptions, convert=convert, runner=ExecuTorchRunner, screen=screen,
     description="ExecuTorch .pte lowered to XNNPACK, run by ExecuTorch's Python runtime (INT8 by PT2E)",
 ))

@@ -70,6 +70,7 @@ def _quantize(ov_model, onnx_path: Path, source: ModelSource, options: OpenVinoO
               size: tuple[int, int]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     import nncf
 
+    from u2zoo.quantization.auto_fp import cached_ranking
     from u2zoo.quantization.calibration import calibration_set
     from u2zoo.quantization.onnx_int8 import group_pattern, plan_float_groups
 
@@ -78,14 +79,16 @@ def _quantize(ov_model, onnx_path: Path, source: ModelSource, options: OpenVinoO
     # OpenVINO keeps the ONNX node names, so the same patterns select the same ops.
     ignored = nncf.IgnoredScope(patterns=[group_pattern(g) for g in kept], validate=False)
     dataset = calib.nncf_dataset()
+    likely = _likely_next(kept, cached_ranking(source, calib) if not kept else None)
+    also_for = tuple(nncf.IgnoredScope(patterns=[group_pattern(g) for g in groups], validate=False) for groups in likely)
     # NNCF draws rich progress bars on stdout (no switch to turn them off): they would break
     # `u2zoo -q` and bury the search's one line per step
     with contextlib.redirect_stdout(io.StringIO()):
-        return _nncf_quantize(nncf, ov_model, onnx_path, calib, dataset, ignored, kept, ranking, options)
+        return _nncf_quantize(nncf, ov_model, onnx_path, calib, dataset, ignored, kept, ranking, options, also_for)
 
 
 def _nncf_quantize(nncf, ov_model, onnx_path: Path, calib, dataset, ignored, kept: list[str], ranking,
-                   options: OpenVinoOptions) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+                   options: OpenVinoOptions, also_for: tuple = ()) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     from u2zoo.quantization import nncf_reuse
 
     if options.accuracy_control:
@@ -108,7 +111,7 @@ def _nncf_quantize(nncf, ov_model, onnx_path: Path, calib, dataset, ignored, kep
 
         quantized, statistics = nncf_reuse.quantize(ov_model, dataset, len(calib.inputs), ignored,
                                                     (file_digest(onnx_path), calib.digest, len(calib.inputs)),
-                                                    options.bias_correction)
+                                                    options.bias_correction, also_for)
     settings: dict[str, Any] = {"tool": "nncf", "preset": "performance (symmetric int8)",
                                 "bias_correction": "fast" if options.bias_correction else "off",
                                 "kept_in_float": kept, "accuracy_control": options.accuracy_control}
@@ -116,6 +119,22 @@ def _nncf_quantize(nncf, ov_model, onnx_path: Path, calib, dataset, ignored, kep
         settings["sensitivity"] = [vars(r) for r in ranking]
     record = calib.describe() | ({"ranges": statistics} if statistics else {})
     return quantized, record, settings
+
+
+def _likely_next(kept: list[str], ranking: list | None = None) -> list[list[str]]:
+    """The float sets the fallback will probably try next, whose NNCF statistics can ride along
+    in this call's calibration pass: after a group's element-wise joins (``stage2d/Add``, …)
+    the whole group; before all-INT8 fails, the first steps of a ``ranking`` that an earlier
+    run cached (its top group's joins, then the group)."""
+    from u2zoo.quantization.auto_fp import FINE_OPS
+
+    if not kept:
+        if not ranking:
+            return []
+        top = ranking[0]
+        return [list(top.fine_ops), [top.group]] if top.fine_ops else [[top.group]]
+    whole = list(dict.fromkeys(g.rsplit("/", 1)[0] if g.rsplit("/", 1)[-1] in FINE_OPS else g for g in kept))
+    return [] if whole == kept else [whole]
 
 
 def _quantize_aware(source: ModelSource, options: OpenVinoOptions,

@@ -215,13 +215,16 @@ _CALIBRATIONS: dict[Any, Any] = {}
 
 
 def _calibration_result(fp32: Path, calib, nhwc: bool) -> tuple[dict[str, Any], bool]:
-    """ai-edge-quantizer's min/max ranges of every quantizable tensor of ``fp32`` on ``calib``.
+    """ai-edge-quantizer's min/max ranges of every tensor of ``fp32`` on ``calib``.
 
-    Measured once with the all-INT8 recipe (ops left in float are skipped by the calibrator,
-    so that recipe covers every tensor any other recipe needs) and reused afterwards; returns
-    the ranges and whether they were reused.
+    Measured once and reused afterwards; returns the ranges and whether they were reused. The
+    quantizer's profiler-based mode tracks min/max inside the interpreter's C++ kernels: the
+    same moving-average min/max as its default mode (which copies every tensor out to numpy
+    and reduces it once per op that touches it), 2.5× faster on U2NETP here. Its ranges are
+    float64 of shape (1,); they are stored as the default mode's float32 arrays.
     """
     from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_quantizer.calibrator import CalibrationMode
 
     key = (file_digest(fp32), calib.digest, nhwc)
     reused = key in _CALIBRATIONS
@@ -231,7 +234,9 @@ def _calibration_result(fp32: Path, calib, nhwc: bool) -> tuple[dict[str, Any], 
         signature, input_name = _signature(fp32)
         data = calib.litert_data(signature, input_name, channels_last=nhwc)
         with _quiet_progress_bars():
-            _CALIBRATIONS[key] = q.calibrate(data, num_threads=os.cpu_count() or 1)
+            ranges = q.calibrate(data, num_threads=os.cpu_count() or 1, mode=CalibrationMode.CALIBRATION_PROFILER_BASED)
+        _CALIBRATIONS[key] = {name: {k: np.asarray(v, dtype=np.float32) if k in ("min", "max") else v
+                                     for k, v in qsv.items()} for name, qsv in ranges.items()}
     return copy.deepcopy(_CALIBRATIONS[key]), reused  # the quantizer may write into it
 
 

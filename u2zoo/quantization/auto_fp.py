@@ -107,7 +107,7 @@ def _cache_path(weights_key: str, calib_digest: str) -> Path:
     return cache_dir() / "int8" / f"ranking-{key}.json"
 
 
-def _read_cached(path: Path, weights_key: str, calib_digest: str) -> list[RankedGroup] | None:
+def _read_cached(path: Path, weights_key: str, calib_digest: str, warn: bool = True) -> list[RankedGroup] | None:
     """The cached ranking if it parses and belongs to these inputs; None (and a warning) if not."""
     if not path.is_file():
         return None
@@ -121,8 +121,17 @@ def _read_cached(path: Path, weights_key: str, calib_digest: str) -> list[Ranked
             raise ValueError("empty")
         return ranking
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        print(f"u2zoo: warning: cached INT8 sensitivity ranking {path} is unreadable: recomputing it", file=sys.stderr)
+        if warn:
+            print(f"u2zoo: warning: cached INT8 sensitivity ranking {path} is unreadable: recomputing it",
+                  file=sys.stderr)
         return None
+
+
+def cached_ranking(source, calib) -> list[RankedGroup] | None:
+    """The ranking cached for ``source``'s weights on ``calib``, or None; never measures (a
+    backend uses it to prepare for the search's first steps, when an earlier run left one)."""
+    weights_key = source.weights.sha256 or f"random:{source.arch}"
+    return _read_cached(_cache_path(weights_key, calib.digest), weights_key, calib.digest, warn=False)
 
 
 def _cached_ranking(source, calib_key: str, measure: Callable[[], list[RankedGroup]]
@@ -145,15 +154,24 @@ def _cached_ranking(source, calib_key: str, measure: Callable[[], list[RankedGro
     return ranking, path, False
 
 
-def ranking_for(source, calib, size: tuple[int, int]) -> tuple[list[RankedGroup], dict[str, Any]]:
-    """The sensitivity ranking of ``source`` on ``calib``: from the cache, or measured and cached."""
+def ranking_for(source, calib, size: tuple[int, int], graph_options: Any = None
+                ) -> tuple[list[RankedGroup], dict[str, Any]]:
+    """The sensitivity ranking of ``source`` on ``calib``: from the cache, or measured and cached.
+
+    ``graph_options`` (``OnnxOptions``) exports the ranking's graph like the ONNX artifact being
+    converted: the same bytes, so the calibration ranges that conversion cached serve the ranking
+    too (a dynamic-shape graph's tensors have other names than a static one's). The ranking itself
+    does not depend on them, so its cache key leaves them out.
+    """
     started = time.perf_counter()
-    ranking, path, cached = _cached_ranking(source, calib.digest, lambda: _measure_ranking(source, calib, size))
+    ranking, path, cached = _cached_ranking(source, calib.digest,
+                                            lambda: _measure_ranking(source, calib, size, graph_options=graph_options))
     record = {"backend": RANKING_BACKEND, "cache": str(path), "eval_images": min(8, len(calib.inputs))}
     return ranking, record | {"cached": cached, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def children_ranking_for(source, calib, size: tuple[int, int], group: str) -> list[RankedGroup]:
+def children_ranking_for(source, calib, size: tuple[int, int], group: str, graph_options: Any = None
+                         ) -> list[RankedGroup]:
     """The sub-modules of ``group`` (``stage2d/rebnconv1d``, …) ranked the same way, cached the same way.
 
     Measured only for the whole groups of a set that passed the gate: often one of a group's
@@ -163,11 +181,13 @@ def children_ranking_for(source, calib, size: tuple[int, int], group: str) -> li
     if not children:
         return []
     ranking, _, _ = _cached_ranking(source, f"{calib.digest}|children-of:{group}",
-                                    lambda: _measure_ranking(source, calib, size, only=children))
+                                    lambda: _measure_ranking(source, calib, size, only=children,
+                                                             graph_options=graph_options))
     return ranking
 
 
-def _measure_ranking(source, calib, size: tuple[int, int], only: list[str] | None = None) -> list[RankedGroup]:
+def _measure_ranking(source, calib, size: tuple[int, int], only: list[str] | None = None,
+                     graph_options: Any = None) -> list[RankedGroup]:
     import onnx
 
     from u2zoo.converters.onnx import INPUT_NAME, OnnxOptions, export_onnx
@@ -175,7 +195,8 @@ def _measure_ranking(source, calib, size: tuple[int, int], only: list[str] | Non
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "graph.onnx"
-        export_onnx(source.model, onnx_path, OnnxOptions(batch=1, height=size[0], width=size[1]), *size)
+        export_onnx(source.model, onnx_path, graph_options or OnnxOptions(batch=1, height=size[0], width=size[1]),
+                    *size)
         names = [n.name for n in onnx.load(str(onnx_path)).graph.node]
         ranked = sensitivity(onnx_path, calib, INPUT_NAME, calib.inputs[:8], only=only)
     if only is not None:
@@ -209,6 +230,8 @@ class Attempt:
     def to_dict(self) -> dict[str, Any]:
         out = {"keep_fp_groups": list(self.keep_fp_groups), "float_macs": round(self.float_macs, 4),
                "passed": self.passed, "parity": {k: self.parity.get(k) for k in ("max_abs", "mean_abs", "iou50")}}
+        if "screened" in self.parity:  # judged on a stand-in, not built (see convert._screened_out)
+            out["screened"] = self.parity["screened"]
         if self.seconds is not None:
             out["seconds"] = round(self.seconds, 1)
         if self.p50_ms is not None:

@@ -85,35 +85,58 @@ def advanced_parameters(bias_correction: bool):
 
 
 def quantize(ov_model, dataset, subset_size: int, ignored_scope, cache_key: tuple,
-             bias_correction: bool = False) -> tuple[Any, str]:
+             bias_correction: bool = False, also_for: tuple = ()) -> tuple[Any, str]:
     """``nncf.quantize(ov_model, dataset, subset_size=…, ignored_scope=…)`` (default preset;
     fast bias correction only when asked), collecting only the statistics this process has not
     collected for ``cache_key`` yet. Returns the quantized model and what happened to the
-    statistics, for the manifest."""
+    statistics, for the manifest.
+
+    ``also_for`` names ignored scopes a later call will probably ask for: when a pass over the
+    calibration set is needed anyway, their missing points ride along in it (a pass costs the
+    same for 1 point as for 300), so that later call collects nothing.
+    """
     from nncf.common.tensor_statistics.statistic_point import StatisticPointsContainer
     from nncf.openvino.graph.model_utils import remove_friendly_name_duplicates
     from nncf.openvino.graph.nncf_graph_builder import GraphConverter
     from nncf.quantization.algorithms.pipeline import collect_statistics
-    from nncf.quantization.algorithms.post_training.algorithm import PostTrainingQuantization
-    from openvino._offline_transformations import compress_quantize_weights_transformation
 
     model = remove_friendly_name_duplicates(ov_model)
-    algorithm = PostTrainingQuantization(subset_size=subset_size, ignored_scope=ignored_scope,
-                                         advanced_parameters=advanced_parameters(bias_correction))
     graph = GraphConverter.create_nncf_graph(model)
+    algorithm = _algorithm(subset_size, ignored_scope, bias_correction)
     wanted = algorithm.get_statistic_points(model, graph)
-    known = _COLLECTED.get(cache_key)
-    answered, missing = _split(wanted, known)
+    known = _COLLECTED.setdefault(cache_key, StatisticPointsContainer())
+    _, missing = _split(wanted, known)
     total = sum(len(points) for points in wanted.values())
     still = sum(len(points) for points in missing.values())
     if still:
-        collected = collect_statistics(missing, model, graph, dataset)
-        _merge(answered, collected)
-        _merge(_COLLECTED.setdefault(cache_key, StatisticPointsContainer()), collected)
+        for scope in also_for:
+            _, extra = _split(_algorithm(subset_size, scope, bias_correction).get_statistic_points(model, graph),
+                              _union(known, missing))
+            _merge(missing, extra)
+        _merge(known, collect_statistics(missing, model, graph, dataset))
+    answered, _ = _split(wanted, known)
     quantized = algorithm.apply(model, graph, statistic_points=answered, dataset=dataset)
+    from openvino._offline_transformations import compress_quantize_weights_transformation
+
     compress_quantize_weights_transformation(quantized)
     if not still:
         return quantized, f"reused: all {total} statistic points from this process's earlier calibration"
     if still == total:
         return quantized, f"measured: {total} statistic points"
     return quantized, f"measured {still} of {total} statistic points; the rest reused from this process's earlier calibration"
+
+
+def _algorithm(subset_size: int, ignored_scope, bias_correction: bool):
+    from nncf.quantization.algorithms.post_training.algorithm import PostTrainingQuantization
+
+    return PostTrainingQuantization(subset_size=subset_size, ignored_scope=ignored_scope,
+                                    advanced_parameters=advanced_parameters(bias_correction))
+
+
+def _union(first, second):
+    from nncf.common.tensor_statistics.statistic_point import StatisticPointsContainer
+
+    both = StatisticPointsContainer()
+    _merge(both, first)
+    _merge(both, second)
+    return both
