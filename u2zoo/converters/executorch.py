@@ -247,9 +247,10 @@ def _quantize(model, example, source: ModelSource, options: ExecuTorchOptions, k
     return converted, calib.describe() | {"ranges": ranges}, settings
 
 
-# Converted modules that ``screen`` built in this process, keyed by model and then by what
-# makes them: ``convert`` of the same candidate takes its module instead of quantizing again.
-_SCREENED: "weakref.WeakKeyDictionary[Any, dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
+# The last module ``screen`` built for each model, with what makes it: the fallback converts a
+# candidate right after screening it, and ``convert`` then takes that module instead of
+# quantizing again. One per model, so candidates screened out are not kept.
+_SCREENED: "weakref.WeakKeyDictionary[Any, tuple[tuple, tuple]]" = weakref.WeakKeyDictionary()
 
 
 def _screen_key(options: ExecuTorchOptions, kept: list[str], size: tuple[int, int]) -> tuple:
@@ -279,14 +280,25 @@ def screen(source: ModelSource, options: ExecuTorchOptions) -> QuantizedTorchMod
     most of a fallback step's time once calibration is reused; kept for ``convert``."""
     import torch
 
-    size = (options.height or source.contract.pre.size[0], options.width or source.contract.pre.size[1])
+    size = _program_size(source, options)
     kept = check_module_groups(source.model, options.keep_fp_groups)
     example = (torch.zeros(options.batch, 3, *size),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         built = _quantize(source.model.eval(), example, source, options, kept, size)
-    _SCREENED.setdefault(source.model, {})[_screen_key(options, kept, size)] = built
+    _SCREENED[source.model] = (_screen_key(options, kept, size), built)
     return QuantizedTorchModule(built[0], options.batch, size)
+
+
+def _program_size(source: ModelSource, options: ExecuTorchOptions) -> tuple[int, int]:
+    """The program's fixed (height, width): the options', else the contract's."""
+    return (options.height or source.contract.pre.size[0], options.width or source.contract.pre.size[1])
+
+
+def _take_screened(source: ModelSource, key: tuple) -> tuple | None:
+    """The module ``screen`` built for this very candidate, if it was the last one screened."""
+    held = _SCREENED.pop(source.model, None)
+    return held[1] if held is not None and held[0] == key else None
 
 
 def _lowering_summary(edge_program) -> dict[str, Any]:
@@ -312,8 +324,7 @@ def _output_spec(exported) -> TensorSpec:
 
 def convert(source: ModelSource, options: ExecuTorchOptions, out_dir: Path, stem: str) -> Artifact:
     """torch → torch.export → (PT2E INT8) → XNNPACK-lowered ExecuTorch program (.pte)."""
-    height = options.height or source.contract.pre.size[0]
-    width = options.width or source.contract.pre.size[1]
+    height, width = _program_size(source, options)
     model = source.model.eval()
     kept = check_module_groups(model, options.keep_fp_groups)  # before any slow or noisy import
     try:
@@ -329,7 +340,7 @@ def convert(source: ModelSource, options: ExecuTorchOptions, out_dir: Path, stem
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if options.precision == "int8":
-            screened = _SCREENED.get(source.model, {}).pop(_screen_key(options, kept, (height, width)), None)
+            screened = _take_screened(source, _screen_key(options, kept, (height, width)))
             model, calibration, quantization = screened or _quantize(model, example, source, options, kept,
                                                                      (height, width))
         try:

@@ -99,6 +99,7 @@ def quantize(ov_model, dataset, subset_size: int, ignored_scope, cache_key: tupl
     from nncf.openvino.graph.model_utils import remove_friendly_name_duplicates
     from nncf.openvino.graph.nncf_graph_builder import GraphConverter
     from nncf.quantization.algorithms.pipeline import collect_statistics
+    from openvino._offline_transformations import compress_quantize_weights_transformation
 
     model = remove_friendly_name_duplicates(ov_model)
     graph = GraphConverter.create_nncf_graph(model)
@@ -116,8 +117,6 @@ def quantize(ov_model, dataset, subset_size: int, ignored_scope, cache_key: tupl
         _merge(known, collect_statistics(missing, model, graph, dataset))
     answered, _ = _split(wanted, known)
     quantized = algorithm.apply(model, graph, statistic_points=answered, dataset=dataset)
-    from openvino._offline_transformations import compress_quantize_weights_transformation
-
     compress_quantize_weights_transformation(quantized)
     if not still:
         return quantized, f"reused: all {total} statistic points from this process's earlier calibration"
