@@ -117,6 +117,47 @@ def test_every_whole_group_of_the_passing_set_is_narrowed_largest_first():
     assert result.chosen.float_macs == pytest.approx(0.12) and result.chosen.p50_ms == 40.0
 
 
+def test_a_stand_in_pass_is_built_only_after_its_narrower_alternatives_were_screened():
+    """ExecuTorch: a candidate that passes on its stand-in is provisional; the one with fewest
+    MACs in float is built first, the others only if the runtime rejects it."""
+    first = Attempt((), 0.0, False, {"iou50": 0.82, "mean_abs": 0.04})
+    macs = MACS | {"stage2d/rebnconv1d": 2, "stage2d/rebnconvin": 3}
+    on_stand_in = lambda groups: "stage2d" in groups or "stage2d/rebnconv1d" in groups  # noqa: E731
+
+    def screened(groups, share):
+        ok = on_stand_in(groups)
+        return Attempt(groups, share, ok, {"iou50": 0.99 if ok else 0.9, "screened": "stand-in"}, provisional=ok)
+
+    def run(in_runtime):
+        built, timed = [], []
+
+        def prove(a):
+            built.append(a.keep_fp_groups)
+            ok = in_runtime(a.keep_fp_groups)
+            return Attempt(a.keep_fp_groups, a.float_macs, ok, {"iou50": 0.985 if ok else 0.97}, object() if ok else None)
+        result = search("executorch", RANKING, {}, macs, 100, 0.25, screened, first,
+                        lambda a: timed.append(a) or 42.0, children=lambda group: CHILDREN, prove=prove)
+        return result, built, timed
+
+    result, built, timed = run(lambda groups: True)
+    assert built == [("stage2d/rebnconv1d",)]  # the whole group passed on its stand-in and was never built
+    assert result.chosen.keep_fp_groups == ("stage2d/rebnconv1d",) and not result.chosen.provisional
+    assert result.chosen.p50_ms == 42.0 and len(timed) == 1
+    steps = result.record(0.25)["steps"]
+    assert [s["keep_fp_groups"] for s in steps] == [[], ["stage2d"], ["stage2d/rebnconv1d"]]
+    assert "screened" in steps[1] and "screened" not in steps[2] and steps[2]["parity"]["iou50"] == 0.985
+
+    # the runtime rejects the narrowed set: the whole group is built next, and wins
+    result, built, _ = run(lambda groups: "stage2d" in groups)
+    assert built == [("stage2d/rebnconv1d",), ("stage2d",)] and result.chosen.keep_fp_groups == ("stage2d",)
+    assert not result.record(0.25)["steps"][2]["passed"]  # the narrowed set's runtime failure is on record
+
+    # the runtime rejects both: the walk goes on to the next step of the plan
+    result, built, _ = run(lambda groups: "outconv" in groups)
+    assert built[:2] == [("stage2d/rebnconv1d",), ("stage2d",)]
+    assert result.chosen.keep_fp_groups[-1] == "outconv" and not result.chosen.provisional
+
+
 def test_children_ranking_is_cached_apart_from_the_group_ranking(monkeypatch, isolated_cache):
     from types import SimpleNamespace
 

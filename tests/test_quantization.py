@@ -65,6 +65,24 @@ def test_calibration_bad_inputs(calib_dir, tmp_path):
         load_npz(tmp_path / "tampered.npz")
 
 
+def test_a_dump_is_read_once_per_process_while_unchanged(calib_dir, tmp_path, monkeypatch):
+    """Every INT8 step of a bench cell replays the dump: it is decompressed and checked once."""
+    from u2zoo.quantization import calibration
+
+    dump = calibration_set(calib_dir, SALIENCY, size=2, shape=(32, 32), warn=False).save(tmp_path / "d.npz")
+    reads = []
+    real_load = np.load
+    monkeypatch.setattr(calibration.np, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    first = calibration_set(dump, SALIENCY)
+    assert calibration_set(dump, SALIENCY) is first and reads == []  # the set that was saved, as replayed
+    assert first.source == str(dump) and "sampled" not in first.describe()
+    data = dict(real_load(dump))
+    np.savez(dump, **(data | {"inputs": data["inputs"] * 0.5}))  # the file changes: read again, and refused
+    with pytest.raises(ConfigError, match="does not match its digest"):
+        calibration_set(dump, SALIENCY)
+    assert reads == [dump]
+
+
 def test_onnx_int8_qdq_artifact_records_calibration_and_kept_groups(calib_dir, tmp_path):
     artifact = convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, precision="int8", dynamic=True,
                              calib=str(calib_dir), keep_fp_groups=("outconv",), progress=False,

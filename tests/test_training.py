@@ -489,6 +489,18 @@ def test_long_run_checkpoints_by_step_resumes_and_refuses_bad_input(tmp_path, pa
         run(RunConfig(**{**cfg.__dict__, "out": str(tmp_path / "other")}))
 
 
+def test_best_checkpoint_is_what_the_ship_ratchet_would_accept():
+    from u2zoo.training.longrun import becomes_best
+
+    start = {"mae": 0.0829, "max_f": 0.8737}
+    lower_mae_worse_f = {"mae": 0.0801, "max_f": 0.8657}  # lite-duts-8's last step: the ratchet refuses it
+    both_better = {"mae": 0.0824, "max_f": 0.8739}
+    assert not becomes_best(lower_mae_worse_f, 0.0829, start, "ratchet")
+    assert becomes_best(lower_mae_worse_f, 0.0829, start, "mae")
+    assert becomes_best(both_better, 0.0829, start, "ratchet")
+    assert not becomes_best(both_better, 0.0820, start, "ratchet")  # not below the best so far
+
+
 def test_long_run_names_unpaired_files(tmp_path, pairs):
     from u2zoo.training.longrun import TrainPairs
 

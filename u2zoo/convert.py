@@ -219,18 +219,31 @@ def _screened_out(spec, opts: Any, source: ModelSource, images: list[Path], tole
     quantized numerics before the target's slow last step) misses an IoU gate by more than
     ``SCREEN_MARGIN``; that candidate is then not built. None: build it and measure it in the
     real runtime, as every candidate that might pass is, and every artifact written."""
+    verdict = _screen(spec, opts, source, images, tolerance)
+    return verdict[1] if verdict is not None and verdict[0] == "out" else None
+
+
+def _screen(spec, opts: Any, source: ModelSource, images: list[Path], tolerance: Tolerance
+            ) -> tuple[str, dict[str, Any]] | None:
+    """Judge a candidate on its stand-in: ``("out", record)`` when it misses the IoU gate by more
+    than ``SCREEN_MARGIN``, ``("pass", record)`` when it meets the gate itself, None when there is
+    no stand-in or it misses narrowly (only the runtime can tell then)."""
     if spec.screen is None or tolerance.iou50_min is None or getattr(opts, "precision", "") != "int8":
         return None
     with third_party_quiet():
         stand_in = spec.screen(source, opts)
     inputs = preprocess_files(images, source.contract, _network_hw(opts, source))
-    loose = Tolerance(iou50_min=tolerance.iou50_min - SCREEN_MARGIN)
-    parity = compare(run_batched(TorchPredictor(source.model), inputs), run_batched(stand_in, inputs), loose)
+    parity = compare(run_batched(TorchPredictor(source.model), inputs), run_batched(stand_in, inputs), tolerance)
+    record = parity.to_dict() | {"images": [p.name for p in images]}
     if parity:
+        return "pass", record | {"screened": f"not built: {stand_in.what} met the gate (IoU@0.5 {parity.iou50:.4f}); "
+                                             "built only if no candidate with fewer MACs in float passes in the "
+                                             "runtime"}
+    if parity.iou50 >= tolerance.iou50_min - SCREEN_MARGIN:
         return None
-    return parity.to_dict() | {"images": [p.name for p in images], "status": "failed",
-                               "screened": f"not built: {stand_in.what} reached IoU@0.5 {parity.iou50:.4f}, "
-                                           f"more than {SCREEN_MARGIN} below the gate ({tolerance.describe()})"}
+    return "out", record | {"status": "failed",
+                            "screened": f"not built: {stand_in.what} reached IoU@0.5 {parity.iou50:.4f}, "
+                                        f"more than {SCREEN_MARGIN} below the gate ({tolerance.describe()})"}
 
 
 def _all_int8(first: Artifact, seconds: float) -> Attempt:
@@ -261,17 +274,29 @@ def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images:
 
     def attempt(groups: tuple[str, ...], share: float) -> Attempt:
         started = time.perf_counter()
-        candidate = dataclasses.replace(opts, keep_fp_groups=groups)
         try:
-            screened = _screened_out(spec, candidate, source, images, tolerance)
-            if screened is not None:
-                return Attempt(groups, share, False, screened, seconds=time.perf_counter() - started)
-            artifact, failures = _attempt(spec, candidate, source, staging / f"step{next(counter)}", images,
-                                          tolerance, parent)
+            verdict = _screen(spec, dataclasses.replace(opts, keep_fp_groups=groups), source, images, tolerance)
+            if verdict is not None:  # judged on the stand-in: out, or provisional until proven
+                kind, record = verdict
+                return Attempt(groups, share, kind == "pass", record, seconds=time.perf_counter() - started,
+                               provisional=kind == "pass")
+            return build(groups, share, started)
         except ConfigError as exc:  # e.g. a group this backend cannot name: not a candidate here
             return Attempt(groups, share, False, {"error": str(exc)}, seconds=time.perf_counter() - started)
+
+    def build(groups: tuple[str, ...], share: float, started: float) -> Attempt:
+        candidate = dataclasses.replace(opts, keep_fp_groups=groups)
+        artifact, failures = _attempt(spec, candidate, source, staging / f"step{next(counter)}", images,
+                                      tolerance, parent)
         return Attempt(groups, share, not failures, artifact.manifest["parity"], None if failures else artifact,
                        seconds=time.perf_counter() - started)
+
+    def prove(provisional: Attempt) -> Attempt:
+        """Build a candidate that passed on its stand-in; its record keeps the stand-in's IoU."""
+        built = build(provisional.keep_fp_groups, provisional.float_macs, time.perf_counter())
+        built.parity["stand_in_iou50"] = provisional.parity.get("iou50")
+        built.seconds = (built.seconds or 0.0) + (provisional.seconds or 0.0)
+        return built
 
     photo = preprocess_files(images[:1], source.contract, size)
 
@@ -280,7 +305,7 @@ def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images:
             return measure_latency(runner, photo, runs=10, warmup=2).p50_ms
 
     result = search(spec.name, ranking, ranking_record, macs, total, budget, attempt, first, latency,
-                    children=lambda group: children_ranking_for(source, calib, size, group, graph))
+                    children=lambda group: children_ranking_for(source, calib, size, group, graph), prove=prove)
     precision = getattr(opts, "precision", "int8")
     if result.chosen is None:
         raise ParityError(failure_message(spec.name, precision, result, budget, tolerance.describe(), source.arch))

@@ -14,6 +14,11 @@ until the gate passes or the float share of the MACs would exceed a budget (defa
    ``Resize`` ops: on U2NETP's stage2d they cause most of the error) — no MACs in float. When
    that passes, the whole-group alternative is built too and the faster passing one is kept;
    the manifest records both speeds.
+3. A target with a stand-in (``TargetSpec.screen``: ExecuTorch's quantized graph run in torch
+   before its 40 s XNNPACK lowering) builds a candidate only when it may be the answer: one
+   whose stand-in passes the gate is *provisional*, its narrower alternatives are screened
+   first, and only the candidate with fewest MACs in float is built and proven in the runtime
+   (then the next, if it fails there).
 
 The manifest's ``auto_fp`` records the ranking, every step with its parity, and what was kept.
 """
@@ -226,12 +231,15 @@ class Attempt:
     artifact: Any = None  # kept only for passing attempts
     p50_ms: float | None = None
     seconds: float | None = None  # wall time of the conversion and its parity check
+    provisional: bool = False  # passed on the target's stand-in, not built yet (see ``search``)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"keep_fp_groups": list(self.keep_fp_groups), "float_macs": round(self.float_macs, 4),
                "passed": self.passed, "parity": {k: self.parity.get(k) for k in ("max_abs", "mean_abs", "iou50")}}
-        if "screened" in self.parity:  # judged on a stand-in, not built (see convert._screened_out)
+        if "screened" in self.parity:  # judged on a stand-in, not built (see convert._screen)
             out["screened"] = self.parity["screened"]
+        if "stand_in_iou50" in self.parity:  # built after passing on its stand-in
+            out["stand_in_iou50"] = self.parity["stand_in_iou50"]
         if self.seconds is not None:
             out["seconds"] = round(self.seconds, 1)
         if self.p50_ms is not None:
@@ -292,13 +300,17 @@ def plan_steps(ranking: list[RankedGroup], macs: dict[str, int], total: int, bud
 def search(target: str, ranking: list[RankedGroup], ranking_record: dict[str, Any], macs: dict[str, int],
            total: int, budget: float, attempt: Callable[[tuple[str, ...], float], Attempt],
            first: Attempt, latency: Callable[[Any], float],
-           children: Callable[[str], list[RankedGroup]] | None = None) -> SearchResult:
+           children: Callable[[str], list[RankedGroup]] | None = None,
+           prove: Callable[[Attempt], Attempt] | None = None) -> SearchResult:
     """Walk the planned steps after the all-INT8 ``first`` attempt failed; stop at the first pass.
 
     ``attempt(groups, float_macs)`` converts and measures one candidate. A passing fine step is
     raced against its whole-group alternative on ``latency`` and the faster passing one wins.
     Then every whole group of the passing set, largest first, is tried replaced by its most
     sensitive sub-modules (``children(group)``, ranked), and the faster passing candidate wins.
+    A provisional pass (``attempt`` judged it on a stand-in) is built by ``prove`` only once its
+    narrower alternatives were tried; if the runtime rejects every candidate of a step, the
+    walk goes on.
     """
     result = SearchResult(None, [first], ranking, ranking_record)
     steps, why_end = plan_steps(ranking, macs, total, budget, target in FINE_TARGETS)
@@ -312,6 +324,7 @@ def search(target: str, ranking: list[RankedGroup], ranking_record: dict[str, An
             result.stopped = f"{MAX_ATTEMPTS} conversions tried"
             return result
         tried.add(groups)
+        step_start = len(result.attempts)
         current = attempt(groups, share(groups))
         result.attempts.append(current)
         if not current.passed:
@@ -322,14 +335,49 @@ def search(target: str, ranking: list[RankedGroup], ranking_record: dict[str, An
             tried.add(whole)
             result.attempts.append(alternative)
             if alternative.passed:
-                current.p50_ms, alternative.p50_ms = latency(current.artifact), latency(alternative.artifact)
-                chosen = min((current, alternative), key=lambda a: a.p50_ms)
+                chosen = _faster(current, alternative, latency)
         if children is not None:
             chosen = _narrow_groups(chosen, children, macs, result, attempt, share, latency, tried)
+        chosen = _proven(chosen, result.attempts, step_start, prove, latency)
+        if chosen is None:  # every candidate that passed on the stand-in failed in the runtime
+            continue
         result.chosen = chosen
         return result
     result.stopped = why_end
     return result
+
+
+def _faster(a: Attempt, b: Attempt, latency: Callable[[Any], float]) -> Attempt:
+    """The faster of two passing candidates: timed when both are built; otherwise (one is
+    provisional) the one with fewer MACs in float, which is what makes INT8 faster."""
+    if a.provisional or b.provisional:
+        return min((a, b), key=lambda x: x.float_macs)
+    if a.p50_ms is None:
+        a.p50_ms = latency(a.artifact)
+    b.p50_ms = latency(b.artifact)
+    return min((a, b), key=lambda x: x.p50_ms)
+
+
+def _proven(chosen: Attempt, attempts: list[Attempt], start: int,
+            prove: Callable[[Attempt], Attempt] | None, latency: Callable[[Any], float]) -> Attempt | None:
+    """Build and prove a provisional ``chosen``; when the runtime rejects it, the other passing
+    candidates of this step follow, fewest MACs in float first. Proven attempts replace their
+    provisional ones in ``attempts``. None when every one of them failed in the runtime."""
+    if not chosen.provisional:
+        return chosen
+    if prove is None:
+        raise ValueError("a provisional attempt needs a prove() to build it")
+    others = sorted((a for a in attempts[start:] if a.passed and a is not chosen), key=lambda a: a.float_macs)
+    for candidate in [chosen, *others]:
+        if not candidate.provisional:
+            return candidate
+        built = prove(candidate)
+        attempts[attempts.index(candidate)] = built
+        if built.passed:
+            if built.p50_ms is None:
+                built.p50_ms = latency(built.artifact)
+            return built
+    return None
 
 
 NARROW_TRIES = 2  # sub-module candidates per passing group: its top one, then its top two
@@ -368,10 +416,7 @@ def _narrow(chosen: Attempt, group: str, ranked_children: list[RankedGroup], res
         current = attempt(candidate, share(candidate))
         result.attempts.append(current)
         if current.passed:
-            if chosen.p50_ms is None:
-                chosen.p50_ms = latency(chosen.artifact)
-            current.p50_ms = latency(current.artifact)
-            return min((chosen, current), key=lambda a: a.p50_ms)
+            return _faster(chosen, current, latency)
     return chosen
 
 

@@ -12,7 +12,10 @@
   loadable with ``torch.load(weights_only=True)``;
 - periodic deploy-path validation (contract pre-processing at 320×320, fused map, min-max,
   resize back, scored against the GT masks like ``u2zoo bench --gt``) on a fixed subset of
-  ``val/``, ``best.pth`` kept by that MAE, and a log line with samples/s and ETA.
+  ``val/``, ``best.pth`` kept by that MAE, and a log line with samples/s and ETA. With
+  ``--select ratchet`` (the default) only a checkpoint whose MAE *and* max F both beat the
+  start's can become ``best.pth``: what the ship ratchet accepts (a lower MAE bought with a
+  lower max F is refused there).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class RunConfig:
     # pre/post resize variant for training inputs and the periodic validation; lite-duts-1 was
     # started with the package default of the time, "antialiased" (ship.py always scores "official")
     contract: str = "antialiased"
+    select: str = "ratchet"  # best.pth: "ratchet" (MAE and max F both beat the start) | "mae"
 
     def phase_list(self) -> list[tuple[int, int]]:
         """[(size, samples)], the last phase absorbing rounding."""
@@ -212,6 +216,8 @@ def run(cfg: RunConfig, resume: bool = True) -> None:
         SALIENCY = contracts.Contract()
     else:
         raise ConfigError(f"contract variant {cfg.contract!r} is not available in this version")
+    if cfg.select not in ("ratchet", "mae"):
+        raise ConfigError(f"--select must be 'ratchet' or 'mae', got {cfg.select!r}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     bf16, bf16_reason = resolve_bf16(cfg.bf16)
@@ -306,7 +312,7 @@ def run(cfg: RunConfig, resume: bool = True) -> None:
         record = {"step": step, "samples": samples_seen, "val": scores, "wall_s": wall_before + time.time() - session_start}
         history.append(record)
         mark = ""
-        if scores["mae"] < best:
+        if becomes_best(scores, best, history[0]["val"], cfg.select):
             best = scores["mae"]
             _atomic_torch_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "best.pth")
             mark = " (best)"
@@ -380,6 +386,14 @@ def run(cfg: RunConfig, resume: bool = True) -> None:
     save("end")
     log(out, f"done: {samples_seen} samples, {step} steps, best val[{len(val)}] MAE {best:.4f}, "
              f"wall {(wall_before + time.time() - session_start) / 60:.1f} min")
+
+
+def becomes_best(scores: dict[str, float], best_mae: float, start: dict[str, float], select: str) -> bool:
+    """Whether a validation result replaces ``best.pth``: a lower MAE than the best so far and,
+    under ``select="ratchet"``, a MAE and a max F that both beat the run's start."""
+    if scores["mae"] >= best_mae:
+        return False
+    return select == "mae" or (scores["mae"] < start["mae"] and scores["max_f"] > start["max_f"])
 
 
 def main(argv: list[str] | None = None) -> int:
