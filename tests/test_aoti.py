@@ -15,7 +15,7 @@ from u2zoo.converters import TARGETS
 from u2zoo.convert import convert_model
 from u2zoo.errors import ConfigError, RuntimeLoadError
 from u2zoo.gpu import cuda_unavailable_reason
-from u2zoo.pipeline import run_batched
+from u2zoo.runtime.pipeline import run_batched
 
 pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                                 reason="AOTInductor CPU packages need a C++ compiler")

@@ -227,7 +227,7 @@ def test_group_macs_add_up_to_the_model(tmp_path):
 def test_convert_records_the_search_and_off_switches(calib_dir, tmp_path, capsys):
     """The tiny model passes in all-INT8 under a loose gate: one step, recorded; hand-picked
     groups and --no-auto-fp turn the search off, and the manifest says why."""
-    from u2zoo.benchmarks.compare import Tolerance
+    from u2zoo.runtime.compare import Tolerance
     from u2zoo.convert import convert_model
 
     common = dict(random_weights=True, precision="int8", calib=str(calib_dir), progress=False,
@@ -247,7 +247,7 @@ def test_convert_records_the_search_and_off_switches(calib_dir, tmp_path, capsys
 
 def test_search_failure_writes_nothing_and_says_why(calib_dir, tmp_path):
     """A gate no INT8 can meet (max abs 1e-6): the search walks the plan, then one line."""
-    from u2zoo.benchmarks.compare import Tolerance
+    from u2zoo.runtime.compare import Tolerance
     from u2zoo.convert import convert_model
 
     with pytest.raises(ParityError, match=r"onnx int8 artifact failed its gate \(max abs ≤ 1e-06\) even with layer "
@@ -261,7 +261,7 @@ def test_the_ranking_reuses_the_calibration_of_a_dynamic_onnx_conversion(calib_d
     """The ranking's graph is exported like the artifact's (here with dynamic shapes, whose
     tensors are named unlike a static graph's), so the ranges that the all-INT8 attempt cached
     serve the ranking: one calibration pass for the whole search, not two."""
-    from u2zoo.benchmarks.compare import Tolerance
+    from u2zoo.runtime.compare import Tolerance
     from u2zoo.convert import convert_model
 
     with pytest.raises(ParityError):
@@ -291,7 +291,7 @@ def test_only_a_stand_in_that_clearly_misses_the_gate_skips_the_build():
     """``_screened_out`` trusts a stand-in's miss only beyond the margin, and only for int8."""
     from types import SimpleNamespace
 
-    from u2zoo.benchmarks.compare import Tolerance
+    from u2zoo.runtime.compare import Tolerance
     from u2zoo.convert import SCREEN_MARGIN, _screened_out
     from u2zoo.converters.base import ModelSource
     from u2zoo.zoo.reference import TorchPredictor, sample_images

@@ -162,3 +162,14 @@ def test_time_reports_latency_of_model_and_artifact(capsys, tmp_path, tiny_weigh
     assert "u2net-tiny (torch eager): batch 1 at 320×320, threads 1: p50" in out and "(3 runs after 1 warm-up)" in out
     code, out, err = run(capsys, "time", "--model", "u2net-tiny", "--random-weights", "--runs", "0")
     assert_one_line_error(code, err, "--runs must be at least 1")
+
+
+def test_quiet_is_accepted_before_and_after_the_verb(capsys, tmp_path, tiny_weights, photos):
+    from u2zoo.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-q", "doctor"]).quiet and parser.parse_args(["doctor", "-q"]).quiet
+    assert parser.parse_args(["doctor", "--quiet"]).quiet and not parser.parse_args(["doctor"]).quiet
+    code, _, err = run(capsys, "predict", "--model", "u2net-tiny", "--weights", tiny_weights, photos,
+                       "--out", tmp_path / "q", "-q")
+    assert code == 0 and err == "" and (tmp_path / "q" / "a.png").is_file()

@@ -277,7 +277,7 @@ def test_bench_cell_is_unavailable_with_the_built_package(capsys, tmp_path, tiny
 @pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML predicts only on macOS")
 @pytest.mark.parametrize("options", [{"precision": "fp32"}, {"precision": "fp16"}, {"precision": "fp32", "image_input": True}])
 def test_runner_parity_on_macos(tmp_path, tiny_checkpoint, options):
-    from u2zoo.benchmarks.compare import Tolerance
+    from u2zoo.runtime.compare import Tolerance
     from u2zoo.zoo.weights import load_model
 
     # image input rounds the RGB values to 8 bit: compared with a looser bound than fp32

@@ -14,7 +14,7 @@ pytest.importorskip("torchao")
 
 import torch
 from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared, run_cli
-from u2zoo.benchmarks.compare import Tolerance
+from u2zoo.runtime.compare import Tolerance
 from u2zoo.convert import convert_model
 from u2zoo.converters import get_target
 from u2zoo.errors import BackendUnavailable, ConfigError, U2ZooError

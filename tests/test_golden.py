@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import REAL_WEIGHTS, SHARED, TEST_DATA, needs_shared
-from u2zoo.benchmarks.metrics import evaluate
+from u2zoo.runtime.metrics import evaluate
 from u2zoo.convert import convert_model
 from u2zoo.converters import get_target
 from u2zoo.tasks.engine import Segmenter

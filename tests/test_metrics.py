@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from u2zoo.benchmarks import metrics
-from u2zoo.benchmarks.metrics import (
+from u2zoo.runtime import metrics
+from u2zoo.runtime.metrics import (
     MetricSet,
     SaliencyMetrics,
     boundary_band,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import REAL_WEIGHTS, TEST_DATA, needs_shared
-from u2zoo.benchmarks.compare import Tolerance
+from u2zoo.runtime.compare import Tolerance
 from u2zoo.convert import convert_model
 from u2zoo.converters import get_target
 from u2zoo.errors import BackendUnavailable, ConfigError

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared, run_cli
-from u2zoo.benchmarks.compare import Tolerance
+from u2zoo.runtime.compare import Tolerance
 from u2zoo.convert import convert_model
 from u2zoo.errors import ConfigError
 from u2zoo.quantization.calibration import calibration_set, load_npz

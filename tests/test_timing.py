@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from u2zoo.benchmarks.compare import Tolerance, compare, iou_at
-from u2zoo.benchmarks.timing import measure_latency
+from u2zoo.runtime.compare import Tolerance, compare, iou_at
+from u2zoo.runtime.timing import measure_latency
 
 
 class ScriptedPredictor:

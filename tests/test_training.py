@@ -410,7 +410,7 @@ def test_depthwise_factorisation_is_exact_at_multiplier_9_and_refinement_helps_a
 
 
 def test_deploy_path_scores_match_the_bench_metrics(tmp_path, pairs):
-    from u2zoo.benchmarks.metrics import SaliencyMetrics
+    from u2zoo.runtime.metrics import SaliencyMetrics
     from u2zoo.training.deploy_eval import load_val, predict_maps, score_maps
     from u2zoo.zoo.contract import postprocess
 

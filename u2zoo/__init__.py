@@ -4,7 +4,9 @@
 they are imported on first use so that ``import u2zoo`` stays cheap.
 """
 
-__version__ = "0.1.0"
+from u2zoo.version import __version__
+
+__all__ = ["__version__", "load", "segment"]
 
 
 def __getattr__(name: str):

@@ -285,7 +285,7 @@ def new_manifest(*, target: str, precision: str, files: list[Path], parent: dict
                  outputs: list[TensorSpec], options: dict[str, Any], tools: dict[str, Any],
                  arch: str, num_params: int | None = None, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Assemble a manifest; file hashes are taken now, from the files as written."""
-    from u2zoo import __version__
+    from u2zoo.version import __version__
 
     return {
         "schema": SCHEMA,

@@ -8,27 +8,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from u2zoo.errors import ConfigError, U2ZooError, one_line
-from u2zoo.zoo.contract import VARIANTS
-
-_WEIGHTS_HELP = "weights: a local .pth path or an http(s)/file URL (with --weights-sha256); default: the registry's"
-
-
-def _add_weights_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", help=_WEIGHTS_HELP)
-    p.add_argument("--weights-sha256", help="expected sha256 of --weights (required for URLs)")
-    p.add_argument("--random-weights", action="store_true", help="use an untrained model (for tests and timing)")
-
+from u2zoo.tasks.cli_args import add_contract_arg, add_weights_args, open_predictor
 
 def _add_auto_fp_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-auto-fp", dest="auto_fp", action="store_false",
                    help="int8: no automatic float fallback when the gate fails (it is on by default)")
     p.add_argument("--fp-budget", type=float,
                    help="int8: the fallback keeps at most this share of the MACs in float (default 0.25)")
-
-
-def add_contract_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--contract", choices=VARIANTS, help="pre/post resize variant: official (the default: it scored better on DUTS-TR val/) or "
-                   "antialiased (Lanczos in and out, as rembg; better on photos much larger than 320 px)")
 
 
 # precision flags of `convert`; each one is also the precision's name in manifests and bench
@@ -107,42 +93,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_predictor(args: argparse.Namespace):
-    """A runner for ``--artifact`` or the torch reference for ``--model``; plus its contract.
-
-    With neither, the best shipped saliency model (``u2zoo.zoo.default_model``), said in one line.
-    """
-    if args.artifact and args.model:
-        raise U2ZooError("give one of --model NAME or --artifact FILE, not both")
-    if args.artifact and getattr(args, "contract", None):
-        raise ConfigError("--contract is for --model: an artifact carries its own contract "
-                          "(convert it again with --contract to change it)")
-    if not args.artifact and not args.model:
-        from u2zoo.zoo.default_model import choose_default
-
-        choice = choose_default()
-        print(choice.describe())
-        args.model = choice.name
-    if args.artifact:
-        from u2zoo.artifact import open_artifact
-        from u2zoo.converters import get_target
-
-        artifact = open_artifact(args.artifact)
-        spec = get_target(artifact.target)
-        spec.ensure_available()
-        return spec.runner(artifact, threads=args.threads), artifact.contract
-    from contextlib import nullcontext
-
-    from u2zoo.zoo.reference import TorchPredictor
-    from u2zoo.zoo.weights import load_model
-
-    model, info, contract = load_model(args.model, args.weights, args.weights_sha256, args.random_weights,
-                                       progress=not getattr(args, "quiet", False), contract_variant=args.contract)
-    if info.source == "random":
-        print("NOTE: random weights: the masks are meaningless")
-    return nullcontext(TorchPredictor(model, threads=args.threads)), contract
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     """Masks, cut-outs and composites of files and folders, through any model or artifact."""
     from u2zoo.converters.base import ensure_writable_dir
@@ -174,8 +124,8 @@ def cmd_time(args: argparse.Namespace) -> int:
     """Engine-call latency of a model (torch) or an artifact on a real sample photo."""
     import numpy as np
 
-    from u2zoo.benchmarks.timing import measure_latency
-    from u2zoo.pipeline import network_size, preprocess_files
+    from u2zoo.runtime.timing import measure_latency
+    from u2zoo.runtime.pipeline import network_size, preprocess_files
     from u2zoo.zoo.reference import sample_images
 
     if args.runs < 1:
@@ -607,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(func=func)
+        # also after the verb (`u2zoo predict -q …`); SUPPRESS keeps a -q given before it
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
         return p
 
     p = add("models", cmd_models, "list architectures (params, GMACs measured) and registered weights")
@@ -614,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("convert", cmd_convert, "convert a model for a target; the artifact is verified in its runtime")
     p.add_argument("--model", required=True, help="architecture or weights name (see `u2zoo models`)")
-    _add_weights_args(p)
+    add_weights_args(p)
     add_contract_arg(p)
     p.add_argument("--target", required=True, help="onnx, … (see `u2zoo doctor`)")
     p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic")
@@ -674,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("time", cmd_time, "median engine-call latency of a model or artifact (warm-up, then N runs)")
     p.add_argument("--model", help="architecture or weights name (torch reference)")
     p.add_argument("--artifact", help="a converted artifact")
-    _add_weights_args(p)
+    add_weights_args(p)
     add_contract_arg(p)
     p.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's)")
     p.add_argument("--runs", type=int, default=20, help="timed runs (default 20)")
@@ -684,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", cmd_bench, "parity-and-speed matrix: models × targets × precisions on your images")
     p.add_argument("--model", required=True, help="comma-separated models, e.g. u2netp,u2net-lite; NAME@PATH adds "
                    "another checkpoint of NAME to the same run, e.g. u2netp,u2netp@u2netp_pruned30.pth")
-    _add_weights_args(p)
+    add_weights_args(p)
     add_contract_arg(p)
     p.add_argument("--targets", default="onnx", help="comma-separated targets (default: onnx)")
     p.add_argument("--precisions", default="fp32", help="comma-separated: fp32,fp16,int8 (default: fp32)")
@@ -713,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("sensitivity", cmd_sensitivity, "rank layer groups by their INT8 quantization error")
     p.add_argument("--model", required=True, help="architecture or weights name")
-    _add_weights_args(p)
+    add_weights_args(p)
     add_contract_arg(p)
     p.add_argument("--calib", required=True, help="folder of calibration images")
     p.add_argument("--calib-size", type=int, help="N calibration images (default 256; a larger folder is sampled with a fixed seed)")
@@ -723,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", cmd_train, "fine-tune on image + mask folders (masks paired by file stem)")
     p.add_argument("--model", required=True, help="architecture or weights name to start from")
-    _add_weights_args(p)
+    add_weights_args(p)
     p.add_argument("--images", required=True, help="folder of training images")
     p.add_argument("--masks", required=True, help="folder of masks, one per image with the same stem")
     p.add_argument("--val-images", help="folder of validation images")
@@ -749,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("prune", cmd_prune, "structured channel pruning; side heads and the fuse conv stay whole")
     p.add_argument("--model", required=True, help="architecture or weights name")
-    _add_weights_args(p)
+    add_weights_args(p)
     p.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove, in (0, 0.9]")
     p.add_argument("--round-to", type=int, help="keep channel counts multiples of N (e.g. 8)")
     p.add_argument("--importance", default="magnitude", help="magnitude (default) or taylor (needs --images)")

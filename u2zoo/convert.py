@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from u2zoo.artifact import Artifact
-from u2zoo.benchmarks.compare import DEFAULT_TOLERANCES, Parity, Tolerance, compare
+from u2zoo.runtime.compare import DEFAULT_TOLERANCES, Parity, Tolerance, compare
 from u2zoo.converters import ModelSource, get_target
 from u2zoo.converters.base import ensure_writable_dir
 from u2zoo.errors import BackendUnavailable, ConfigError, ParityError
-from u2zoo.pipeline import network_size, preprocess_files, run_batched
+from u2zoo.runtime.pipeline import network_size, preprocess_files, run_batched
 from u2zoo.quiet import third_party_quiet
 from u2zoo.staging import staging_folder
 from u2zoo.quantization.auto_fp import AUTO_PRECISIONS, DEFAULT_BUDGET, Attempt, check_options
@@ -261,13 +261,13 @@ def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images:
     """All-INT8 missed the gate: put ranked groups back in float until it passes (auto_fp)."""
     import dataclasses
 
-    from u2zoo.benchmarks.timing import measure_latency
+    from u2zoo.runtime.timing import measure_latency
     from u2zoo.quantization.auto_fp import children_ranking_for, failure_message, group_macs, ranking_for, search
     from u2zoo.quantization.calibration import calibration_set
 
     size = _network_hw(opts, source)
     calib = calibration_set(opts.calib, source.contract, opts.calib_size, size, warn=False)
-    graph = _ranking_graph_options(spec.name, opts)
+    graph = _ranking_graph_exporter(spec.name, opts, source, size)
     ranking, ranking_record = ranking_for(source, calib, size, graph)
     macs, total = group_macs(source.model)
     counter = iter(range(1, 10_000))
@@ -314,16 +314,24 @@ def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images:
     return artifact
 
 
-def _ranking_graph_options(target: str, opts: Any) -> Any:
-    """The ONNX export options of an ONNX Runtime INT8 conversion, for its ranking's graph (then the
-    ranking reuses the ranges the all-INT8 attempt cached); None for other targets. The ranking
+def _ranking_graph_exporter(target: str, opts: Any, source: ModelSource, size: tuple[int, int]):
+    """What writes the ranking's ONNX graph (``auto_fp.ExportGraph``). For an ONNX Runtime INT8
+    conversion it exports with that conversion's own options, so the ranking reuses the ranges its
+    all-INT8 attempt cached; other targets get a static graph at the network size. The ranking
     calibrates with min/max, so only a min/max conversion's ranges can serve."""
-    if target != "onnx" or getattr(opts, "calib_method", "minmax") != "minmax":
-        return None
-    from u2zoo.converters.onnx import OnnxOptions
+    from u2zoo.converters.onnx import INPUT_NAME, OnnxOptions, export_onnx
 
-    return OnnxOptions(dynamic=opts.dynamic, opset=opts.opset, batch=opts.batch, height=opts.height,
-                       width=opts.width, exporter=opts.exporter, simplify=opts.simplify)
+    if target == "onnx" and getattr(opts, "calib_method", "minmax") == "minmax":
+        graph = OnnxOptions(dynamic=opts.dynamic, opset=opts.opset, batch=opts.batch, height=opts.height,
+                            width=opts.width, exporter=opts.exporter, simplify=opts.simplify)
+    else:
+        graph = OnnxOptions(batch=1, height=size[0], width=size[1])
+
+    def export_graph(path: Path) -> str:
+        export_onnx(source.model, path, graph, *size)
+        return INPUT_NAME
+
+    return export_graph
 
 
 def _warn_calibration_overlap(opts: Any, source: ModelSource, images: list[Path]) -> None:

@@ -20,15 +20,15 @@ from typing import Any, Callable
 import numpy as np
 
 from u2zoo.artifact import host_info, tool_versions
-from u2zoo.benchmarks.compare import Tolerance, iou_at
+from u2zoo.runtime.compare import Tolerance, iou_at
 from u2zoo.benchmarks.gates import Gates
-from u2zoo.benchmarks.metrics import SaliencyMetrics, boundary_band
+from u2zoo.runtime.metrics import SaliencyMetrics, boundary_band
 from u2zoo.benchmarks.report import RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION
-from u2zoo.benchmarks.timing import measure_latency, peak_rss_mb, reset_peak_rss
+from u2zoo.runtime.timing import measure_latency, peak_rss_mb, reset_peak_rss
 from u2zoo.converters import TARGETS
 from u2zoo.errors import ConfigError, U2ZooError, did_you_mean
 from u2zoo.gpu import cuda_unavailable_reason
-from u2zoo.pipeline import run_batched
+from u2zoo.runtime.pipeline import run_batched
 from u2zoo.quantization.auto_fp import AUTO_PRECISIONS
 from u2zoo.quantization.auto_fp import applies as auto_fp_applies
 from u2zoo.quantization.auto_fp import check_options as check_auto_fp_options

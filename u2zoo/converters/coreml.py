@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, entry_size, tool_versions
-from u2zoo.benchmarks.compare import DEFAULT_TOLERANCES, compare
+from u2zoo.runtime.compare import DEFAULT_TOLERANCES, compare
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, contract_at_size, register
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, did_you_mean
 from u2zoo.zoo.contract import Contract
@@ -281,7 +281,7 @@ def _core_ml_names(cto, mlmodel, plan: CompressionPlan) -> dict[str, None]:
 
 def _metadata(source: ModelSource, options: CoreMLOptions, size: tuple[int, int]) -> dict[str, str]:
     """What an app needs to feed the model and read its output, as user-defined metadata."""
-    from u2zoo import __version__
+    from u2zoo.version import __version__
 
     contract = contract_at_size(source.contract, size)
     pre = contract.pre
@@ -534,7 +534,7 @@ class CompressionPlan:
     stored: dict[str, np.ndarray]
     compressed: dict[str, np.ndarray]
     kept: list[str] = field(default_factory=list)
-    parity: Any = None  # u2zoo.benchmarks.compare.Parity
+    parity: Any = None  # u2zoo.runtime.compare.Parity
     sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def weights(self, compress: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -559,7 +559,7 @@ class CompressionPlan:
 
 
 def _outputs(net, inputs: np.ndarray) -> np.ndarray:
-    from u2zoo.pipeline import run_batched
+    from u2zoo.runtime.pipeline import run_batched
     from u2zoo.zoo.reference import TorchPredictor
 
     return run_batched(TorchPredictor(net), inputs)
@@ -673,7 +673,7 @@ def _tidy_package(package: Path) -> None:
 
 def convert(source: ModelSource, options: CoreMLOptions, out_dir: Path, stem: str) -> Artifact:
     """torch → torch.export → Core ML ML program, compressed, described, saved and validated."""
-    from u2zoo.pipeline import preprocess_files
+    from u2zoo.runtime.pipeline import preprocess_files
     from u2zoo.zoo.reference import sample_images
 
     ct, cto = _import_coremltools()

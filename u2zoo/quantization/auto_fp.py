@@ -159,24 +159,28 @@ def _cached_ranking(source, calib_key: str, measure: Callable[[], list[RankedGro
     return ranking, path, False
 
 
-def ranking_for(source, calib, size: tuple[int, int], graph_options: Any = None
+ExportGraph = Callable[[Path], str]  # writes the model's ONNX graph to a path; returns its input's name
+
+
+def ranking_for(source, calib, size: tuple[int, int], export_graph: ExportGraph | None = None
                 ) -> tuple[list[RankedGroup], dict[str, Any]]:
     """The sensitivity ranking of ``source`` on ``calib``: from the cache, or measured and cached.
 
-    ``graph_options`` (``OnnxOptions``) exports the ranking's graph like the ONNX artifact being
-    converted: the same bytes, so the calibration ranges that conversion cached serve the ranking
-    too (a dynamic-shape graph's tensors have other names than a static one's). The ranking itself
-    does not depend on them, so its cache key leaves them out.
+    ``export_graph`` writes the ONNX graph the ranking quantizes (``convert`` passes the ONNX
+    target's exporter, which sits above this module). For an ONNX Runtime conversion it exports
+    like the artifact being converted: the same bytes, so the calibration ranges that conversion
+    cached serve the ranking too (a dynamic-shape graph's tensors have other names than a static
+    one's). The ranking itself does not depend on that, so its cache key leaves it out.
     """
     started = time.perf_counter()
     ranking, path, cached = _cached_ranking(source, calib.digest,
-                                            lambda: _measure_ranking(source, calib, size, graph_options=graph_options))
+                                            lambda: _measure_ranking(source, calib, size, export_graph=export_graph))
     record = {"backend": RANKING_BACKEND, "cache": str(path), "eval_images": min(8, len(calib.inputs))}
     return ranking, record | {"cached": cached, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def children_ranking_for(source, calib, size: tuple[int, int], group: str, graph_options: Any = None
-                         ) -> list[RankedGroup]:
+def children_ranking_for(source, calib, size: tuple[int, int], group: str,
+                         export_graph: ExportGraph | None = None) -> list[RankedGroup]:
     """The sub-modules of ``group`` (``stage2d/rebnconv1d``, …) ranked the same way, cached the same way.
 
     Measured only for the whole groups of a set that passed the gate: often one of a group's
@@ -187,23 +191,23 @@ def children_ranking_for(source, calib, size: tuple[int, int], group: str, graph
         return []
     ranking, _, _ = _cached_ranking(source, f"{calib.digest}|children-of:{group}",
                                     lambda: _measure_ranking(source, calib, size, only=children,
-                                                             graph_options=graph_options))
+                                                             export_graph=export_graph))
     return ranking
 
 
 def _measure_ranking(source, calib, size: tuple[int, int], only: list[str] | None = None,
-                     graph_options: Any = None) -> list[RankedGroup]:
+                     export_graph: ExportGraph | None = None) -> list[RankedGroup]:
     import onnx
 
-    from u2zoo.converters.onnx import INPUT_NAME, OnnxOptions, export_onnx
     from u2zoo.quantization.onnx_int8 import TOP_LEVEL, group_pattern, sensitivity
 
+    if export_graph is None:
+        raise ValueError("measuring a ranking needs export_graph (the ONNX exporter)")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "graph.onnx"
-        export_onnx(source.model, onnx_path, graph_options or OnnxOptions(batch=1, height=size[0], width=size[1]),
-                    *size)
+        input_name = export_graph(onnx_path)
         names = [n.name for n in onnx.load(str(onnx_path)).graph.node]
-        ranked = sensitivity(onnx_path, calib, INPUT_NAME, calib.inputs[:8], only=only)
+        ranked = sensitivity(onnx_path, calib, input_name, calib.inputs[:8], only=only)
     if only is not None:
         return [RankedGroup(r.group, r.mean_abs, r.max_abs) for r in ranked]
     import re

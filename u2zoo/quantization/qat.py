@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from u2zoo.errors import BackendUnavailable, ConversionError
-from u2zoo.training.trainer import freeze_batchnorm
+from u2zoo.quiet import quiet_loggers
+from u2zoo.zoo.layers import freeze_batchnorm
 
 QAT_LOSS = "l1 (mean abs error of the fused map against the float model)"
 DEFAULT_QAT_EPOCHS = 2
@@ -183,7 +184,6 @@ def qat_qdq(model, calib, *, epochs: int | None = None, lr: float | None = None,
     Returns the converted module (quantize/dequantize ops in its graph, dynamic batch and size,
     ready for the ONNX exporter) and the quantization record.
     """
-    from u2zoo.converters.base import quiet_loggers
 
     try:
         with quiet_loggers("torchao"):  # its CUDA kernels fail to load on a CPU build, noisily

@@ -1,5 +1,7 @@
 """Command-line options every task verb shares (predict, video, serve, portrait): which model
-or artifact, which outputs, which refinement, how big a batch and how big an image."""
+or artifact, which weights and contract, which outputs, which refinement, how big a batch and
+how big an image; and opening the model or artifact they name. ``u2zoo.cli`` builds on this
+module, never the other way round."""
 
 from __future__ import annotations
 
@@ -7,20 +9,33 @@ import argparse
 from contextlib import contextmanager
 from typing import Iterator
 
-from u2zoo.errors import ConfigError
+from u2zoo.errors import ConfigError, U2ZooError
 from u2zoo.tasks.engine import Segmenter, auto_batch_size
 from u2zoo.tasks.outputs import KINDS, OutputOptions, parse_colour
 from u2zoo.tasks.refine import CrfOptions, MattingOptions
+from u2zoo.zoo.contract import VARIANTS
 from u2zoo.zoo.images import DEFAULT_MAX_PIXELS, load_rgb
 
 
-def add_model_arguments(p: argparse.ArgumentParser, batch: bool = True) -> None:
-    from u2zoo.cli import _add_weights_args, add_contract_arg
+_WEIGHTS_HELP = "weights: a local .pth path or an http(s)/file URL (with --weights-sha256); default: the registry's"
 
+
+def add_weights_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help=_WEIGHTS_HELP)
+    p.add_argument("--weights-sha256", help="expected sha256 of --weights (required for URLs)")
+    p.add_argument("--random-weights", action="store_true", help="use an untrained model (for tests and timing)")
+
+
+def add_contract_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--contract", choices=VARIANTS, help="pre/post resize variant: official (the default: it scored better on DUTS-TR val/) or "
+                   "antialiased (Lanczos in and out, as rembg; better on photos much larger than 320 px)")
+
+
+def add_model_arguments(p: argparse.ArgumentParser, batch: bool = True) -> None:
     p.add_argument("--model", help="architecture or weights name (torch reference); default: the best "
                                    "shipped saliency model (printed)")
     p.add_argument("--artifact", help="a converted artifact (runs in its own runtime with its own contract)")
-    _add_weights_args(p)
+    add_weights_args(p)
     add_contract_arg(p)
     p.add_argument("--threads", type=int, help="intra-op threads")
     if batch:
@@ -71,12 +86,46 @@ def _model_arch(args: argparse.Namespace, artifact_manifest: dict | None) -> str
     return resolve_model_name(args.model)[0]
 
 
+def open_predictor(args: argparse.Namespace):
+    """A runner for ``--artifact`` or the torch reference for ``--model``; plus its contract.
+
+    With neither, the best shipped saliency model (``u2zoo.zoo.default_model``), said in one line.
+    """
+    if args.artifact and args.model:
+        raise U2ZooError("give one of --model NAME or --artifact FILE, not both")
+    if args.artifact and getattr(args, "contract", None):
+        raise ConfigError("--contract is for --model: an artifact carries its own contract "
+                          "(convert it again with --contract to change it)")
+    if not args.artifact and not args.model:
+        from u2zoo.zoo.default_model import choose_default
+
+        choice = choose_default()
+        print(choice.describe())
+        args.model = choice.name
+    if args.artifact:
+        from u2zoo.artifact import open_artifact
+        from u2zoo.converters import get_target
+
+        artifact = open_artifact(args.artifact)
+        spec = get_target(artifact.target)
+        spec.ensure_available()
+        return spec.runner(artifact, threads=args.threads), artifact.contract
+    from contextlib import nullcontext
+
+    from u2zoo.zoo.reference import TorchPredictor
+    from u2zoo.zoo.weights import load_model
+
+    model, info, contract = load_model(args.model, args.weights, args.weights_sha256, args.random_weights,
+                                       progress=not getattr(args, "quiet", False), contract_variant=args.contract)
+    if info.source == "random":
+        print("NOTE: random weights: the masks are meaningless")
+    return nullcontext(TorchPredictor(model, threads=args.threads)), contract
+
+
 @contextmanager
 def open_segmenter(args: argparse.Namespace, batch: str | int = 1) -> Iterator[Segmenter]:
     """Load the model or artifact once; yield a Segmenter at the asked batch (``auto``
     resolved from free memory and printed)."""
-    from u2zoo.cli import open_predictor
-
     context, contract = open_predictor(args)
     with context as predictor:
         batch_text = str(batch).strip().lower()

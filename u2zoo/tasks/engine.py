@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from u2zoo.errors import ConfigError
-from u2zoo.pipeline import Predictor, network_size, run_batched
+from u2zoo.runtime.pipeline import Predictor, network_size, run_batched
 from u2zoo.zoo.contract import Contract, postprocess, preprocess
 
 # --batch auto never goes above this: on CPU larger batches buy no throughput, and a

@@ -324,7 +324,7 @@ def run(cfg: RunConfig, resume: bool = True) -> None:
     window_t, window_n = time.time(), 0
     model.train()
     if cfg.freeze_bn:
-        from u2zoo.training.trainer import freeze_batchnorm
+        from u2zoo.zoo.layers import freeze_batchnorm
         freeze_batchnorm(model)
     size = phases[0][0]
     while step < steps_total:

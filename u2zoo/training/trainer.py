@@ -28,6 +28,7 @@ import numpy as np
 from u2zoo.artifact import atomic_write_text
 from u2zoo.errors import ConfigError, WeightsError
 from u2zoo.training.losses import CompositeLoss
+from u2zoo.zoo.layers import freeze_batchnorm
 
 OPTIMIZERS = ("adam", "adamw")
 
@@ -195,7 +196,7 @@ def evaluate(model, loader, target_fn: TargetFn, loss: CompositeLoss, device: st
     """Validation loss and saliency metrics of the fused map against the target's fused map."""
     import torch
 
-    from u2zoo.benchmarks.metrics import SaliencyMetrics
+    from u2zoo.runtime.metrics import SaliencyMetrics
 
     metrics, losses, errors = SaliencyMetrics(normalize=False), [], []
     model.eval()
@@ -341,17 +342,6 @@ def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: Ta
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
-
-
-def freeze_batchnorm(model) -> None:
-    """BatchNorm layers use and keep their running statistics while the rest trains: with small
-    batches, or BN-folded checkpoints whose BN layers are identities, batch statistics would
-    otherwise replace what the weights were trained with."""
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eval()
 
 
 def _save(model, arch: str, optimizer, scheduler, epoch: int, history: list[dict[str, Any]], config: TrainConfig,

@@ -166,3 +166,12 @@ def ds_multiplier_conv(multiplier: int) -> ConvFactory:
         return DSMREBNCONV(in_ch, out_ch, dirate, multiplier)
 
     return factory
+
+
+def freeze_batchnorm(model) -> None:
+    """BatchNorm layers use and keep their running statistics while the rest trains: with small
+    batches, or BN-folded checkpoints whose BN layers are identities, batch statistics would
+    otherwise replace what the weights were trained with (training, QAT)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()

@@ -419,7 +419,7 @@ def _load_model(name: str, weights: str | None, weights_sha256: str | None, rand
 
 def _pruned_or(model: U2NetBase, path: Path, arch: str, deploy: bool) -> U2NetBase:
     """A pruned checkpoint (``.arch.json`` beside it) rebuilds the model with its channel shapes."""
-    from u2zoo.pruning.prune import read_shapes, rebuild_pruned
+    from u2zoo.zoo.pruned_shapes import read_shapes, rebuild_pruned
 
     pruned = read_shapes(path)
     if pruned is None:

@@ -24,7 +24,7 @@ Conventions, all from PySODMetrics unless marked *ours*:
 * F-measure uses β² = 0.3; the weighted F-measure uses β = 1 (0.0 when ``gt`` is empty).
 * S-measure (α = 0.5): a zero-area quadrant (foreground centroid on the last row or column)
   adds 0 to the region score, where PySODMetrics returns NaN for the whole image (*ours*).
-* IoU@0.5 (*ours*, matches PySODMetrics' binary IoU and :func:`u2zoo.benchmarks.compare.iou_at`):
+* IoU@0.5 (*ours*, matches PySODMetrics' binary IoU and :func:`u2zoo.runtime.compare.iou_at`):
   foreground is ``pred > 0.5``; IoU is 1.0 when the union is empty (PySODMetrics says 0.0).
   mIoU is the mean of the foreground and background IoU of the image.
 * Boundary MAE (*ours*): MAE restricted to pixels within Euclidean distance ``band`` of an
