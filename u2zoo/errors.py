@@ -69,6 +69,13 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def tool_failure(exc: BaseException, limit: int | None = 300) -> str:
+    """A third-party tool's exception as one line: its type, then its message (the first
+    ``limit`` characters: a converter's message can hold a whole graph dump)."""
+    text = one_line(exc)
+    return f"{type(exc).__name__}: {text if limit is None else text[:limit]}"
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """A '; did you mean …?' suffix plus the valid choices, for unknown-name errors."""
     choices = sorted(set(choices))

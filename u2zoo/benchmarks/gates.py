@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from u2zoo.errors import ConfigError
+from u2zoo.errors import ConfigError, one_line
 
 DEFAULT_GATES = Path(__file__).with_name("default_gates.yaml")
 
@@ -109,5 +109,5 @@ def load_gates(path: str | Path | None = None) -> Gates:
     except OSError as exc:
         raise ConfigError(f"cannot read gate file {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"gate file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"gate file {path} is not valid YAML: {one_line(exc)}") from None
     return parse_gates(data, str(path))

@@ -26,7 +26,7 @@ from u2zoo.runtime.metrics import SaliencyMetrics, boundary_band
 from u2zoo.benchmarks.report import RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION
 from u2zoo.runtime.timing import measure_latency, peak_rss_mb, reset_peak_rss
 from u2zoo.converters import TARGETS
-from u2zoo.errors import ConfigError, U2ZooError, did_you_mean
+from u2zoo.errors import ConfigError, U2ZooError, did_you_mean, one_line, tool_failure
 from u2zoo.gpu import cuda_unavailable_reason
 from u2zoo.runtime.pipeline import run_batched
 from u2zoo.quantization.auto_fp import AUTO_PRECISIONS
@@ -341,8 +341,8 @@ def _handoff_cell(cfg: BenchConfig, run_id: str, model: str, spec, typed: Any, o
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if isinstance(exc, U2ZooError) else f"{type(exc).__name__}: {text}"
+    """A cell's failure: u2zoo's own message as is, a tool's with its exception type."""
+    return one_line(exc) if isinstance(exc, U2ZooError) else tool_failure(exc, limit=None)
 
 
 def model_name(label: str) -> str:

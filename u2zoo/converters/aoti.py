@@ -25,7 +25,7 @@ import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, register
-from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, RuntimeLoadError
+from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, RuntimeLoadError, tool_failure
 from u2zoo.gpu import cuda_device_info, cuda_unavailable_reason, timed
 
 INPUT_NAME = "image"
@@ -111,8 +111,7 @@ def convert(source: ModelSource, options: AotiOptions, out_dir: Path, stem: str)
             exported = torch.export.export(model, (example,), dynamic_shapes=_named_shapes(model, shapes))
             torch._inductor.aoti_compile_and_package(exported, package_path=str(final))
     except Exception as exc:  # noqa: BLE001 - export's or inductor's own failure, as one line
-        raise ConversionError(f"AOTInductor compilation failed: {type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:300]}") from exc
+        raise ConversionError(f"AOTInductor compilation failed: {tool_failure(exc)}") from exc
     dim: int | str = "batch" if options.dynamic else options.batch
     inputs = [TensorSpec(INPUT_NAME, (dim, 3, height, width), "float32")]
     outputs = [TensorSpec(OUTPUT_NAME, (dim, 1, height, width), "float32")]

@@ -22,7 +22,7 @@ import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, check_io, new_manifest, static_size
 from u2zoo.quiet import third_party_quiet
-from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError, RuntimeLoadError, U2ZooError
+from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError, RuntimeLoadError, U2ZooError, tool_failure
 from u2zoo.zoo.contract import Contract
 from u2zoo.zoo.weights import WeightsInfo
 
@@ -92,7 +92,7 @@ class Runner(ABC):
             raise
         except Exception as exc:  # noqa: BLE001 - the runtime's own refusal, as one line
             raise RuntimeLoadError(f"{self.artifact.target} runtime could not load {self.artifact.path.name}: "
-                                   f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+                                   f"{tool_failure(exc)}") from exc
         if real_io is not None:
             try:
                 check_io(self.artifact, *real_io)

@@ -48,7 +48,7 @@ import numpy as np
 from u2zoo.artifact import Artifact, TensorSpec, entry_size, tool_versions
 from u2zoo.runtime.compare import DEFAULT_TOLERANCES, compare
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, contract_at_size, register
-from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, did_you_mean
+from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, did_you_mean, one_line, tool_failure
 from u2zoo.zoo.contract import Contract
 
 INPUT_NAME = "image"
@@ -179,9 +179,6 @@ def _quiet():
         logging.disable(previous)
 
 
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-
 
 # ---------------------------------------------------------------------------------------------
 # the torch module that is exported
@@ -217,7 +214,7 @@ def _export(module, shape: tuple[int, ...]):
         with _quiet(), torch.no_grad():
             return torch.export.export(module, (example,)).run_decompositions({})
     except Exception as exc:  # noqa: BLE001 - the exporter's own failure
-        raise ConversionError(f"torch.export failed: {_one_line(exc)}") from exc
+        raise ConversionError(f"torch.export failed: {tool_failure(exc)}") from exc
 
 
 def _convert(ct, cto, exported, options: CoreMLOptions, shape: tuple[int, ...], plan: CompressionPlan | None = None):
@@ -252,11 +249,11 @@ def _convert(ct, cto, exported, options: CoreMLOptions, shape: tuple[int, ...], 
     except U2ZooError:
         raise
     except Exception as exc:  # noqa: BLE001 - coremltools' own failure
-        text = " ".join(str(exc).split())
+        text = one_line(exc)
         if "deployment target" in text or "deployment_target" in text:
             raise ConfigError(f"coremltools refused deployment target {options.deployment_target} "
                               f"for the {stage}: {text[:300]}") from exc
-        raise ConversionError(f"coremltools {stage} failed: {_one_line(exc)}") from exc
+        raise ConversionError(f"coremltools {stage} failed: {tool_failure(exc)}") from exc
     return mlmodel
 
 
@@ -378,7 +375,7 @@ def validate_package(package: Path, source: ModelSource, options: CoreMLOptions,
         with _quiet():
             spec = ct.utils.load_spec(str(package))
     except Exception as exc:  # noqa: BLE001
-        raise ConversionError(f"the saved package {package.name} cannot be read back: {_one_line(exc)}") from exc
+        raise ConversionError(f"the saved package {package.name} cannot be read back: {tool_failure(exc)}") from exc
     problems: list[str] = []
     inputs = [_feature(f) for f in spec.description.input]
     outputs = [_feature(f) for f in spec.description.output]
@@ -701,7 +698,7 @@ def convert(source: ModelSource, options: CoreMLOptions, out_dir: Path, stem: st
         with _quiet():
             mlmodel.save(str(package))
     except Exception as exc:  # noqa: BLE001
-        raise ConversionError(f"saving {package.name} failed: {_one_line(exc)}") from exc
+        raise ConversionError(f"saving {package.name} failed: {tool_failure(exc)}") from exc
     _tidy_package(package)
 
     validation = validate_package(package, source, options, size, compressed=len(plan.compressed) - len(plan.kept))
@@ -773,7 +770,7 @@ class CoreMLRunner(Runner):
         try:
             self.model = ct.models.MLModel(str(self.artifact.path), compute_units=getattr(ct.ComputeUnit, self.compute_units))
         except Exception as exc:  # noqa: BLE001
-            raise BackendUnavailable(f"Core ML cannot load {self.artifact.path.name}: {_one_line(exc)}") from exc
+            raise BackendUnavailable(f"Core ML cannot load {self.artifact.path.name}: {tool_failure(exc)}") from exc
 
     def close(self) -> None:
         self.model = None

@@ -29,7 +29,7 @@ import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
-from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
+from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, tool_failure
 from u2zoo.quantization.onnx_int8 import TOP_LEVEL, check_module_groups
 
 INPUT_NAME = "image"
@@ -84,9 +84,6 @@ def _in_group(node, group: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # conversion
 
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
 def _batches(inputs: np.ndarray, batch: int):
@@ -234,7 +231,7 @@ def _quantize(model, example, source: ModelSource, options: ExecuTorchOptions, k
     except U2ZooError:
         raise
     except Exception as exc:  # noqa: BLE001 - the quantizer's own failure
-        raise ConversionError(f"ExecuTorch INT8 quantization failed: {_one_line(exc)}") from exc
+        raise ConversionError(f"ExecuTorch INT8 quantization failed: {tool_failure(exc)}") from exc
     convs = [n for n in converted.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
     quantized = sum(1 for n in convs if len(n.args) > 1 and "dequantize" in str(getattr(n.args[1], "target", "")))
     settings = {
@@ -346,14 +343,14 @@ def convert(source: ModelSource, options: ExecuTorchOptions, out_dir: Path, stem
         try:
             exported = torch.export.export(model, example)
         except Exception as exc:  # noqa: BLE001 - the exporter's own failure
-            raise ConversionError(f"ExecuTorch export failed: torch.export: {_one_line(exc)}") from exc
+            raise ConversionError(f"ExecuTorch export failed: torch.export: {tool_failure(exc)}") from exc
         try:
             edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
             lowering = _lowering_summary(edge.exported_program())
             program = edge.to_executorch()
             pte.write_bytes(program.buffer)
         except Exception as exc:  # noqa: BLE001
-            raise ConversionError(f"ExecuTorch export failed: XNNPACK lowering: {_one_line(exc)}") from exc
+            raise ConversionError(f"ExecuTorch export failed: XNNPACK lowering: {tool_failure(exc)}") from exc
     if not lowering["delegate_calls"]:
         raise ConversionError("ExecuTorch export failed: XNNPACK took no part of the graph")
     inputs = [TensorSpec(INPUT_NAME, (options.batch, 3, height, width), "float32")]
@@ -410,7 +407,7 @@ class ExecuTorchRunner(Runner):
             self.method = self.program.load_method("forward")
         except Exception as exc:  # noqa: BLE001 - a program the runtime refuses
             self.program = self.method = None
-            raise U2ZooError(f"ExecuTorch could not load {self.artifact.path.name}: {_one_line(exc)}") from exc
+            raise U2ZooError(f"ExecuTorch could not load {self.artifact.path.name}: {tool_failure(exc)}") from exc
         _loaded.add(self)
 
     def close(self) -> None:

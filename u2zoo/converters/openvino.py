@@ -23,7 +23,7 @@ from u2zoo.artifact import Artifact, TensorSpec, tool_versions
 from u2zoo.converters.base import (ModelSource, Runner, TargetSpec, build_artifact, check_int8_options,
                                   check_qat_options, register)
 from u2zoo.converters.onnx import INPUT_NAME, OUTPUT_NAME, OnnxOptions, export_onnx
-from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
+from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, tool_failure
 
 _DIM_NAMES = {0: "batch", 2: "height", 3: "width"}
 
@@ -184,8 +184,7 @@ def convert(source: ModelSource, options: OpenVinoOptions, out_dir: Path, stem: 
         except U2ZooError:
             raise
         except Exception as exc:  # noqa: BLE001 - the converter's own failure
-            raise ConversionError(f"OpenVINO conversion failed: {type(exc).__name__}: "
-                                  f"{' '.join(str(exc).split())[:300]}") from exc
+            raise ConversionError(f"OpenVINO conversion failed: {tool_failure(exc)}") from exc
     tools = tool_versions("torch", "onnx", "openvino", "nncf")
     return build_artifact(source, options, target="openvino", files=[xml, bin_],
                           inputs=[_spec(p) for p in ov_model.inputs], outputs=[_spec(p) for p in ov_model.outputs],

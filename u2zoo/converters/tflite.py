@@ -40,7 +40,7 @@ import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
-from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError
+from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, tool_failure
 from u2zoo.quantization.onnx_int8 import TOP_LEVEL, check_module_groups
 from u2zoo.zoo.weights import file_digest
 
@@ -128,8 +128,7 @@ def export_fp32(model, batch: int, size: tuple[int, int], nhwc: bool) -> Path:
         os.replace(tmp, path)
     except Exception as exc:  # noqa: BLE001 - the converter's own failure, as one line
         tmp.unlink(missing_ok=True)
-        raise ConversionError(f"litert-torch conversion failed: {type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:300]}") from exc
+        raise ConversionError(f"litert-torch conversion failed: {tool_failure(exc)}") from exc
     _EXPORTS[key] = path
     return path
 
@@ -309,8 +308,7 @@ def convert(source: ModelSource, options: TFLiteOptions, out_dir: Path, stem: st
         except U2ZooError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise ConversionError(f"ai-edge-quantizer failed: {type(exc).__name__}: "
-                                  f"{' '.join(str(exc).split())[:300]}") from exc
+            raise ConversionError(f"ai-edge-quantizer failed: {tool_failure(exc)}") from exc
     if options.nhwc:
         contract = source.contract
         source = dataclasses.replace(source, contract=dataclasses.replace(

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from u2zoo.errors import ConfigError, ConversionError, did_you_mean
+from u2zoo.errors import ConfigError, ConversionError, did_you_mean, tool_failure
 from u2zoo.quantization.calibration import CalibrationSet
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -168,8 +168,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: CalibrationSet, input_
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - the quantizer's own failure, reported as such
-            raise ConversionError(f"ONNX Runtime INT8 quantization failed: {type(exc).__name__}: "
-                                  f"{' '.join(str(exc).split())[:300]}") from exc
+            raise ConversionError(f"ONNX Runtime INT8 quantization failed: {tool_failure(exc)}") from exc
     return {"format": "QDQ", "scheme": scheme,
             "activations": "int8 symmetric" if s8s8 else "uint8 asymmetric",
             "weights": "int8 symmetric per-channel" + ("" if s8s8 else ", 7-bit range (reduce_range)"),

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from u2zoo.errors import BackendUnavailable, ConversionError
+from u2zoo.errors import BackendUnavailable, ConversionError, tool_failure
 from u2zoo.quiet import quiet_loggers
 from u2zoo.zoo.layers import freeze_batchnorm
 
@@ -88,8 +88,8 @@ def _record(tool: str, epochs: int, lr: float, history: list[dict], keep_groups:
             "teacher": "the float model itself (no labels)", "kept_in_float": keep_groups or [], **extra}
 
 
-def _one_line(what: str, exc: Exception) -> ConversionError:
-    return ConversionError(f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+def _conversion_error(what: str, exc: Exception) -> ConversionError:
+    return ConversionError(f"{what}: {tool_failure(exc)}")
 
 
 def _group_patterns(groups: list[str]) -> list[str]:
@@ -122,7 +122,7 @@ def qat_openvino(model, calib, *, epochs: int | None = None, lr: float | None = 
     try:
         quantized = nncf.quantize(student, dataset, subset_size=len(calib.inputs), ignored_scope=ignored)
     except Exception as exc:  # noqa: BLE001 - NNCF's own failure, as one line
-        raise _one_line("NNCF could not quantize the torch model", exc) from exc
+        raise _conversion_error("NNCF could not quantize the torch model", exc) from exc
     quantized.train()
     freeze_batchnorm(quantized)  # BN statistics stay as calibrated
     history = fine_tune(quantized, teacher, images, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
@@ -133,7 +133,7 @@ def qat_openvino(model, calib, *, epochs: int | None = None, lr: float | None = 
             warnings.simplefilter("ignore")
             ov_model = ov.convert_model(quantized, example_input=torch.from_numpy(images[:1]))
     except Exception as exc:  # noqa: BLE001
-        raise _one_line("OpenVINO could not convert the QAT model", exc) from exc
+        raise _conversion_error("OpenVINO could not convert the QAT model", exc) from exc
     return ov_model, _record("nncf (QAT)", epochs, lr, history, keep_groups)
 
 
@@ -212,7 +212,7 @@ def qat_qdq(model, calib, *, epochs: int | None = None, lr: float | None = None,
             exported = torch.export.export(student, (torch.from_numpy(images[:2]),), dynamic_shapes=shapes).module()
             prepared = prepare_qat_pt2e(exported, quantizer)
     except Exception as exc:  # noqa: BLE001 - torch.export's or torchao's failure, as one line
-        raise _one_line("pt2e could not prepare the model for QAT", exc) from exc
+        raise _conversion_error("pt2e could not prepare the model for QAT", exc) from exc
     with torch.no_grad():  # post-training ranges from the calibration set
         for sample in calib.samples():
             prepared(torch.from_numpy(sample))
@@ -222,7 +222,7 @@ def qat_qdq(model, calib, *, epochs: int | None = None, lr: float | None = None,
     try:
         converted = convert_pt2e(prepared)
     except Exception as exc:  # noqa: BLE001
-        raise _one_line("pt2e could not convert the QAT model", exc) from exc
+        raise _conversion_error("pt2e could not convert the QAT model", exc) from exc
     record = _record("torchao pt2e (QAT)", epochs, lr, history, keep_groups,
                      scheme="int8 symmetric activations (zero point 0), per-channel symmetric int8 weights")
     return converted, record
