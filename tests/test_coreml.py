@@ -14,7 +14,9 @@ from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_share
 from u2zoo.artifact import entry_digest, open_artifact
 from u2zoo.convert import convert_model
 from u2zoo.converters import get_target
-from u2zoo.converters.coreml import DEPLOYMENT_TARGETS, WEIGHT_THRESHOLD, CoreMLOptions, plan_compression, tensor_to_image
+from u2zoo.converters.coreml import CoreMLOptions, tensor_to_image
+from u2zoo.converters.coreml_options import DEPLOYMENT_TARGETS
+from u2zoo.quantization.coreml_compression import WEIGHT_THRESHOLD, plan_compression
 from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError
 from u2zoo.zoo.contract import SALIENCY, preprocess
 
@@ -223,7 +225,7 @@ def test_torch_side_compression_mirrors_coremltools_weights(tiny_checkpoint):
 
 
 def test_compression_search_keeps_the_most_harmful_tensors_in_float(tiny_checkpoint, monkeypatch):
-    from u2zoo.converters import coreml
+    from u2zoo.quantization import coreml_compression as coreml
     from u2zoo.zoo.weights import load_model
 
     model, _, _ = load_model("u2net-tiny", weights=str(tiny_checkpoint))
