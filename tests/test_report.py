@@ -9,15 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from u2zoo.benchmarks.report import (
-    RESULTS_SCHEMA_VERSION,
-    comparison_rows,
-    host_label,
-    load_results,
-    render_markdown,
-    write_report,
-    write_results,
-)
+from u2zoo.benchmarks.report import render_markdown, write_report, write_results
+from u2zoo.benchmarks.results import RESULTS_SCHEMA_VERSION, comparison_rows, host_label, load_results
 from u2zoo.errors import BackendUnavailable, ConfigError
 
 CPU = "AMD EPYC 7B13 64-Core Processor"

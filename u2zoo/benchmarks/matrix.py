@@ -23,7 +23,7 @@ from u2zoo.artifact import host_info, tool_versions
 from u2zoo.runtime.compare import Tolerance, iou_at
 from u2zoo.benchmarks.gates import Gates
 from u2zoo.runtime.metrics import SaliencyMetrics, boundary_band
-from u2zoo.benchmarks.report import RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION
+from u2zoo.benchmarks.results import RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION
 from u2zoo.runtime.timing import measure_latency, peak_rss_mb, reset_peak_rss
 from u2zoo.converters import TARGETS
 from u2zoo.errors import ConfigError, U2ZooError, did_you_mean, one_line, tool_failure

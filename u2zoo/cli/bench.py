@@ -65,7 +65,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from u2zoo.benchmarks.report import load_results, write_report
+    from u2zoo.benchmarks.report import write_report
+    from u2zoo.benchmarks.results import load_results
     from u2zoo.converters.base import ensure_writable_dir
 
     rows = load_results([Path(p) for p in args.results])
