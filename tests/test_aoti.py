@@ -9,13 +9,14 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, run_cli
 from u2zoo.artifact import open_artifact
-from u2zoo.converters import TARGETS
 from u2zoo.convert import convert_model
+from u2zoo.converters import TARGETS
 from u2zoo.errors import ConfigError, RuntimeLoadError
 from u2zoo.gpu import cuda_unavailable_reason
 from u2zoo.runtime.pipeline import run_batched
+
+from conftest import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                                 reason="AOTInductor CPU packages need a C++ compiler")

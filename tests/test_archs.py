@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from conftest import REAL_WEIGHTS
 from u2zoo.errors import ConfigError
 from u2zoo.zoo.archs import ARCHS, build_arch, count_macs, count_params
+
+from conftest import REAL_WEIGHTS
 
 
 def test_parameter_counts_match_the_paper_and_the_lite_target():

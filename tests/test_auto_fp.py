@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TEST_DATA, needs_shared, run_cli
 from u2zoo.errors import ConfigError, ParityError
 from u2zoo.quantization import auto_fp
 from u2zoo.quantization.auto_fp import Attempt, RankedGroup, check_options, plan_steps, search
+
+from conftest import TEST_DATA, needs_shared, run_cli
 
 RANKING = [RankedGroup("stage2d", 0.13, 0.9, ("stage2d/Add", "stage2d/Concat", "stage2d/Resize")),
            RankedGroup("outconv", 0.01, 0.2),
@@ -227,8 +228,8 @@ def test_group_macs_add_up_to_the_model(tmp_path):
 def test_convert_records_the_search_and_off_switches(calib_dir, tmp_path, capsys):
     """The tiny model passes in all-INT8 under a loose gate: one step, recorded; hand-picked
     groups and --no-auto-fp turn the search off, and the manifest says why."""
-    from u2zoo.runtime.compare import Tolerance
     from u2zoo.convert import convert_model
+    from u2zoo.runtime.compare import Tolerance
 
     common = dict(random_weights=True, precision="int8", calib=str(calib_dir), progress=False,
                   tolerance=Tolerance(mean_abs=0.2))
@@ -247,8 +248,8 @@ def test_convert_records_the_search_and_off_switches(calib_dir, tmp_path, capsys
 
 def test_search_failure_writes_nothing_and_says_why(calib_dir, tmp_path):
     """A gate no INT8 can meet (max abs 1e-6): the search walks the plan, then one line."""
-    from u2zoo.runtime.compare import Tolerance
     from u2zoo.convert import convert_model
+    from u2zoo.runtime.compare import Tolerance
 
     with pytest.raises(ParityError, match=r"onnx int8 artifact failed its gate \(max abs ≤ 1e-06\) even with layer "
                                           r"groups in float: .* stopped because .*--fp-budget \(now 0.05\)"):
@@ -261,8 +262,8 @@ def test_the_ranking_reuses_the_calibration_of_a_dynamic_onnx_conversion(calib_d
     """The ranking's graph is exported like the artifact's (here with dynamic shapes, whose
     tensors are named unlike a static graph's), so the ranges that the all-INT8 attempt cached
     serve the ranking: one calibration pass for the whole search, not two."""
-    from u2zoo.runtime.compare import Tolerance
     from u2zoo.convert import convert_model
+    from u2zoo.runtime.compare import Tolerance
 
     with pytest.raises(ParityError):
         convert_model("u2net-tiny", "onnx", tmp_path / "out", random_weights=True, precision="int8", dynamic=True,
@@ -291,9 +292,9 @@ def test_only_a_stand_in_that_clearly_misses_the_gate_skips_the_build():
     """``_screened_out`` trusts a stand-in's miss only beyond the margin, and only for int8."""
     from types import SimpleNamespace
 
-    from u2zoo.runtime.compare import Tolerance
     from u2zoo.convert import SCREEN_MARGIN, _screened_out
     from u2zoo.converters.base import ModelSource
+    from u2zoo.runtime.compare import Tolerance
     from u2zoo.zoo.reference import TorchPredictor, sample_images
     from u2zoo.zoo.weights import load_model
 

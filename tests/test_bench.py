@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared, run_cli as run
-
+from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared
+from conftest import run_cli as run
 
 
 @pytest.fixture

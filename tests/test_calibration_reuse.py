@@ -125,8 +125,8 @@ def test_nncf_statistics_of_the_likely_next_scope_ride_along(tiny_source, calib,
     ov = pytest.importorskip("openvino")
     from u2zoo.converters.onnx import OnnxOptions, export_onnx
     from u2zoo.converters.openvino import _likely_next
-    from u2zoo.quantization.auto_fp import RankedGroup
     from u2zoo.quantization import nncf_reuse
+    from u2zoo.quantization.auto_fp import RankedGroup
     from u2zoo.quantization.onnx_int8 import group_pattern
 
     onnx_path = tmp_path / "tiny.onnx"

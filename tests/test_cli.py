@@ -8,10 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REAL_WEIGHTS, assert_one_line_error, run_cli as run, needs_shared
-
-
-
+from conftest import REAL_WEIGHTS, assert_one_line_error, needs_shared
+from conftest import run_cli as run
 
 
 @pytest.fixture

@@ -4,7 +4,17 @@ import torch
 import torch.nn.functional as F
 
 from u2zoo.errors import ConfigError
-from u2zoo.zoo.contract import PORTRAIT, SALIENCY, SALIENCY_OFFICIAL, Contract, Postprocess, Preprocess, postprocess, preprocess, to_uint8
+from u2zoo.zoo.contract import (
+    PORTRAIT,
+    SALIENCY,
+    SALIENCY_OFFICIAL,
+    Contract,
+    Postprocess,
+    Preprocess,
+    postprocess,
+    preprocess,
+    to_uint8,
+)
 
 
 def test_bilinear_resize_matches_torch_interpolate_align_corners_false():

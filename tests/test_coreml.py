@@ -10,15 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared, run_cli
 from u2zoo.artifact import entry_digest, open_artifact
 from u2zoo.convert import convert_model
 from u2zoo.converters import get_target
 from u2zoo.converters.coreml import CoreMLOptions, tensor_to_image
 from u2zoo.converters.coreml_options import DEPLOYMENT_TARGETS
-from u2zoo.quantization.coreml_compression import WEIGHT_THRESHOLD, plan_compression
 from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError
+from u2zoo.quantization.coreml_compression import WEIGHT_THRESHOLD, plan_compression
 from u2zoo.zoo.contract import SALIENCY, preprocess
+
+from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared, run_cli
 
 ct = pytest.importorskip("coremltools")
 

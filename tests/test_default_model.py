@@ -11,13 +11,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TEST_DATA, assert_one_line_error, needs_shared, run_cli
 from u2zoo.errors import ConfigError, WeightsError
 from u2zoo.zoo import weights as W
-from u2zoo.zoo.contract import DEFAULT_VARIANT, SALIENCY, SALIENCY_OFFICIAL, Contract, postprocess, preprocess, with_variant
+from u2zoo.zoo.contract import (
+    DEFAULT_VARIANT,
+    SALIENCY,
+    SALIENCY_OFFICIAL,
+    Contract,
+    postprocess,
+    preprocess,
+    with_variant,
+)
+from u2zoo.zoo.default_model import choose_default
+
+from conftest import ROOT, TEST_DATA, assert_one_line_error, needs_shared, run_cli
 
 ANTIALIASED = with_variant(SALIENCY, "antialiased")
-from u2zoo.zoo.default_model import choose_default
 
 LITE_SHA = W.REGISTRY["u2net-lite"].sha256
 

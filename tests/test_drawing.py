@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TEST_DATA, assert_one_line_error, needs_shared, run_cli
 from u2zoo.tasks.drawing import Blend, draw_files
 from u2zoo.tasks.engine import Segmenter
 from u2zoo.tasks.portrait import FaceDetector, prepare_portrait
@@ -19,6 +18,8 @@ from u2zoo.zoo.archs import build_arch
 from u2zoo.zoo.contract import PORTRAIT, SALIENCY, postprocess, preprocess
 from u2zoo.zoo.images import load_rgb
 from u2zoo.zoo.reference import TorchPredictor
+
+from conftest import TEST_DATA, assert_one_line_error, needs_shared, run_cli
 
 PHOTOS = TEST_DATA / "test_portrait_images" / "your_portrait_im"
 

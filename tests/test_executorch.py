@@ -13,12 +13,14 @@ pytest.importorskip("executorch")
 pytest.importorskip("torchao")
 
 import torch
-from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared, run_cli
-from u2zoo.runtime.compare import Tolerance
+
 from u2zoo.convert import convert_model
 from u2zoo.converters import get_target
 from u2zoo.errors import BackendUnavailable, ConfigError, U2ZooError
+from u2zoo.runtime.compare import Tolerance
 from u2zoo.zoo.weights import load_model
+
+from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared, run_cli
 
 
 @pytest.fixture(scope="module")

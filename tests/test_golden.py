@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REAL_WEIGHTS, SHARED, TEST_DATA, needs_shared
-from u2zoo.runtime.metrics import evaluate
 from u2zoo.convert import convert_model
 from u2zoo.converters import get_target
+from u2zoo.runtime.metrics import evaluate
 from u2zoo.tasks.engine import Segmenter
 from u2zoo.tasks.folder import process_files
 from u2zoo.zoo.reference import TorchPredictor
 from u2zoo.zoo.weights import load_model
+
+from conftest import REAL_WEIGHTS, SHARED, TEST_DATA, needs_shared
 
 pytestmark = needs_shared
 

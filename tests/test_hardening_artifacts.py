@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, run_cli
 from u2zoo.artifact import entry_digest, open_artifact
 from u2zoo.errors import ArtifactError, ConfigError
 from u2zoo.safe_paths import confined
 from u2zoo.zoo.contract import MAX_SIDE, Contract, Preprocess
+
+from conftest import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -73,12 +73,11 @@ def test_stale_staging_folders_of_dead_runs_are_removed_never_a_live_one(tmp_pat
 
 
 def test_native_chatter_is_discarded_but_python_messages_get_through(capfd):
+    import ctypes
     import logging
     import warnings
 
     from u2zoo.quiet import third_party_quiet
-
-    import ctypes
 
     with third_party_quiet():
         ctypes.CDLL(None).printf(b"[cpuinfo_utils.cpp:125] buffered by C stdio\n")

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import assert_one_line_error, run_cli
 from u2zoo.errors import ConfigError, ImageError
 from u2zoo.tasks.folder import unique_stems
 from u2zoo.zoo.images import decode_image, load_mask, load_rgb, shown
+
+from conftest import assert_one_line_error, run_cli
 
 STORED = (160, 120)  # (width, height) of the pixels in the file; EXIF turns them a quarter
 

@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from PIL import Image
+from test_serve import HalfMap, error_of, get, post, running
 
 from conftest import assert_one_line_error, run_cli
-from test_serve import HalfMap, error_of, get, post, running
 
 
 def png_of(width: int, height: int) -> bytes:

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
 from u2zoo.zoo import weights as W
 from u2zoo.zoo.archs import build_arch
+
+from conftest import assert_one_line_error, run_cli
 
 
 class Evil:

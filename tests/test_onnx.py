@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from u2zoo.artifact import manifest_path_for, open_artifact
-from u2zoo.runtime.compare import Tolerance
 from u2zoo.convert import convert_model
 from u2zoo.converters import TARGETS, get_target
 from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError, ParityError
+from u2zoo.runtime.compare import Tolerance
 from u2zoo.zoo.weights import load_model
 
 
@@ -121,11 +121,10 @@ def test_parity_failure_rejects_the_artifact_and_leaves_nothing(tmp_path):
 
 def test_every_target_has_a_converter_a_runner_and_typed_options():
     import dataclasses
-
-    from u2zoo.converters.base import Runner
-
     import tomllib
     from pathlib import Path
+
+    from u2zoo.converters.base import Runner
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     extras = pyproject["project"]["optional-dependencies"]

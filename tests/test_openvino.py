@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REAL_WEIGHTS, TEST_DATA, needs_shared
-from u2zoo.runtime.compare import Tolerance
 from u2zoo.convert import convert_model
 from u2zoo.converters import get_target
 from u2zoo.errors import BackendUnavailable, ConfigError
+from u2zoo.runtime.compare import Tolerance
 from u2zoo.zoo.weights import load_model
+
+from conftest import REAL_WEIGHTS, TEST_DATA, needs_shared
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")

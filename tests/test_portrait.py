@@ -15,11 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TEST_DATA, needs_shared
 from u2zoo.errors import BackendUnavailable, ConfigError, ImageError
-from u2zoo.tasks.portrait import (FaceBox, FaceDetector, LandmarkAligner, align_by_eyes, crop_face, face_region,
-                                  prepare_portrait, to_uint8_rgb)
+from u2zoo.tasks.portrait import (
+    FaceBox,
+    FaceDetector,
+    LandmarkAligner,
+    align_by_eyes,
+    crop_face,
+    face_region,
+    prepare_portrait,
+    to_uint8_rgb,
+)
 from u2zoo.zoo.images import load_rgb
+
+from conftest import TEST_DATA, needs_shared
 
 cv2 = pytest.importorskip("cv2")  # the u2zoo[portrait] extra
 PORTRAITS = TEST_DATA / "test_portrait_images"

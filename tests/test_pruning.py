@@ -10,11 +10,12 @@ import torch
 
 pytest.importorskip("torch_pruning")
 
-from conftest import assert_one_line_error, run_cli  # noqa: E402
 from u2zoo.pruning.prune import KEPT_WHOLE, prune_model, save_pruned  # noqa: E402
-from u2zoo.zoo.pruned_shapes import shapes_path_for  # noqa: E402
 from u2zoo.zoo.archs import build_arch  # noqa: E402
+from u2zoo.zoo.pruned_shapes import shapes_path_for  # noqa: E402
 from u2zoo.zoo.weights import load_model  # noqa: E402
+
+from conftest import assert_one_line_error, run_cli  # noqa: E402
 
 
 def test_pruning_removes_channels_keeps_heads_and_still_runs():

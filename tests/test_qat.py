@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import REAL_WEIGHTS, TEST_DATA, needs_shared
 from u2zoo.convert import convert_model
 from u2zoo.converters.onnx import OnnxOptions
 from u2zoo.errors import ConfigError
 from u2zoo.quantization.qat import fold_batchnorm
 from u2zoo.zoo.archs import build_arch
+
+from conftest import REAL_WEIGHTS, TEST_DATA, needs_shared
 
 pytest.importorskip("torchao")
 onnx = pytest.importorskip("onnx")

@@ -7,13 +7,14 @@ import onnx
 import pytest
 from PIL import Image
 
-from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared, run_cli
-from u2zoo.runtime.compare import Tolerance
 from u2zoo.convert import convert_model
 from u2zoo.errors import ConfigError
 from u2zoo.quantization.calibration import calibration_set, load_npz
 from u2zoo.quantization.onnx_int8 import layer_groups
+from u2zoo.runtime.compare import Tolerance
 from u2zoo.zoo.contract import SALIENCY
+
+from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared, run_cli
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, run_cli
 from u2zoo.benchmarks import serve_load
 from u2zoo.benchmarks.serve_load import format_table, load_test
 from u2zoo.tasks.engine import Segmenter
@@ -31,6 +30,8 @@ from u2zoo.tasks.outputs import OutputOptions, render
 from u2zoo.tasks.serve import make_server
 from u2zoo.zoo.images import decode_image
 from u2zoo.zoo.reference import sample_images
+
+from conftest import assert_one_line_error, run_cli
 
 RSS_GROWTH_LIMIT_MB = 50
 

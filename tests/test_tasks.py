@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TEST_DATA, assert_one_line_error, needs_shared, png_header_bytes, run_cli
 from u2zoo.converters import get_target
 from u2zoo.errors import ConfigError, ImageError, ImageTooLarge
 from u2zoo.tasks.engine import AUTO_BATCH_CAP, Segmenter, activation_bytes_per_image, auto_batch_size
@@ -15,6 +14,8 @@ from u2zoo.tasks.outputs import OutputOptions, composite, parse_colour, render
 from u2zoo.tasks.refine import CrfOptions, MattingOptions, alpha_matting, dense_crf, trimap
 from u2zoo.zoo.images import decode_image, load_rgb
 from u2zoo.zoo.reference import sample_images
+
+from conftest import TEST_DATA, assert_one_line_error, needs_shared, png_header_bytes, run_cli
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared, run_cli  # noqa: E402
 from u2zoo.converters import TARGETS  # noqa: E402
-from u2zoo.converters.tensorrt import (TensorRTOptions, check_onnx_for_tensorrt, engine_mismatch,  # noqa: E402
-                                       trtexec_command)
+from u2zoo.converters.tensorrt import TensorRTOptions, check_onnx_for_tensorrt, engine_mismatch, trtexec_command  # noqa: E402
 from u2zoo.errors import ConfigError  # noqa: E402
+
+from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared, run_cli  # noqa: E402
 
 TRT_REASON = TARGETS["tensorrt"].unavailable_reason()
 needs_tensorrt = pytest.mark.skipif(TRT_REASON is not None, reason=f"TensorRT engines cannot be built here: {TRT_REASON}")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, run_cli
-from u2zoo.converters import TARGETS
 from u2zoo.convert import convert_model
+from u2zoo.converters import TARGETS
 from u2zoo.gpu import cuda_unavailable_reason
+
+from conftest import assert_one_line_error, run_cli
 
 
 def test_eager_artifact_round_trips_exactly_at_any_shape(tmp_path, tiny_checkpoint):

@@ -9,13 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REAL_WEIGHTS, assert_one_line_error, needs_shared, run_cli
 from u2zoo.errors import ConfigError
 from u2zoo.training.data import Augment, FolderDataset
 from u2zoo.training.losses import CompositeLoss, deep_bce, dice, edge, parse_loss_spec
 from u2zoo.training.trainer import TrainConfig, enable_gradient_checkpointing, fit
 from u2zoo.zoo.archs import build_arch
 from u2zoo.zoo.contract import SALIENCY
+
+from conftest import REAL_WEIGHTS, assert_one_line_error, needs_shared, run_cli
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 import hashlib
-import json
 import http.server
+import json
 import threading
 from functools import partial
 from pathlib import Path
@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REAL_WEIGHTS
 from u2zoo.errors import ConfigError, WeightsError
 from u2zoo.zoo import weights as W
 from u2zoo.zoo.archs import build_arch
+
+from conftest import REAL_WEIGHTS
 
 
 @pytest.fixture

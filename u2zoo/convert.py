@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 
 from u2zoo.artifact import Artifact
-from u2zoo.runtime.compare import DEFAULT_TOLERANCES, Parity, Tolerance, compare
 from u2zoo.converters import ModelSource, get_target
 from u2zoo.converters.base import ensure_writable_dir
 from u2zoo.errors import BackendUnavailable, ConfigError, ParityError
-from u2zoo.runtime.pipeline import network_size, preprocess_files, run_batched
-from u2zoo.quiet import third_party_quiet
-from u2zoo.staging import staging_folder
 from u2zoo.quantization.auto_fp import AUTO_PRECISIONS, DEFAULT_BUDGET, Attempt, check_options
 from u2zoo.quantization.auto_fp import applies as auto_fp_applies
+from u2zoo.quiet import third_party_quiet
+from u2zoo.runtime.compare import DEFAULT_TOLERANCES, Parity, Tolerance, compare
+from u2zoo.runtime.pipeline import network_size, preprocess_files, run_batched
+from u2zoo.staging import staging_folder
 from u2zoo.zoo.archs import count_params
 from u2zoo.zoo.reference import TorchPredictor, sample_images
 from u2zoo.zoo.weights import load_model
@@ -261,9 +261,9 @@ def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images:
     """All-INT8 missed the gate: put ranked groups back in float until it passes (auto_fp)."""
     import dataclasses
 
-    from u2zoo.runtime.timing import measure_latency
     from u2zoo.quantization.auto_fp import children_ranking_for, failure_message, group_macs, ranking_for, search
     from u2zoo.quantization.calibration import calibration_set
+    from u2zoo.runtime.timing import measure_latency
 
     size = _network_hw(opts, source)
     calib = calibration_set(opts.calib, source.contract, opts.calib_size, size, warn=False)

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from u2zoo.runtime.metrics import DEFAULT_BOUNDARY_BAND, boundary_mae, mae, prepare
 from u2zoo.errors import U2ZooError, one_line
+from u2zoo.runtime.metrics import DEFAULT_BOUNDARY_BAND, boundary_mae, mae, prepare
 from u2zoo.tasks.engine import Segmenter
 from u2zoo.tasks.refine import CrfOptions, dense_crf
 from u2zoo.zoo.contract import to_uint8

@@ -20,18 +20,18 @@ from typing import Any, Callable
 import numpy as np
 
 from u2zoo.artifact import host_info, tool_versions
-from u2zoo.runtime.compare import Tolerance, iou_at
 from u2zoo.benchmarks.gates import Gates
-from u2zoo.runtime.metrics import SaliencyMetrics, boundary_band
 from u2zoo.benchmarks.results import RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION
-from u2zoo.runtime.timing import measure_latency, peak_rss_mb, reset_peak_rss
 from u2zoo.converters import TARGETS
 from u2zoo.errors import ConfigError, U2ZooError, did_you_mean, one_line, tool_failure
 from u2zoo.gpu import cuda_unavailable_reason
-from u2zoo.runtime.pipeline import run_batched
 from u2zoo.quantization.auto_fp import AUTO_PRECISIONS
 from u2zoo.quantization.auto_fp import applies as auto_fp_applies
 from u2zoo.quantization.auto_fp import check_options as check_auto_fp_options
+from u2zoo.runtime.compare import Tolerance, iou_at
+from u2zoo.runtime.metrics import SaliencyMetrics, boundary_band
+from u2zoo.runtime.pipeline import run_batched
+from u2zoo.runtime.timing import measure_latency, peak_rss_mb, reset_peak_rss
 from u2zoo.zoo.contract import Contract, postprocess, preprocess
 from u2zoo.zoo.images import IMAGE_SUFFIXES, list_images, load_mask, load_rgb
 from u2zoo.zoo.reference import TorchPredictor

@@ -22,8 +22,16 @@ from typing import Any
 
 from u2zoo.artifact import atomic_write_text
 from u2zoo.benchmarks.report_plots import _matplotlib, accuracy_metric, plot_accuracy_vs_fps, plot_latency
-from u2zoo.benchmarks.results import (HEADERS, NUMERIC, comparison_rows, format_value, host_summary, hosts_of, run_ids,
-                                     table_columns)
+from u2zoo.benchmarks.results import (
+    HEADERS,
+    NUMERIC,
+    comparison_rows,
+    format_value,
+    host_summary,
+    hosts_of,
+    run_ids,
+    table_columns,
+)
 from u2zoo.errors import ConfigError, one_line
 
 # ---------------------------------------------------------------------------------------------

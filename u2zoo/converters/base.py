@@ -21,8 +21,8 @@ from typing import Any, Callable
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, check_io, new_manifest, static_size
-from u2zoo.quiet import third_party_quiet
 from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError, RuntimeLoadError, U2ZooError, tool_failure
+from u2zoo.quiet import third_party_quiet
 from u2zoo.zoo.contract import Contract
 from u2zoo.zoo.weights import WeightsInfo
 

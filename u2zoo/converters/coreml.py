@@ -37,13 +37,17 @@ import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, register
-from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, one_line, tool_failure
-from u2zoo.quantization.coreml_compression import (WEIGHT_THRESHOLD, CompressionPlan, compression_error,
-                                                  plan_compression, require_sklearn)
-from u2zoo.zoo.contract import Contract
-
-from u2zoo.converters.coreml_options import INPUT_NAME, OUTPUT_NAME, PRECISIONS, _ALL_UNITS, CoreMLOptions
+from u2zoo.converters.coreml_options import _ALL_UNITS, INPUT_NAME, OUTPUT_NAME, PRECISIONS, CoreMLOptions
 from u2zoo.converters.coreml_package import _describe, _import_coremltools, _quiet, validate_package
+from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, one_line, tool_failure
+from u2zoo.quantization.coreml_compression import (
+    WEIGHT_THRESHOLD,
+    CompressionPlan,
+    compression_error,
+    plan_compression,
+    require_sklearn,
+)
+from u2zoo.zoo.contract import Contract
 
 # ---------------------------------------------------------------------------------------------
 # the torch module that is exported

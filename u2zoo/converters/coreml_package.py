@@ -19,8 +19,6 @@ from u2zoo.converters.coreml_options import DEPLOYMENT_TARGETS, INPUT_NAME, OUTP
 from u2zoo.errors import BackendUnavailable, ConversionError, tool_failure
 from u2zoo.zoo.contract import Contract
 
-
-
 # ---------------------------------------------------------------------------------------------
 # coremltools, quietly
 

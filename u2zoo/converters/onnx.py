@@ -24,8 +24,15 @@ from typing import Any
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
-from u2zoo.converters.base import (ModelSource, Runner, TargetSpec, build_artifact, check_int8_options,
-                                  check_qat_options, register)
+from u2zoo.converters.base import (
+    ModelSource,
+    Runner,
+    TargetSpec,
+    build_artifact,
+    check_int8_options,
+    check_qat_options,
+    register,
+)
 from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError, ConversionError, U2ZooError
 from u2zoo.quiet import quiet_loggers
 from u2zoo.safe_paths import confined

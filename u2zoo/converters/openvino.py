@@ -20,8 +20,15 @@ from typing import Any
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
-from u2zoo.converters.base import (ModelSource, Runner, TargetSpec, build_artifact, check_int8_options,
-                                  check_qat_options, register)
+from u2zoo.converters.base import (
+    ModelSource,
+    Runner,
+    TargetSpec,
+    build_artifact,
+    check_int8_options,
+    check_qat_options,
+    register,
+)
 from u2zoo.converters.onnx import INPUT_NAME, OUTPUT_NAME, OnnxOptions, export_onnx
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, tool_failure
 

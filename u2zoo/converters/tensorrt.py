@@ -31,9 +31,16 @@ from typing import Any
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, atomic_write_bytes, atomic_write_text, host_info, tool_versions
+from u2zoo.converters.base import (
+    ModelSource,
+    Runner,
+    TargetSpec,
+    build_artifact,
+    check_int8_options,
+    check_qat_options,
+    register,
+)
 from u2zoo.converters.onnx import QDQ_OPS, onnx_precision, read_onnx
-from u2zoo.converters.base import (ModelSource, Runner, TargetSpec, build_artifact, check_int8_options,
-                                  check_qat_options, register)
 from u2zoo.errors import ConfigError, ConversionError, RuntimeLoadError
 from u2zoo.gpu import cuda_device_info, timed
 

@@ -16,7 +16,6 @@ from u2zoo.tasks.refine import CrfOptions, MattingOptions
 from u2zoo.zoo.contract import VARIANTS
 from u2zoo.zoo.images import DEFAULT_MAX_PIXELS, load_rgb
 
-
 _WEIGHTS_HELP = "weights: a local .pth path or an http(s)/file URL (with --weights-sha256); default: the registry's"
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from u2zoo.runtime.metrics import _f_from_counts, iou, mae, prepare, threshold_counts
 from u2zoo.errors import ConfigError
-from u2zoo.zoo.contract import Contract, SALIENCY, postprocess, preprocess
+from u2zoo.runtime.metrics import _f_from_counts, iou, mae, prepare, threshold_counts
+from u2zoo.zoo.contract import SALIENCY, Contract, postprocess, preprocess
 from u2zoo.zoo.images import list_images, load_mask, load_rgb
 
 

@@ -100,9 +100,8 @@ class TrainPairs:
     def __init__(self, images_dir: Path, masks_dir: Path, out: Path | None = None):
         from PIL import Image, ImageOps
 
-        from u2zoo.zoo.images import IMAGE_SUFFIXES
-
         from u2zoo.training.data import pair_masks
+        from u2zoo.zoo.images import IMAGE_SUFFIXES
 
         images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         masks = {image.stem: mask for image, mask in zip(images, pair_masks(images, masks_dir))}
@@ -166,7 +165,7 @@ def build_student(cfg: RunConfig, out: Path, teacher=None):
     import torch
 
     from u2zoo.zoo.archs import build_arch
-    from u2zoo.zoo.weights import load_model, read_state_dict, apply_state_dict
+    from u2zoo.zoo.weights import apply_state_dict, load_model, read_state_dict
 
     if cfg.init == "bundled":
         model, info, _ = load_model(cfg.arch, deploy=False, progress=False)

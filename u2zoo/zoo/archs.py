@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from u2zoo.errors import ConfigError, did_you_mean
-from u2zoo.zoo.layers import REBNCONV, RSU4, RSU4F, RSU5, RSU6, RSU7, ConvFactory, DSREBNCONV, upsample_like
+from u2zoo.zoo.layers import DSREBNCONV, REBNCONV, RSU4, RSU4F, RSU5, RSU6, RSU7, ConvFactory, upsample_like
 
 # (in, mid, out) channels per stage, in the order
 # stage1..stage6, stage5d, stage4d, stage3d, stage2d, stage1d.
