@@ -11,8 +11,9 @@ SHARED = ROOT.parent / "shared"
 REAL_WEIGHTS = SHARED / "weights" / "u2netp_fp16_bnfolded.pth"
 TEST_DATA = SHARED / "data" / "u2net_test_data"
 
-needs_shared = pytest.mark.skipif(not REAL_WEIGHTS.is_file() or not TEST_DATA.is_dir(),
-                                  reason="../shared weights and test data are not present")
+needs_shared = pytest.mark.skipif(
+    not REAL_WEIGHTS.is_file() or not TEST_DATA.is_dir(), reason="../shared weights and test data are not present"
+)
 
 
 @pytest.fixture(autouse=True)

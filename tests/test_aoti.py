@@ -18,16 +18,18 @@ from u2zoo.runtime.pipeline import run_batched
 
 from conftest import assert_one_line_error, run_cli
 
-pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
-                                reason="AOTInductor CPU packages need a C++ compiler")
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++")), reason="AOTInductor CPU packages need a C++ compiler"
+)
 SIZE = {"height": 64, "width": 64}
 
 
 @pytest.fixture(scope="module")
 def cpu_package(tmp_path_factory, tiny_checkpoint):
     out = tmp_path_factory.mktemp("aoti")
-    return convert_model("u2net-tiny", "aoti", out, weights=str(tiny_checkpoint), dynamic=True, max_batch=4,
-                         progress=False, **SIZE)
+    return convert_model(
+        "u2net-tiny", "aoti", out, weights=str(tiny_checkpoint), dynamic=True, max_batch=4, progress=False, **SIZE
+    )
 
 
 @pytest.mark.slow  # compiling even the tiny network with g++ takes 1.5–5 min on 2 cores
@@ -62,18 +64,53 @@ def test_package_from_another_torch_is_refused(tmp_path, cpu_package):
 
 
 def test_fp16_on_cpu_and_unknown_devices_are_refused(capsys, tmp_path, tiny_weights):
-    code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--weights", tiny_weights, "--target", "aoti",
-                           "--fp16", "--out", tmp_path / "o")
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        tiny_weights,
+        "--target",
+        "aoti",
+        "--fp16",
+        "--out",
+        tmp_path / "o",
+    )
     assert_one_line_error(code, err, "aoti fp16 packages are for --device cuda")
-    code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--weights", tiny_weights, "--target", "aoti",
-                           "--device", "tpu", "--out", tmp_path / "o")
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        tiny_weights,
+        "--target",
+        "aoti",
+        "--device",
+        "tpu",
+        "--out",
+        tmp_path / "o",
+    )
     assert_one_line_error(code, err, "unknown device 'tpu'")
 
 
 @pytest.mark.skipif(cuda_unavailable_reason() is None, reason="a GPU is present")
 def test_cuda_package_without_a_gpu_says_why(capsys, tmp_path, tiny_weights):
-    code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--weights", tiny_weights, "--target", "aoti",
-                           "--device", "cuda", "--out", tmp_path / "o")
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        tiny_weights,
+        "--target",
+        "aoti",
+        "--device",
+        "cuda",
+        "--out",
+        tmp_path / "o",
+    )
     assert_one_line_error(code, err, "needs an NVIDIA GPU: no CUDA device visible")
     assert not any((tmp_path / "o").iterdir())
 
@@ -81,6 +118,15 @@ def test_cuda_package_without_a_gpu_says_why(capsys, tmp_path, tiny_weights):
 @pytest.mark.slow
 @pytest.mark.skipif(cuda_unavailable_reason() is not None, reason=f"CUDA: {cuda_unavailable_reason()}")
 def test_cuda_fp16_package_matches_torch(tmp_path, tiny_checkpoint):
-    artifact = convert_model("u2net-tiny", "aoti", tmp_path, weights=str(tiny_checkpoint), device="cuda",
-                             precision="fp16", dynamic=True, progress=False, **SIZE)
+    artifact = convert_model(
+        "u2net-tiny",
+        "aoti",
+        tmp_path,
+        weights=str(tiny_checkpoint),
+        device="cuda",
+        precision="fp16",
+        dynamic=True,
+        progress=False,
+        **SIZE,
+    )
     assert artifact.manifest["parity"]["status"] == "ok" and artifact.manifest["tools"]["compute_capability"]

@@ -12,10 +12,12 @@ from u2zoo.quantization.auto_fp import Attempt, RankedGroup, check_options, plan
 
 from conftest import TEST_DATA, needs_shared, run_cli
 
-RANKING = [RankedGroup("stage2d", 0.13, 0.9, ("stage2d/Add", "stage2d/Concat", "stage2d/Resize")),
-           RankedGroup("outconv", 0.01, 0.2),
-           RankedGroup("stage1", 0.004, 0.1, ("stage1/Add",)),
-           RankedGroup("side1", 0.001, 0.05)]
+RANKING = [
+    RankedGroup("stage2d", 0.13, 0.9, ("stage2d/Add", "stage2d/Concat", "stage2d/Resize")),
+    RankedGroup("outconv", 0.01, 0.2),
+    RankedGroup("stage1", 0.004, 0.1, ("stage1/Add",)),
+    RankedGroup("side1", 0.001, 0.05),
+]
 MACS = {"stage2d": 10, "outconv": 1, "stage1": 60, "stage2": 29, "side1": 2}
 
 
@@ -32,14 +34,22 @@ def test_options_are_checked():
 def test_plan_tries_element_wise_ops_before_whole_groups_and_skips_what_the_budget_cannot_hold():
     steps, why = plan_steps(RANKING, MACS, 100, 0.25, fine=True)
     assert [groups for groups, _ in steps] == [
-        ("stage2d/Add", "stage2d/Concat", "stage2d/Resize"), ("stage2d",), ("stage2d", "outconv"),
-        ("stage2d", "outconv", "stage1/Add"), ("stage2d", "outconv", "stage1/Add", "side1")]
+        ("stage2d/Add", "stage2d/Concat", "stage2d/Resize"),
+        ("stage2d",),
+        ("stage2d", "outconv"),
+        ("stage2d", "outconv", "stage1/Add"),
+        ("stage2d", "outconv", "stage1/Add", "side1"),
+    ]
     assert steps[0][1] == ("stage2d",)  # the whole-group alternative raced against the fine step
     assert steps[3][1] is None  # stage1 as a whole would pass the budget: only its element-wise ops
     assert why == "every group within the budget was tried; stage1 would put more than 25% of the MACs in float"
     coarse, why = plan_steps(RANKING, MACS, 100, 1.0, fine=False)
-    assert [groups for groups, _ in coarse] == [("stage2d",), ("stage2d", "outconv"), ("stage2d", "outconv", "stage1"),
-                                                ("stage2d", "outconv", "stage1", "side1")]
+    assert [groups for groups, _ in coarse] == [
+        ("stage2d",),
+        ("stage2d", "outconv"),
+        ("stage2d", "outconv", "stage1"),
+        ("stage2d", "outconv", "stage1", "side1"),
+    ]
     assert why == "every group was tried"
 
 
@@ -48,6 +58,7 @@ def _fake_attempt(passes, log):
         log.append(groups)
         ok = passes(groups)
         return Attempt(groups, share, ok, {"iou50": 0.99 if ok else 0.6, "mean_abs": 0.01}, object() if ok else None)
+
     return attempt
 
 
@@ -77,22 +88,52 @@ def test_a_passing_group_is_narrowed_to_its_most_sensitive_sub_modules_when_that
     log, asked = [], []
     passes = lambda groups: "stage2d" in groups or "stage2d/rebnconv1d" in groups  # noqa: E731
     speeds = iter([41.0, 35.0])  # the whole group, then the narrowed candidate
-    result = search("tflite", RANKING, {}, macs, 100, 0.25, _fake_attempt(passes, log), first, lambda a: next(speeds),
-                    children=lambda group: asked.append(group) or CHILDREN)
+    result = search(
+        "tflite",
+        RANKING,
+        {},
+        macs,
+        100,
+        0.25,
+        _fake_attempt(passes, log),
+        first,
+        lambda a: next(speeds),
+        children=lambda group: asked.append(group) or CHILDREN,
+    )
     assert asked == ["stage2d"] and log == [("stage2d",), ("stage2d/rebnconv1d",)]
     assert result.chosen.keep_fp_groups == ("stage2d/rebnconv1d",) and result.chosen.float_macs == pytest.approx(0.02)
     assert [s.get("p50_ms") for s in result.record(0.25)["steps"][1:]] == [41.0, 35.0]
     # a narrowed candidate that misses the gate leaves the whole group chosen, after two tries
     log.clear()
     only_whole = lambda groups: "stage2d" in groups  # noqa: E731
-    result = search("tflite", RANKING, {}, macs, 100, 0.25, _fake_attempt(only_whole, log), first, lambda a: 1.0,
-                    children=lambda group: CHILDREN)
+    result = search(
+        "tflite",
+        RANKING,
+        {},
+        macs,
+        100,
+        0.25,
+        _fake_attempt(only_whole, log),
+        first,
+        lambda a: 1.0,
+        children=lambda group: CHILDREN,
+    )
     assert log == [("stage2d",), ("stage2d/rebnconv1d",), ("stage2d/rebnconv1d", "stage2d/rebnconvin")]
     assert result.chosen.keep_fp_groups == ("stage2d",)
     # slower narrowed candidates lose the race
     speeds = iter([30.0, 33.0])
-    result = search("tflite", RANKING, {}, macs, 100, 0.25, _fake_attempt(passes, []), first, lambda a: next(speeds),
-                    children=lambda group: CHILDREN)
+    result = search(
+        "tflite",
+        RANKING,
+        {},
+        macs,
+        100,
+        0.25,
+        _fake_attempt(passes, []),
+        first,
+        lambda a: next(speeds),
+        children=lambda group: CHILDREN,
+    )
     assert result.chosen.keep_fp_groups == ("stage2d",)
 
 
@@ -101,19 +142,38 @@ def test_every_whole_group_of_the_passing_set_is_narrowed_largest_first():
     could not be narrowed, but stage2d (more MACs) could."""
     ranking = [RankedGroup("stage2d", 0.13, 0.9), RankedGroup("outconv", 0.01, 0.2), RankedGroup("stage2", 0.01, 0.2)]
     macs = {"stage2d": 13, "outconv": 1, "stage2": 9, "stage2d/rebnconv1d": 2, "stage2/rebnconvin": 4}
-    kids = {"stage2d": [RankedGroup("stage2d/rebnconv1d", 0.3, 0.9)],
-            "stage2": [RankedGroup("stage2/rebnconvin", 0.01, 0.1)], "outconv": []}
+    kids = {
+        "stage2d": [RankedGroup("stage2d/rebnconv1d", 0.3, 0.9)],
+        "stage2": [RankedGroup("stage2/rebnconvin", 0.01, 0.1)],
+        "outconv": [],
+    }
     first = Attempt((), 0.0, False, {"iou50": 0.55, "mean_abs": 0.1})
 
     def passes(groups):  # stage2 is needed whole; stage2d only for its first conv
         return "stage2" in groups and ("stage2d" in groups or "stage2d/rebnconv1d" in groups)
+
     log, asked = [], []
     speeds = iter([50.0, 40.0])  # the passing set, then stage2d narrowed (stage2 narrowed fails: not timed)
-    result = search("executorch", ranking, {}, macs, 100, 0.25, _fake_attempt(passes, log), first,
-                    lambda a: next(speeds), children=lambda g: asked.append(g) or kids[g])
+    result = search(
+        "executorch",
+        ranking,
+        {},
+        macs,
+        100,
+        0.25,
+        _fake_attempt(passes, log),
+        first,
+        lambda a: next(speeds),
+        children=lambda g: asked.append(g) or kids[g],
+    )
     assert asked == ["stage2d", "stage2", "outconv"]  # by MACs: 13, 9, 1
-    assert log == [("stage2d",), ("stage2d", "outconv"), ("stage2d", "outconv", "stage2"),
-                   ("stage2d/rebnconv1d", "outconv", "stage2"), ("stage2d/rebnconv1d", "outconv", "stage2/rebnconvin")]
+    assert log == [
+        ("stage2d",),
+        ("stage2d", "outconv"),
+        ("stage2d", "outconv", "stage2"),
+        ("stage2d/rebnconv1d", "outconv", "stage2"),
+        ("stage2d/rebnconv1d", "outconv", "stage2/rebnconvin"),
+    ]
     assert result.chosen.keep_fp_groups == ("stage2d/rebnconv1d", "outconv", "stage2")
     assert result.chosen.float_macs == pytest.approx(0.12) and result.chosen.p50_ms == 40.0
 
@@ -135,9 +195,23 @@ def test_a_stand_in_pass_is_built_only_after_its_narrower_alternatives_were_scre
         def prove(a):
             built.append(a.keep_fp_groups)
             ok = in_runtime(a.keep_fp_groups)
-            return Attempt(a.keep_fp_groups, a.float_macs, ok, {"iou50": 0.985 if ok else 0.97}, object() if ok else None)
-        result = search("executorch", RANKING, {}, macs, 100, 0.25, screened, first,
-                        lambda a: timed.append(a) or 42.0, children=lambda group: CHILDREN, prove=prove)
+            return Attempt(
+                a.keep_fp_groups, a.float_macs, ok, {"iou50": 0.985 if ok else 0.97}, object() if ok else None
+            )
+
+        result = search(
+            "executorch",
+            RANKING,
+            {},
+            macs,
+            100,
+            0.25,
+            screened,
+            first,
+            lambda a: timed.append(a) or 42.0,
+            children=lambda group: CHILDREN,
+            prove=prove,
+        )
         return result, built, timed
 
     result, built, timed = run(lambda groups: True)
@@ -165,10 +239,12 @@ def test_children_ranking_is_cached_apart_from_the_group_ranking(monkeypatch, is
     from u2zoo.zoo.archs import build_arch
 
     calls = []
-    monkeypatch.setattr(auto_fp, "_measure_ranking", lambda *a, only=None, **kw: calls.append(only) or (
-        CHILDREN if only else RANKING))
-    source = SimpleNamespace(weights=SimpleNamespace(sha256="ab" * 32), arch="u2net-tiny",
-                             model=build_arch("u2net-tiny"))
+    monkeypatch.setattr(
+        auto_fp, "_measure_ranking", lambda *a, only=None, **kw: calls.append(only) or (CHILDREN if only else RANKING)
+    )
+    source = SimpleNamespace(
+        weights=SimpleNamespace(sha256="ab" * 32), arch="u2net-tiny", model=build_arch("u2net-tiny")
+    )
     calib = SimpleNamespace(digest="cd" * 32, inputs=np.zeros((3, 3, 8, 8), np.float32))
     auto_fp.ranking_for(source, calib, (8, 8))
     assert auto_fp.children_ranking_for(source, calib, (8, 8), "stage2d") == CHILDREN
@@ -231,14 +307,18 @@ def test_convert_records_the_search_and_off_switches(calib_dir, tmp_path, capsys
     from u2zoo.convert import convert_model
     from u2zoo.runtime.compare import Tolerance
 
-    common = dict(random_weights=True, precision="int8", calib=str(calib_dir), progress=False,
-                  tolerance=Tolerance(mean_abs=0.2))
+    common = dict(
+        random_weights=True, precision="int8", calib=str(calib_dir), progress=False, tolerance=Tolerance(mean_abs=0.2)
+    )
     artifact = convert_model("u2net-tiny", "onnx", tmp_path / "a", **common)
     record = artifact.manifest["auto_fp"]
     assert record["status"] == "passed" and record["kept_in_float"] == [] and record["steps"][0]["passed"]
     assert 0 < record["steps"][0]["seconds"] < 600  # the step's wall time, for whoever sizes a search
     hand = convert_model("u2net-tiny", "onnx", tmp_path / "b", keep_fp_groups=("outconv",), **common)
-    assert hand.manifest["auto_fp"] == {"status": "off", "reason": "layer groups chosen by hand (--keep-fp / --keep-fp-groups)"}
+    assert hand.manifest["auto_fp"] == {
+        "status": "off",
+        "reason": "layer groups chosen by hand (--keep-fp / --keep-fp-groups)",
+    }
     off = convert_model("u2net-tiny", "onnx", tmp_path / "c", auto_fp=False, **common)
     assert off.manifest["auto_fp"]["reason"] == "turned off (--no-auto-fp)"
     # the parity folder is the calibration folder: said, not refused
@@ -251,10 +331,22 @@ def test_search_failure_writes_nothing_and_says_why(calib_dir, tmp_path):
     from u2zoo.convert import convert_model
     from u2zoo.runtime.compare import Tolerance
 
-    with pytest.raises(ParityError, match=r"onnx int8 artifact failed its gate \(max abs ≤ 1e-06\) even with layer "
-                                          r"groups in float: .* stopped because .*--fp-budget \(now 0.05\)"):
-        convert_model("u2net-tiny", "onnx", tmp_path / "out", random_weights=True, precision="int8",
-                      calib=str(calib_dir), progress=False, tolerance=Tolerance(max_abs=1e-6), fp_budget=0.05)
+    with pytest.raises(
+        ParityError,
+        match=r"onnx int8 artifact failed its gate \(max abs ≤ 1e-06\) even with layer "
+        r"groups in float: .* stopped because .*--fp-budget \(now 0.05\)",
+    ):
+        convert_model(
+            "u2net-tiny",
+            "onnx",
+            tmp_path / "out",
+            random_weights=True,
+            precision="int8",
+            calib=str(calib_dir),
+            progress=False,
+            tolerance=Tolerance(max_abs=1e-6),
+            fp_budget=0.05,
+        )
     assert not list((tmp_path / "out").iterdir())
 
 
@@ -266,8 +358,18 @@ def test_the_ranking_reuses_the_calibration_of_a_dynamic_onnx_conversion(calib_d
     from u2zoo.runtime.compare import Tolerance
 
     with pytest.raises(ParityError):
-        convert_model("u2net-tiny", "onnx", tmp_path / "out", random_weights=True, precision="int8", dynamic=True,
-                      calib=str(calib_dir), progress=False, tolerance=Tolerance(max_abs=1e-6), fp_budget=0.05)
+        convert_model(
+            "u2net-tiny",
+            "onnx",
+            tmp_path / "out",
+            random_weights=True,
+            precision="int8",
+            dynamic=True,
+            calib=str(calib_dir),
+            progress=False,
+            tolerance=Tolerance(max_abs=1e-6),
+            fp_budget=0.05,
+        )
     cache = isolated_cache / "int8"
     assert len(list(cache.glob("ranking-*.json"))) == 1
     assert len(list(cache.glob("ranges-*.json"))) == 1
@@ -277,8 +379,19 @@ def test_the_ranking_reuses_the_calibration_of_a_dynamic_onnx_conversion(calib_d
 @needs_shared
 def test_plain_int8_of_real_u2netp_passes_by_falling_back(tmp_path, capsys):
     """The headline case: all-INT8 U2NETP misses the gate; the fallback finds a passing set."""
-    code, out, err = run_cli(capsys, "convert", "--model", "u2netp", "--target", "onnx", "--int8",
-                             "--calib", TEST_DATA / "test_images", "--out", tmp_path)
+    code, out, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "u2netp",
+        "--target",
+        "onnx",
+        "--int8",
+        "--calib",
+        TEST_DATA / "test_images",
+        "--out",
+        tmp_path,
+    )
     assert code == 0, err
     manifest = json.loads(next(tmp_path.glob("*.u2zoo.json")).read_text())
     record = manifest["auto_fp"]

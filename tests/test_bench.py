@@ -25,18 +25,48 @@ def data_dir(tmp_path):
     return folder
 
 
-
 def bench_args(tiny_weights, data_dir, out, *extra):
-    return ["bench", "--model", "u2net-tiny", "--weights", tiny_weights, "--data", data_dir, "--out", out,
-            "--runs", "2", "--warmup", "1", "--batches", "1,2", "--threads", "1", *extra]
+    return [
+        "bench",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        tiny_weights,
+        "--data",
+        data_dir,
+        "--out",
+        out,
+        "--runs",
+        "2",
+        "--warmup",
+        "1",
+        "--batches",
+        "1,2",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def test_matrix_cells_results_files_and_gate(capsys, tmp_path, tiny_weights, data_dir):
     gate = tmp_path / "gate.yaml"  # random tiny weights: int8 is held to a looser bar than real weights
     gate.write_text("precisions:\n  fp32: {max_abs: 5.0e-4}\n  int8: {iou50_min: 0.9, delta_mae_max: 0.05}\n")
-    code, out, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", "--targets", "onnx,tensorrt",
-                                             "--precisions", "fp32,int8", "--gate", gate,
-                                             "--keep-fp-groups", "outconv"))
+    code, out, err = run(
+        capsys,
+        *bench_args(
+            tiny_weights,
+            data_dir,
+            tmp_path / "b",
+            "--targets",
+            "onnx,tensorrt",
+            "--precisions",
+            "fp32,int8",
+            "--gate",
+            gate,
+            "--keep-fp-groups",
+            "outconv",
+        ),
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
     cells = {(r["target"], r["precision"]): r for r in rows}
@@ -46,13 +76,17 @@ def test_matrix_cells_results_files_and_gate(capsys, tmp_path, tiny_weights, dat
     assert ok["parity"]["max_abs"] <= 5e-4 and ok["parity"]["iou50"] > 0.99 and ok["gate"]["passed"]
     assert ok["artifact"]["size_bytes"] > 0 and len(ok["artifact"]["sha256"]) == 64
     speed = ok["speed"]
-    assert speed["threads"] == 1 and speed["latency_ms_p50"] > 0 and speed["e2e_ms_p50"] >= speed["latency_ms_p50"] * 0.5
+    assert (
+        speed["threads"] == 1 and speed["latency_ms_p50"] > 0 and speed["e2e_ms_p50"] >= speed["latency_ms_p50"] * 0.5
+    )
     assert set(speed["throughput"]) == {"1", "2"} and speed["peak_rss_mb"] > 0 and speed["load_s"] > 0
     assert ok["host"]["cores"] >= 1 and "load_avg" in ok["host"] and ok["tools"]["onnxruntime"]
     assert "skipped broken.png" in " ".join(ok["notes"])
     int8 = cells[("onnx", "int8")]
     assert int8["status"] == "ok" and int8["parity"]["iou50"] >= 0.9
-    manifest = json.loads((tmp_path / "b" / "artifacts" / "u2net-tiny" / "u2net-tiny_onnx_int8_dynamic.u2zoo.json").read_text())
+    manifest = json.loads(
+        (tmp_path / "b" / "artifacts" / "u2net-tiny" / "u2net-tiny_onnx_int8_dynamic.u2zoo.json").read_text()
+    )
     dumped = np.load(tmp_path / "b" / "calibration" / "u2net-tiny.npz")
     assert manifest["calibration"]["sha256"] == str(dumped["digest"]) and manifest["calibration"]["num_images"] == 3
     assert manifest["quantization"]["kept_in_float"] == ["outconv"]
@@ -86,7 +120,9 @@ def test_ground_truth_adds_accuracy_and_resizes_other_sizes(capsys, tmp_path, ti
     gt = tmp_path / "gt"
     gt.mkdir()
     for stem, size in [("rgb", (64, 48)), ("gray", (10, 15)), ("rgba", (40, 40))]:  # gray's GT is smaller
-        Image.fromarray((np.arange(size[0] * size[1]).reshape(size[1], size[0]) % 2 * 255).astype(np.uint8)).save(gt / f"{stem}.png")
+        Image.fromarray((np.arange(size[0] * size[1]).reshape(size[1], size[0]) % 2 * 255).astype(np.uint8)).save(
+            gt / f"{stem}.png"
+        )
     code, out, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", "--gt", gt))
     assert code == 0, err
     row = json.loads((tmp_path / "b" / "results.jsonl").read_text().splitlines()[0])
@@ -95,12 +131,15 @@ def test_ground_truth_adds_accuracy_and_resizes_other_sizes(capsys, tmp_path, ti
     assert "resized 1 ground-truth mask(s)" in out
 
 
-@pytest.mark.parametrize("extra, pattern", [
-    (["--targets", "onnxx"], "unknown target 'onnxx'; did you mean 'onnx'"),
-    (["--precisions", "fp8"], "unknown precision 'fp8'"),
-    (["--batches", "1,x"], "--batches must be comma-separated integers"),
-    (["--runs", "0"], "--runs and --threads must be ≥ 1"),
-])
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--targets", "onnxx"], "unknown target 'onnxx'; did you mean 'onnx'"),
+        (["--precisions", "fp8"], "unknown precision 'fp8'"),
+        (["--batches", "1,x"], "--batches must be comma-separated integers"),
+        (["--runs", "0"], "--runs and --threads must be ≥ 1"),
+    ],
+)
 def test_bad_bench_options(capsys, tmp_path, tiny_weights, data_dir, extra, pattern):
     code, _, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "b", *extra))
     assert code == 2
@@ -118,8 +157,18 @@ def test_two_checkpoints_of_one_model_in_one_run(capsys, tmp_path, tiny_weights,
     assert rows[0]["weights"]["sha256"] != rows[1]["weights"]["sha256"]
     assert all(r["status"] == "ok" and r["gate"]["passed"] for r in rows)  # gates of u2net-tiny apply to both
     assert sorted(p.name for p in (tmp_path / "b" / "artifacts").iterdir()) == ["u2net-tiny", "u2net-tiny@healthy_tiny"]
-    code, _, err = run(capsys, *bench_args(tiny_weights, data_dir, tmp_path / "c", "--weights", healthy_tiny,
-                                           "--model", f"u2net-tiny@{tmp_path / 'missing.pth'}"))
+    code, _, err = run(
+        capsys,
+        *bench_args(
+            tiny_weights,
+            data_dir,
+            tmp_path / "c",
+            "--weights",
+            healthy_tiny,
+            "--model",
+            f"u2net-tiny@{tmp_path / 'missing.pth'}",
+        ),
+    )
     assert_one_line_error(code, err, "weights file not found")
 
 
@@ -144,9 +193,28 @@ def test_real_u2netp_fp32_and_fp16_pass_the_default_gates(capsys, tmp_path):
     data.mkdir()
     for name in ("girl.png", "hockey.png", "im_01.png", "rifle2.jpeg"):
         (data / name).symlink_to(TEST_DATA / "test_images" / name)
-    code, out, err = run(capsys, "bench", "--model", "u2netp", "--weights", REAL_WEIGHTS, "--targets", "onnx",
-                         "--precisions", "fp32,fp16", "--data", data, "--out", tmp_path / "b", "--runs", "3",
-                         "--batches", "1", "--gate", "default")
+    code, out, err = run(
+        capsys,
+        "bench",
+        "--model",
+        "u2netp",
+        "--weights",
+        REAL_WEIGHTS,
+        "--targets",
+        "onnx",
+        "--precisions",
+        "fp32,fp16",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "b",
+        "--runs",
+        "3",
+        "--batches",
+        "1",
+        "--gate",
+        "default",
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
     assert [r["status"] for r in rows] == ["ok", "ok"]

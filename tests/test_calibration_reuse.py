@@ -49,7 +49,7 @@ def test_executorch_reused_observers_equal_a_fresh_calibration(tiny_source, cali
     def quantize(kept):
         module, record, _ = et._quantize(tiny_source.model, example, tiny_source, options, kept, SIZE)
         with torch.no_grad():
-            return torch.cat([module(x[i:i + 1]) for i in range(2)]), record["ranges"]
+            return torch.cat([module(x[i : i + 1]) for i in range(2)]), record["ranges"]
 
     et._OBSERVER_STATES.clear()
     _, first = quantize([])
@@ -78,18 +78,23 @@ def test_nncf_reused_statistics_equal_nncf_quantize(tiny_source, calib, tmp_path
 
     def outputs(model):
         compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        return np.concatenate([compiled(calib.inputs[i:i + 1])[0] for i in range(2)])
+        return np.concatenate([compiled(calib.inputs[i : i + 1])[0] for i in range(2)])
 
     key = ("tiny", calib.digest, 4, bias_correction)
     nncf_reuse._COLLECTED.pop(key, None)
     hows = []
     for kept in ([], ["stage2d"], ["stage2d", "outconv"]):
         ignored = nncf.IgnoredScope(patterns=[group_pattern(g) for g in kept], validate=False)
-        mine, how = nncf_reuse.quantize(ov.convert_model(str(onnx_path)), calib.nncf_dataset(), 4, ignored, key,
-                                        bias_correction)
-        theirs = nncf.quantize(ov.convert_model(str(onnx_path)), calib.nncf_dataset(), subset_size=4,
-                               ignored_scope=ignored,
-                               advanced_parameters=nncf_reuse.advanced_parameters(bias_correction))
+        mine, how = nncf_reuse.quantize(
+            ov.convert_model(str(onnx_path)), calib.nncf_dataset(), 4, ignored, key, bias_correction
+        )
+        theirs = nncf.quantize(
+            ov.convert_model(str(onnx_path)),
+            calib.nncf_dataset(),
+            subset_size=4,
+            ignored_scope=ignored,
+            advanced_parameters=nncf_reuse.advanced_parameters(bias_correction),
+        )
         np.testing.assert_array_equal(outputs(mine), outputs(theirs))
         hows.append(how)
     assert hows[0].startswith("measured: ")
@@ -142,16 +147,29 @@ def test_nncf_statistics_of_the_likely_next_scope_ride_along(tiny_source, calib,
     assert _likely_next(joins) == [["stage2d"]]
     assert _likely_next(["stage2d/rebnconv1d"]) == [] and _likely_next([]) == []
     assert _likely_next([], [RankedGroup("stage2d", 0.1, 0.5, tuple(joins))]) == [joins, ["stage2d"]]
-    _, how = nncf_reuse.quantize(ov.convert_model(str(onnx_path)), calib.nncf_dataset(), 4, scope(joins), key,
-                                 also_for=(scope(["stage2d"]),))
+    _, how = nncf_reuse.quantize(
+        ov.convert_model(str(onnx_path)), calib.nncf_dataset(), 4, scope(joins), key, also_for=(scope(["stage2d"]),)
+    )
     assert how.startswith("measured "), how  # the joins' own new points: one pass
     mine, how = nncf_reuse.quantize(ov.convert_model(str(onnx_path)), calib.nncf_dataset(), 4, scope(["stage2d"]), key)
     assert how.startswith("reused: all"), how
-    theirs = nncf.quantize(ov.convert_model(str(onnx_path)), calib.nncf_dataset(), subset_size=4,
-                           ignored_scope=scope(["stage2d"]), advanced_parameters=nncf_reuse.advanced_parameters(False))
+    theirs = nncf.quantize(
+        ov.convert_model(str(onnx_path)),
+        calib.nncf_dataset(),
+        subset_size=4,
+        ignored_scope=scope(["stage2d"]),
+        advanced_parameters=nncf_reuse.advanced_parameters(False),
+    )
     core = ov.Core()
-    outputs = [np.concatenate([core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(calib.inputs[i:i + 1])[0]
-                               for i in range(2)]) for m in (mine, theirs)]
+    outputs = [
+        np.concatenate(
+            [
+                core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(calib.inputs[i : i + 1])[0]
+                for i in range(2)
+            ]
+        )
+        for m in (mine, theirs)
+    ]
     np.testing.assert_array_equal(*outputs)
 
 

@@ -25,8 +25,19 @@ def photos(tmp_path):
 
 @needs_shared
 def test_convert_real_u2netp_dynamic_and_run_batch_3_of_97x131(capsys, tmp_path):
-    code, out, err = run(capsys, "convert", "--model", "u2netp", "--weights", REAL_WEIGHTS, "--target", "onnx",
-                         "--dynamic", "--out", tmp_path)
+    code, out, err = run(
+        capsys,
+        "convert",
+        "--model",
+        "u2netp",
+        "--weights",
+        REAL_WEIGHTS,
+        "--target",
+        "onnx",
+        "--dynamic",
+        "--out",
+        tmp_path,
+    )
     assert code == 0, err
     assert "wrote" in out and "parity vs torch on 4 image(s)" in out and "dynamic shape check [2, 1, 97, 131]" in out
     import onnxruntime as ort
@@ -38,8 +49,18 @@ def test_convert_real_u2netp_dynamic_and_run_batch_3_of_97x131(capsys, tmp_path)
 
 
 def test_predict_with_model_and_with_artifact_writes_masks_and_cutouts(capsys, tmp_path, tiny_weights, photos):
-    code, out, err = run(capsys, "predict", "--model", "u2net-tiny", "--weights", tiny_weights, photos,
-                         "--out", tmp_path / "torch", "--cutout")
+    code, out, err = run(
+        capsys,
+        "predict",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        tiny_weights,
+        photos,
+        "--out",
+        tmp_path / "torch",
+        "--cutout",
+    )
     assert code == 0, err
     mask = Image.open(tmp_path / "torch" / "a.png")
     assert mask.mode == "L" and mask.size == (60, 40)
@@ -47,11 +68,28 @@ def test_predict_with_model_and_with_artifact_writes_masks_and_cutouts(capsys, t
     assert cut.mode == "RGBA" and cut.size == (30, 25)
     assert Image.open(tmp_path / "torch" / "gray.png").size == (21, 33)
 
-    code, _, err = run(capsys, "convert", "--model", "u2net-tiny", "--weights", tiny_weights, "--target", "onnx",
-                       "--out", tmp_path / "art")
+    code, _, err = run(
+        capsys,
+        "convert",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        tiny_weights,
+        "--target",
+        "onnx",
+        "--out",
+        tmp_path / "art",
+    )
     assert code == 0, err
-    code, out, err = run(capsys, "predict", "--artifact", tmp_path / "art" / "u2net-tiny_onnx_fp32.onnx", photos,
-                         "--out", tmp_path / "ort")
+    code, out, err = run(
+        capsys,
+        "predict",
+        "--artifact",
+        tmp_path / "art" / "u2net-tiny_onnx_fp32.onnx",
+        photos,
+        "--out",
+        tmp_path / "ort",
+    )
     assert code == 0, err
     a = np.asarray(Image.open(tmp_path / "torch" / "a.png"), np.int16)
     b = np.asarray(Image.open(tmp_path / "ort" / "a.png"), np.int16)
@@ -61,31 +99,68 @@ def test_predict_with_model_and_with_artifact_writes_masks_and_cutouts(capsys, t
 def test_predict_skips_unreadable_images_and_exits_non_zero(capsys, tmp_path, tiny_weights, photos):
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
     (photos / "empty.png").write_bytes(b"")
-    code, out, err = run(capsys, "predict", "--model", "u2net-tiny", "--weights", tiny_weights, photos,
-                         "--out", tmp_path / "o")
+    code, out, err = run(
+        capsys, "predict", "--model", "u2net-tiny", "--weights", tiny_weights, photos, "--out", tmp_path / "o"
+    )
     assert code == 1
     assert "3 file(s)" in out and "2 input(s) failed" in out
     assert "skipped" in err and "broken.jpg" in err and "empty" in err
 
 
-@pytest.mark.parametrize("argv, pattern", [
-    (["convert", "--model", "u2netpp", "--target", "onnx", "--random-weights"], "unknown model 'u2netpp'; did you mean 'u2netp'"),
-    (["convert", "--model", "u2net-tiny", "--target", "onx", "--random-weights"], "unknown target 'onx'; did you mean 'onnx'"),
-    (["convert", "--model", "u2net-tiny", "--target", "onnx", "--weights", "/nonexistent.pth"], "weights file not found"),
-    (["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--int8"], "--int8 needs calibration images"),
-    (["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--fp16", "--int8"], "exclude each other"),
-    (["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--int8", "--calib", "/nonexistent"],
-     "calibration folder not found"),
-    (["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--opset", "13"], "opset 13 is too old"),
-    (["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--exporter", "jit"], "unknown exporter"),
-    (["convert", "--model", "u2net-tiny", "--target", "onnx"], "no registered weights for 'u2net-tiny'"),
-    (["fetch", "u2net-lite", "--from", "/some.pth"], "ships inside the package"),
-    (["predict", "--artifact", "/nonexistent.onnx", "x.png"], "artifact not found"),
-    (["predict", "--model", "u2net-tiny", "--random-weights", "/nonexistent-folder"], "input not found"),
-    (["fetch", "u2netp", "--from", "/nonexistent.pth"], "weights file not found"),
-    (["fetch", "u2netp.fp16_bnfolded", "--from", "/nonexistent.pth"], "ships inside the package"),
-    (["fetch", "u2net_potrait"], "did you mean 'u2net_portrait'"),
-])
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (
+            ["convert", "--model", "u2netpp", "--target", "onnx", "--random-weights"],
+            "unknown model 'u2netpp'; did you mean 'u2netp'",
+        ),
+        (
+            ["convert", "--model", "u2net-tiny", "--target", "onx", "--random-weights"],
+            "unknown target 'onx'; did you mean 'onnx'",
+        ),
+        (
+            ["convert", "--model", "u2net-tiny", "--target", "onnx", "--weights", "/nonexistent.pth"],
+            "weights file not found",
+        ),
+        (
+            ["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--int8"],
+            "--int8 needs calibration images",
+        ),
+        (
+            ["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--fp16", "--int8"],
+            "exclude each other",
+        ),
+        (
+            [
+                "convert",
+                "--model",
+                "u2net-tiny",
+                "--target",
+                "onnx",
+                "--random-weights",
+                "--int8",
+                "--calib",
+                "/nonexistent",
+            ],
+            "calibration folder not found",
+        ),
+        (
+            ["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--opset", "13"],
+            "opset 13 is too old",
+        ),
+        (
+            ["convert", "--model", "u2net-tiny", "--target", "onnx", "--random-weights", "--exporter", "jit"],
+            "unknown exporter",
+        ),
+        (["convert", "--model", "u2net-tiny", "--target", "onnx"], "no registered weights for 'u2net-tiny'"),
+        (["fetch", "u2net-lite", "--from", "/some.pth"], "ships inside the package"),
+        (["predict", "--artifact", "/nonexistent.onnx", "x.png"], "artifact not found"),
+        (["predict", "--model", "u2net-tiny", "--random-weights", "/nonexistent-folder"], "input not found"),
+        (["fetch", "u2netp", "--from", "/nonexistent.pth"], "weights file not found"),
+        (["fetch", "u2netp.fp16_bnfolded", "--from", "/nonexistent.pth"], "ships inside the package"),
+        (["fetch", "u2net_potrait"], "did you mean 'u2net_portrait'"),
+    ],
+)
 def test_bad_input_gives_one_line_error(capsys, tmp_path, argv, pattern):
     if argv[0] in ("convert", "predict"):
         argv = [*argv, "--out", str(tmp_path / "out")]
@@ -113,8 +188,9 @@ def test_corrupt_mismatching_and_unsafe_weights_via_cli(capsys, tmp_path, tiny_w
 def test_unwritable_output_folder(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")  # a folder cannot be made under a file, even as root
-    code, _, err = run(capsys, "convert", "--model", "u2net-tiny", "--random-weights", "--target", "onnx",
-                       "--out", blocker / "sub")
+    code, _, err = run(
+        capsys, "convert", "--model", "u2net-tiny", "--random-weights", "--target", "onnx", "--out", blocker / "sub"
+    )
     assert_one_line_error(code, err, "is not writable")
 
 
@@ -141,21 +217,45 @@ def test_demo_with_model_runs_the_shipped_lite_weights(capsys, tmp_path):
     assert not out.startswith("default:") and "weights: u2net-lite (shipped in the package)" in out
     assert "RANDOM" not in out and (tmp_path / "contact_sheet.png").is_file()
     masks = sorted(p.name for p in (tmp_path / "masks").iterdir())
-    assert masks == ["astronaut.png", "astronaut_cutout.png", "chelsea.png", "chelsea_cutout.png",
-                     "coffee.png", "coffee_cutout.png", "rocket.png", "rocket_cutout.png"]
+    assert masks == [
+        "astronaut.png",
+        "astronaut_cutout.png",
+        "chelsea.png",
+        "chelsea_cutout.png",
+        "coffee.png",
+        "coffee_cutout.png",
+        "rocket.png",
+        "rocket_cutout.png",
+    ]
 
 
 def test_console_script_prints_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "u2zoo", "convert", "--model", "nope", "--target", "onnx",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "u2zoo", "convert", "--model", "nope", "--target", "onnx", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("u2zoo: error: unknown model 'nope'")
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_time_reports_latency_of_model_and_artifact(capsys, tmp_path, tiny_weights):
-    code, out, err = run(capsys, "time", "--model", "u2net-tiny", "--weights", tiny_weights, "--threads", "1",
-                         "--runs", "3", "--warmup", "1")
+    code, out, err = run(
+        capsys,
+        "time",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        tiny_weights,
+        "--threads",
+        "1",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+    )
     assert code == 0, err
     assert "u2net-tiny (torch eager): batch 1 at 320×320, threads 1: p50" in out and "(3 runs after 1 warm-up)" in out
     code, out, err = run(capsys, "time", "--model", "u2net-tiny", "--random-weights", "--runs", "0")
@@ -168,6 +268,7 @@ def test_quiet_is_accepted_before_and_after_the_verb(capsys, tmp_path, tiny_weig
     parser = build_parser()
     assert parser.parse_args(["-q", "doctor"]).quiet and parser.parse_args(["doctor", "-q"]).quiet
     assert parser.parse_args(["doctor", "--quiet"]).quiet and not parser.parse_args(["doctor"]).quiet
-    code, _, err = run(capsys, "predict", "--model", "u2net-tiny", "--weights", tiny_weights, photos,
-                       "--out", tmp_path / "q", "-q")
+    code, _, err = run(
+        capsys, "predict", "--model", "u2net-tiny", "--weights", tiny_weights, photos, "--out", tmp_path / "q", "-q"
+    )
     assert code == 0 and err == "" and (tmp_path / "q" / "a.png").is_file()

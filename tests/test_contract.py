@@ -23,8 +23,13 @@ def test_bilinear_resize_matches_torch_interpolate_align_corners_false():
     pre = Preprocess(scale="unit", mean=(0, 0, 0), std=(1, 1, 1))
     for size in [(320, 320), (40, 50)]:  # up- and down-sampling
         ours = preprocess(image, pre, size)
-        ref = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None], size=size, mode="bilinear",
-                            align_corners=False, antialias=False)[0].numpy()
+        ref = F.interpolate(
+            torch.from_numpy(image).permute(2, 0, 1)[None],
+            size=size,
+            mode="bilinear",
+            align_corners=False,
+            antialias=False,
+        )[0].numpy()
         np.testing.assert_allclose(ours, ref, atol=5e-5)  # float32 rounding of source coordinates
 
 
@@ -34,8 +39,9 @@ def test_preprocess_divides_by_the_image_max_then_normalises():
     x = preprocess(image, SALIENCY.pre, (10, 10))
     assert x.shape == (3, 10, 10) and x.dtype == np.float32
     # max is 0.5, so the bulk becomes 1.0 before mean/std
-    np.testing.assert_allclose(x[:, 5, 5], (1.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        x[:, 5, 5], (1.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-6
+    )
     np.testing.assert_allclose(x[0, 0, 0], (0.5 - 0.485) / 0.229, rtol=1e-5)
 
 

@@ -31,8 +31,16 @@ SIZE = 64  # a small input keeps each conversion fast; the graph (and so the op 
 def fp16_artifact(tmp_path_factory, tiny_checkpoint):
     """One fp16 package, converted once for the tests that only read it."""
     out = tmp_path_factory.mktemp("coreml_fp16")
-    return convert_model("u2net-tiny", "coreml", out, weights=str(tiny_checkpoint), precision="fp16",
-                         height=SIZE, width=SIZE, progress=False)
+    return convert_model(
+        "u2net-tiny",
+        "coreml",
+        out,
+        weights=str(tiny_checkpoint),
+        precision="fp16",
+        height=SIZE,
+        width=SIZE,
+        progress=False,
+    )
 
 
 def read_spec(path):
@@ -77,11 +85,17 @@ def test_fp16_package_is_validated_from_its_saved_spec(fp16_artifact):
     assert manifest["io"]["inputs"] == [{"name": "image", "shape": [1, 3, SIZE, SIZE], "dtype": "float32"}]
     assert manifest["io"]["outputs"] == [{"name": "mask", "shape": [1, 1, SIZE, SIZE], "dtype": "float32"}]
     validation = manifest["validation"]
-    assert validation["outputs"] == [{"name": "mask", "type": "tensor", "shape": [1, 1, SIZE, SIZE], "dtype": "float32"}]
-    assert validation["inputs"] == [{"name": "image", "type": "tensor", "shape": [1, 3, SIZE, SIZE], "dtype": "float32"}]
+    assert validation["outputs"] == [
+        {"name": "mask", "type": "tensor", "shape": [1, 1, SIZE, SIZE], "dtype": "float32"}
+    ]
+    assert validation["inputs"] == [
+        {"name": "image", "type": "tensor", "shape": [1, 3, SIZE, SIZE], "dtype": "float32"}
+    ]
     ops = validation["op_counts"]
     assert ops["conv"] > 50 and ops["sigmoid"] == 1 and ops["upsample_bilinear"] > 0 and "batch_norm" not in ops
-    assert {"u2zoo.contract", "u2zoo.input", "u2zoo.preprocess.mean", "u2zoo.weights_sha256"} <= set(validation["metadata_keys"])
+    assert {"u2zoo.contract", "u2zoo.input", "u2zoo.preprocess.mean", "u2zoo.weights_sha256"} <= set(
+        validation["metadata_keys"]
+    )
     assert set(validation["summary"]) >= {"package", "input", "output", "ops", "metadata", "compression (torch side)"}
     error = validation["compression_error"]
     assert error["method"] == "fp16 weights" and error["num_images"] == 4 and error["max_abs"] < 1e-3
@@ -93,8 +107,10 @@ def test_fp16_package_is_validated_from_its_saved_spec(fp16_artifact):
     assert json.loads(meta["u2zoo.contract"]) == json.loads(json.dumps(artifact.contract.to_dict()))
     assert meta["u2zoo.input"] == "tensor" and meta["u2zoo.weights_sha256"] == manifest["weights"]["sha256"]
     assert json.loads(meta["u2zoo.preprocess.std"]) == list(SALIENCY.pre.std)
-    assert spec.description.metadata.author.startswith("u2zoo") and spec.description.metadata.license == \
-        "unknown: weights not in the u2zoo registry"
+    assert (
+        spec.description.metadata.author.startswith("u2zoo")
+        and spec.description.metadata.license == "unknown: weights not in the u2zoo registry"
+    )
 
 
 def test_a_modified_package_is_refused(fp16_artifact, tmp_path):
@@ -123,15 +139,33 @@ def test_predicting_on_linux_is_a_one_line_error(capsys, fp16_artifact, tmp_path
     assert_one_line_error(code, err, r"cannot run u2net-tiny_coreml_fp16.mlpackage: coreml runtime needs macOS")
 
 
-@pytest.mark.parametrize("flags, name, compressed_op", [
-    (["--int8-weights"], "u2net-tiny_coreml_int8-weights", "constexpr_affine_dequantize"),
-    (["--fp16", "--palettize", "4"], "u2net-tiny_coreml_fp16_pal4", "constexpr_lut_to_dense"),
-    (["--image-input", "--deployment-target", "macos12"], "u2net-tiny_coreml_fp32_image", None),  # fp32
-])
+@pytest.mark.parametrize(
+    "flags, name, compressed_op",
+    [
+        (["--int8-weights"], "u2net-tiny_coreml_int8-weights", "constexpr_affine_dequantize"),
+        (["--fp16", "--palettize", "4"], "u2net-tiny_coreml_fp16_pal4", "constexpr_lut_to_dense"),
+        (["--image-input", "--deployment-target", "macos12"], "u2net-tiny_coreml_fp32_image", None),  # fp32
+    ],
+)
 def test_cli_round_trip(capsys, tmp_path, tiny_checkpoint, flags, name, compressed_op):
     out = tmp_path / "out"
-    code, stdout, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--weights", tiny_checkpoint,
-                                "--target", "coreml", "--height", SIZE, "--width", SIZE, "--out", out, *flags)
+    code, stdout, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        tiny_checkpoint,
+        "--target",
+        "coreml",
+        "--height",
+        SIZE,
+        "--width",
+        SIZE,
+        "--out",
+        out,
+        *flags,
+    )
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [f"{name}.mlpackage", f"{name}.u2zoo.json"]
     assert "validated: output: mask: float32 (1, 1, 64, 64), the only output" in stdout
@@ -163,21 +197,25 @@ def test_cli_round_trip(capsys, tmp_path, tiny_checkpoint, flags, name, compress
         assert artifact.manifest["options"]["deployment_target"] == "macOS12"
 
 
-@pytest.mark.parametrize("flags, pattern", [
-    (["--deployment-target", "iOS14"], r"deployment target iOS14 is too old: .* needs iOS15 or later"),
-    (["--deployment-target", "macOS10_15"], r"deployment target macOS10_15 is too old: .* needs macOS12"),
-    (["--int8-weights", "--deployment-target", "macOS12"], r"int8 weights needs macOS13 or later"),
-    (["--deployment-target", "android14"], r"unknown deployment target 'android14'"),
-    (["--int8"], r"target 'coreml' does not support precision 'int8' \(supported: fp32, fp16, int8-weights\)"),
-    (["--palettize", "5"], r"--palettize 5: Core ML palettizes to 1, 2, 3, 4, 6, 8 bits"),
-    (["--int8-weights", "--palettize", "4"], r"not on top of --int8-weights"),
-    (["--dynamic"], r"coreml builds fixed-shape models here; build one per size with --height/--width"),
-    (["--nhwc"], r"target 'coreml' does not support option\(s\) nhwc"),
-])
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--deployment-target", "iOS14"], r"deployment target iOS14 is too old: .* needs iOS15 or later"),
+        (["--deployment-target", "macOS10_15"], r"deployment target macOS10_15 is too old: .* needs macOS12"),
+        (["--int8-weights", "--deployment-target", "macOS12"], r"int8 weights needs macOS13 or later"),
+        (["--deployment-target", "android14"], r"unknown deployment target 'android14'"),
+        (["--int8"], r"target 'coreml' does not support precision 'int8' \(supported: fp32, fp16, int8-weights\)"),
+        (["--palettize", "5"], r"--palettize 5: Core ML palettizes to 1, 2, 3, 4, 6, 8 bits"),
+        (["--int8-weights", "--palettize", "4"], r"not on top of --int8-weights"),
+        (["--dynamic"], r"coreml builds fixed-shape models here; build one per size with --height/--width"),
+        (["--nhwc"], r"target 'coreml' does not support option\(s\) nhwc"),
+    ],
+)
 def test_bad_inputs_are_one_line_errors_and_leave_nothing(capsys, tmp_path, flags, pattern):
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--random-weights", "--target", "coreml",
-                           "--out", out, *flags)
+    code, _, err = run_cli(
+        capsys, "convert", "--model", "u2net-tiny", "--random-weights", "--target", "coreml", "--out", out, *flags
+    )
     assert_one_line_error(code, err, pattern)
     assert not out.exists()  # refused before anything is written
 
@@ -214,8 +252,13 @@ def test_torch_side_compression_mirrors_coremltools_weights(tiny_checkpoint):
         plan.kept = [next(iter(plan.compressed))]  # as if the search had kept the first one
         program = coreml._convert(ct_, cto, exported, options, shape, plan)._mil_program
         ops = list(program.functions["main"].operations)
-        stored = [np.asarray(op.outputs[0].val if op.outputs[0].val is not None else op.materialized_val_inference(),
-                             np.float32) for op in ops if op.op_type.startswith("constexpr_")]
+        stored = [
+            np.asarray(
+                op.outputs[0].val if op.outputs[0].val is not None else op.materialized_val_inference(), np.float32
+            )
+            for op in ops
+            if op.op_type.startswith("constexpr_")
+        ]
         assert len(stored) == len(plan.compressed) - 1
         simulated = [w.astype(np.float32) for n, w in plan.compressed.items() if n not in plan.kept]
         for value in stored:
@@ -262,9 +305,30 @@ def test_bench_cell_is_unavailable_with_the_built_package(capsys, tmp_path, tiny
     rng = np.random.default_rng(1)
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
-    code, stdout, err = run_cli(capsys, "bench", "--model", "u2net-tiny", "--weights", tiny_checkpoint, "--data", data,
-                                "--out", tmp_path / "b", "--targets", "coreml", "--precisions", "fp16",
-                                "--runs", "1", "--warmup", "0", "--batches", "1", "--threads", "1")
+    code, stdout, err = run_cli(
+        capsys,
+        "bench",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        tiny_checkpoint,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "b",
+        "--targets",
+        "coreml",
+        "--precisions",
+        "fp16",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--batches",
+        "1",
+        "--threads",
+        "1",
+    )
     assert code == 0, err
     [row] = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
     assert (row["target"], row["precision"]) == ("coreml", "fp16")
@@ -278,15 +342,18 @@ def test_bench_cell_is_unavailable_with_the_built_package(capsys, tmp_path, tiny
 
 
 @pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML predicts only on macOS")
-@pytest.mark.parametrize("options", [{"precision": "fp32"}, {"precision": "fp16"}, {"precision": "fp32", "image_input": True}])
+@pytest.mark.parametrize(
+    "options", [{"precision": "fp32"}, {"precision": "fp16"}, {"precision": "fp32", "image_input": True}]
+)
 def test_runner_parity_on_macos(tmp_path, tiny_checkpoint, options):
     from u2zoo.runtime.compare import Tolerance
     from u2zoo.zoo.weights import load_model
 
     # image input rounds the RGB values to 8 bit: compared with a looser bound than fp32
     tolerance = Tolerance(mean_abs=5e-3) if options.get("image_input") or options["precision"] == "fp16" else None
-    artifact = convert_model("u2net-tiny", "coreml", tmp_path, weights=str(tiny_checkpoint), progress=False,
-                             tolerance=tolerance, **options)
+    artifact = convert_model(
+        "u2net-tiny", "coreml", tmp_path, weights=str(tiny_checkpoint), progress=False, tolerance=tolerance, **options
+    )
     assert artifact.manifest["parity"]["status"] == "ok" and artifact.manifest["parity"]["passed"]
     x = np.random.default_rng(3).standard_normal((2, 3, 320, 320)).astype(np.float32) * 0.5
     with get_target("coreml").runner(artifact) as runner:
@@ -304,9 +371,15 @@ def test_runner_parity_on_macos(tmp_path, tiny_checkpoint, options):
 def test_real_u2netp_sizes_and_torch_side_int8_error(tmp_path):
     sizes, errors = {}, {}
     for precision in ("fp16", "int8-weights"):
-        artifact = convert_model("u2netp", "coreml", tmp_path / precision, weights=str(REAL_WEIGHTS),
-                                 precision=precision, progress=False,
-                                 parity_images=sorted((TEST_DATA / "test_images").iterdir()))
+        artifact = convert_model(
+            "u2netp",
+            "coreml",
+            tmp_path / precision,
+            weights=str(REAL_WEIGHTS),
+            precision=precision,
+            progress=False,
+            parity_images=sorted((TEST_DATA / "test_images").iterdir()),
+        )
         sizes[precision] = sum(f["size"] for f in artifact.manifest["files"])
         errors[precision] = artifact.manifest["validation"]["compression_error"]
     assert sizes["fp16"] <= 2.6e6 and sizes["int8-weights"] <= 1.6e6, sizes

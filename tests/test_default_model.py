@@ -39,8 +39,10 @@ def _record(tmp_path: Path, mae: float, max_f: float, sha: str = LITE_SHA) -> Pa
 
 def test_default_is_the_lite_only_when_its_record_meets_the_ship_targets(tmp_path):
     good = choose_default(_record(tmp_path, 0.041, 0.935))
-    assert good.name == "u2net-lite" and good.describe() == \
-        "default: u2net-lite (u2net-lite val MAE 0.041 ≤ 0.05, max F 0.935 ≥ 0.92)"
+    assert (
+        good.name == "u2net-lite"
+        and good.describe() == "default: u2net-lite (u2net-lite val MAE 0.041 ≤ 0.05, max F 0.935 ≥ 0.92)"
+    )
     bad = choose_default(_record(tmp_path, 0.239, 0.648))
     assert bad.describe() == "default: u2netp (u2net-lite val MAE 0.239 > 0.05, val max F 0.648 < 0.92)"
     assert choose_default(_record(tmp_path, 0.049, 0.90)).name == "u2netp"  # both targets, not one
@@ -107,10 +109,21 @@ def test_demo_runs_the_default_and_writes_a_contact_sheet(capsys, tmp_path):
     lines = out.splitlines()
     assert lines[0] == choose_default().describe() and lines[0].startswith("default: u2netp (")
     assert lines[1] == "weights: u2netp.fp16_bnfolded (shipped in the package)" and "RANDOM" not in out
-    assert f"({DEFAULT_VARIANT} contract)" in out and f"contact sheet (photo | mask | cut-out): {tmp_path / 'contact_sheet.png'}" in out
+    assert (
+        f"({DEFAULT_VARIANT} contract)" in out
+        and f"contact sheet (photo | mask | cut-out): {tmp_path / 'contact_sheet.png'}" in out
+    )
     masks = sorted(p.name for p in (tmp_path / "masks").iterdir())
-    assert masks == ["astronaut.png", "astronaut_cutout.png", "chelsea.png", "chelsea_cutout.png",
-                     "coffee.png", "coffee_cutout.png", "rocket.png", "rocket_cutout.png"]
+    assert masks == [
+        "astronaut.png",
+        "astronaut_cutout.png",
+        "chelsea.png",
+        "chelsea_cutout.png",
+        "coffee.png",
+        "coffee_cutout.png",
+        "rocket.png",
+        "rocket_cutout.png",
+    ]
     # the demo's masks are U2NETP's: the same as the torch model through the same contract
     from u2zoo.api import load
     from u2zoo.zoo.images import load_rgb
@@ -148,8 +161,17 @@ def test_predict_without_model_uses_the_default_and_says_so(capsys, tmp_path):
 
 
 def test_contract_flag_on_an_artifact_is_refused_not_ignored(capsys, tmp_path, tiny_dynamic_onnx):
-    code, _, err = run_cli(capsys, "predict", "--artifact", tiny_dynamic_onnx.path, "--contract", "official",
-                           tmp_path, "--out", tmp_path / "o")
+    code, _, err = run_cli(
+        capsys,
+        "predict",
+        "--artifact",
+        tiny_dynamic_onnx.path,
+        "--contract",
+        "official",
+        tmp_path,
+        "--out",
+        tmp_path / "o",
+    )
     assert_one_line_error(code, err, "--contract is for --model: an artifact carries its own contract")
 
 
@@ -170,8 +192,11 @@ def test_python_entry_point_uses_the_default(tmp_path):
 def test_variants_differ_only_in_their_resizes_and_are_recorded():
     # the default is the variant that scored better on DUTS-TR val/ (README, "Contract variants")
     assert DEFAULT_VARIANT == "official" and SALIENCY == SALIENCY_OFFICIAL
-    assert (ANTIALIASED.pre.resize_filter, ANTIALIASED.pre.antialias, ANTIALIASED.post.resize_filter) == \
-        ("lanczos", True, "lanczos")
+    assert (ANTIALIASED.pre.resize_filter, ANTIALIASED.pre.antialias, ANTIALIASED.post.resize_filter) == (
+        "lanczos",
+        True,
+        "lanczos",
+    )
     assert with_variant(ANTIALIASED, "official") == SALIENCY_OFFICIAL == Contract()
     assert ANTIALIASED.to_dict()["variant"] == "antialiased" and ANTIALIASED.pre.size == SALIENCY.pre.size
     legacy = SALIENCY_OFFICIAL.to_dict()
@@ -206,24 +231,47 @@ def test_antialiased_variant_reproduces_pillows_lanczos_on_8bit_images():
 def test_predict_u2netp_with_no_weights_matches_the_official_outputs(capsys, tmp_path):
     for variant, limit in (("official", 0.004), ("antialiased", 0.01)):
         out = tmp_path / variant
-        code, _, err = run_cli(capsys, "predict", "--model", "u2netp", "--contract", variant,
-                               TEST_DATA / "test_images", "--out", out)
+        code, _, err = run_cli(
+            capsys, "predict", "--model", "u2netp", "--contract", variant, TEST_DATA / "test_images", "--out", out
+        )
         assert code == 0, err
         maes = []
         for image in sorted((TEST_DATA / "test_images").iterdir()):
             ours = np.asarray(Image.open(out / f"{image.stem}.png"), np.float32) / 255
-            official = np.asarray(Image.open(TEST_DATA / "u2netp_results" / f"{image.stem}.png").convert("L"),
-                                  np.float32) / 255
+            official = (
+                np.asarray(Image.open(TEST_DATA / "u2netp_results" / f"{image.stem}.png").convert("L"), np.float32)
+                / 255
+            )
             maes.append(np.abs(ours - official).mean())
         assert len(maes) == 18 and np.mean(maes) <= limit, (variant, np.mean(maes))
 
 
 def test_the_wheel_carries_the_weights_the_licence_and_the_attribution(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     (wheel,) = tmp_path.glob("u2zoo-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("u2netp_fp16_bnfolded.pth", "U2NETP_LICENSE.txt", "U2NETP_ATTRIBUTION.md",
-                 "u2net_lite_distilled_fp16.pth", "u2net_lite_distilled_fp16.json"):
+    for name in (
+        "u2netp_fp16_bnfolded.pth",
+        "U2NETP_LICENSE.txt",
+        "U2NETP_ATTRIBUTION.md",
+        "u2net_lite_distilled_fp16.pth",
+        "u2net_lite_distilled_fp16.json",
+    ):
         assert f"u2zoo/zoo/bundled/{name}" in names, name

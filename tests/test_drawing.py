@@ -40,8 +40,14 @@ def test_drawing_is_the_inverted_map_of_the_face_crop(photos, tmp_path):
 
     torch.manual_seed(0)
     predictor = TorchPredictor(build_arch("u2net-tiny", deploy=True))
-    report = draw_files(Segmenter(predictor, PORTRAIT), [photos], tmp_path / "out", save_crop=True, progress=False,
-                        blend=Blend(sigma=20, alpha=0.5))
+    report = draw_files(
+        Segmenter(predictor, PORTRAIT),
+        [photos],
+        tmp_path / "out",
+        save_crop=True,
+        progress=False,
+        blend=Blend(sigma=20, alpha=0.5),
+    )
     assert report.drawn == 2 and not report.failed
     assert [p.name for p in report.no_face] == ["flat.png"]
 
@@ -78,23 +84,36 @@ def test_predict_with_a_portrait_contract_crops_the_face_too(photos):
 
 @needs_shared
 def test_portrait_cli_on_a_real_photo_with_the_u2net_layout(capsys, photos, tmp_path):
-    code, out, err = run_cli(capsys, "portrait", photos / "kid1.jpg", "--model", "u2net_portrait", "--random-weights",
-                             "--out", tmp_path / "o")
+    code, out, err = run_cli(
+        capsys,
+        "portrait",
+        photos / "kid1.jpg",
+        "--model",
+        "u2net_portrait",
+        "--random-weights",
+        "--out",
+        tmp_path / "o",
+    )
     assert code == 0, err
     assert "drew 1 portrait(s) with u2net_portrait" in out and "1 face crop(s)" in out
     drawing = Image.open(tmp_path / "o" / "kid1.png")
     assert drawing.mode == "L" and drawing.size == (512, 512)
 
 
-@pytest.mark.parametrize("argv, pattern", [
-    (["--model", "u2net-tiny", "--random-weights"], "not a portrait-drawing model"),
-    (["--model", "u2net_portrait"], "never downloaded unverified: download it yourself and pass --weights"),
-    (["--model", "u2net_portrait", "--random-weights", "--align"], "--align needs --landmarks-model"),
-    (["--model", "u2net_portrait", "--random-weights", "--align", "--landmarks-model", "/x.dat"],
-     r"dlib.*u2zoo\[landmarks\]"),
-    (["--model", "u2net_portrait", "--random-weights", "--landmarks-model", "/x.dat"], "is for --align"),
-    (["--model", "u2net_portrait", "--random-weights", "--blend", "--blend-alpha", "2"], "--blend-alpha in"),
-])
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["--model", "u2net-tiny", "--random-weights"], "not a portrait-drawing model"),
+        (["--model", "u2net_portrait"], "never downloaded unverified: download it yourself and pass --weights"),
+        (["--model", "u2net_portrait", "--random-weights", "--align"], "--align needs --landmarks-model"),
+        (
+            ["--model", "u2net_portrait", "--random-weights", "--align", "--landmarks-model", "/x.dat"],
+            r"dlib.*u2zoo\[landmarks\]",
+        ),
+        (["--model", "u2net_portrait", "--random-weights", "--landmarks-model", "/x.dat"], "is for --align"),
+        (["--model", "u2net_portrait", "--random-weights", "--blend", "--blend-alpha", "2"], "--blend-alpha in"),
+    ],
+)
 def test_portrait_cli_refuses_bad_options_in_one_line(capsys, tmp_path, argv, pattern):
     pytest.importorskip("cv2")
     image = tmp_path / "x.png"

@@ -42,8 +42,9 @@ def _convert(tmp_path_factory, name: str, weights, **options):
     # module-scoped fixtures run outside the per-test cache isolation: isolate here too
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("U2ZOO_HOME", str(tmp_path_factory.mktemp(f"{name}_home")))
-        return convert_model("u2net-tiny", "executorch", tmp_path_factory.mktemp(name), weights=str(weights),
-                             progress=False, **options)
+        return convert_model(
+            "u2net-tiny", "executorch", tmp_path_factory.mktemp(name), weights=str(weights), progress=False, **options
+        )
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +55,18 @@ def tiny_fp32(tmp_path_factory, tiny_checkpoint):
 @pytest.fixture(scope="module")
 def tiny_int8(tmp_path_factory, tiny_checkpoint, calib_dir):
     # random tiny weights: the maps hover around 0.5, so hold the mean error, not IoU@0.5
-    return _convert(tmp_path_factory, "et_int8", tiny_checkpoint, precision="int8", calib=str(calib_dir),
-                    calib_size=3, keep_fp_groups=("outconv", "stage2d/rebnconv1d"), height=96, width=96,
-                    tolerance=Tolerance(mean_abs=0.05))
+    return _convert(
+        tmp_path_factory,
+        "et_int8",
+        tiny_checkpoint,
+        precision="int8",
+        calib=str(calib_dir),
+        calib_size=3,
+        keep_fp_groups=("outconv", "stage2d/rebnconv1d"),
+        height=96,
+        width=96,
+        tolerance=Tolerance(mean_abs=0.05),
+    )
 
 
 def _torch_reference(weights, x: np.ndarray) -> np.ndarray:
@@ -125,19 +135,25 @@ def test_int8_round_trip_records_calibration_and_float_groups(tiny_int8, calib_d
     assert manifest["lowering"]["ops_outside_delegates"] == {}
 
 
-@pytest.mark.parametrize("args, pattern", [
-    (["--dynamic"], r"executorch builds fixed-shape programs here"),
-    (["--int8"], r"--int8 needs calibration images"),
-    (["--int8", "--calib", "{calib}", "--keep-fp-groups", "stage2d,stage9x"],
-     r"unknown layer group\(s\) 'stage9x'; did you mean 'stage6'\? \(groups: stage1, .*top-level"),
-    (["--fp16"], r"target 'executorch' does not support precision 'fp16' \(supported: fp32, int8\)"),
-    (["--calib", "{calib}"], r"calib only apply to --int8"),
-])
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--dynamic"], r"executorch builds fixed-shape programs here"),
+        (["--int8"], r"--int8 needs calibration images"),
+        (
+            ["--int8", "--calib", "{calib}", "--keep-fp-groups", "stage2d,stage9x"],
+            r"unknown layer group\(s\) 'stage9x'; did you mean 'stage6'\? \(groups: stage1, .*top-level",
+        ),
+        (["--fp16"], r"target 'executorch' does not support precision 'fp16' \(supported: fp32, int8\)"),
+        (["--calib", "{calib}"], r"calib only apply to --int8"),
+    ],
+)
 def test_executorch_bad_inputs_via_cli(tmp_path, capsys, calib_dir, args, pattern):
     out = tmp_path / "out"
     args = [a.replace("{calib}", str(calib_dir)) for a in args]
-    code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--random-weights", "--target", "executorch",
-                           *args, "--out", out)
+    code, _, err = run_cli(
+        capsys, "convert", "--model", "u2net-tiny", "--random-weights", "--target", "executorch", *args, "--out", out
+    )
     assert_one_line_error(code, err, pattern)
     assert not out.exists() or not any(out.iterdir())  # nothing left behind, not even staging
 
@@ -158,12 +174,28 @@ def test_real_u2netp_fp32_and_int8_keeping_stage2d(tmp_path):
     images = sorted((TEST_DATA / "test_images").iterdir())
     # XNNPACK's fp32 summation order: 8.4e-5 on an AVX2 EPYC, 1.4e-4 on an AVX-512 Xeon (the
     # default gate's 2e-4; TFLite's XNNPACK gives the same figure, see default_gates.yaml)
-    fp32 = convert_model("u2netp", "executorch", tmp_path / "fp32", weights=str(REAL_WEIGHTS), progress=False,
-                         parity_images=images, tolerance=Tolerance(max_abs=2e-4))
+    fp32 = convert_model(
+        "u2netp",
+        "executorch",
+        tmp_path / "fp32",
+        weights=str(REAL_WEIGHTS),
+        progress=False,
+        parity_images=images,
+        tolerance=Tolerance(max_abs=2e-4),
+    )
     assert fp32.manifest["parity"]["max_abs"] <= 2e-4, fp32.manifest["parity"]
-    int8 = convert_model("u2netp", "executorch", tmp_path / "int8", weights=str(REAL_WEIGHTS), precision="int8",
-                         calib=str(TEST_DATA / "test_human_images"), keep_fp_groups=("stage2d",), progress=False,
-                         parity_images=images, tolerance=Tolerance(iou50_min=0.98))
+    int8 = convert_model(
+        "u2netp",
+        "executorch",
+        tmp_path / "int8",
+        weights=str(REAL_WEIGHTS),
+        precision="int8",
+        calib=str(TEST_DATA / "test_human_images"),
+        keep_fp_groups=("stage2d",),
+        progress=False,
+        parity_images=images,
+        tolerance=Tolerance(iou50_min=0.98),
+    )
     parity = int8.manifest["parity"]
     assert parity["iou50"] >= 0.98, parity
     assert int8.manifest["quantization"]["kept_in_float"] == ["stage2d"]
@@ -178,8 +210,9 @@ def test_screen_stand_in_matches_the_program_and_convert_takes_its_module(tmp_pa
 
     model, info, contract = load_model("u2net-tiny", weights=str(tiny_checkpoint), deploy=True, progress=False)
     source = ModelSource(model, info, contract, info.arch, 0)
-    options = et.ExecuTorchOptions(precision="int8", calib=str(calib_dir), calib_size=3, height=96, width=96,
-                                   keep_fp_groups=("outconv",))
+    options = et.ExecuTorchOptions(
+        precision="int8", calib=str(calib_dir), calib_size=3, height=96, width=96, keep_fp_groups=("outconv",)
+    )
     stand_in = et.screen(source, options)
     assert et._SCREENED[model][0] == et._screen_key(options, ["outconv"], (96, 96))
     artifact = et.convert(source, options, tmp_path, "tiny")

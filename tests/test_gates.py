@@ -18,28 +18,39 @@ def test_evaluate_names_each_broken_limit_with_its_value():
     assert failures == ["iou50 0.9712 < 0.98", "delta_mae 0.02 > 0.01"]
     assert gates.evaluate("m", "t", "int8", {"iou50": 0.99, "delta_mae": 0.0, "max_abs": 0.5}) == []
     assert gates.evaluate("m", "t", "int8", {"iou50": None, "delta_mae": 0, "max_abs": 0}) == [
-        "iou50 not measured (gate iou50_min 0.98)"]
+        "iou50 not measured (gate iou50_min 0.98)"
+    ]
     assert gates.evaluate("m", "t", "fp64", {"max_abs": 9.0}) == []  # no limits for that precision
 
 
 def test_overrides_apply_in_order_to_matching_cells_only():
-    gates = parse_gates({"precisions": {"fp16": {"mean_abs": 5e-3}},
-                         "overrides": [{"model": "u2net", "limits": {"mean_abs": 1e-2}},
-                                       {"model": "u2net", "target": "tflite", "limits": {"mean_abs": 2e-2}}]}, "g")
+    gates = parse_gates(
+        {
+            "precisions": {"fp16": {"mean_abs": 5e-3}},
+            "overrides": [
+                {"model": "u2net", "limits": {"mean_abs": 1e-2}},
+                {"model": "u2net", "target": "tflite", "limits": {"mean_abs": 2e-2}},
+            ],
+        },
+        "g",
+    )
     assert gates.limits_for("u2netp", "onnx", "fp16") == {"mean_abs": 5e-3}
     assert gates.limits_for("u2net", "onnx", "fp16") == {"mean_abs": 1e-2}
     assert gates.limits_for("u2net", "tflite", "fp16") == {"mean_abs": 2e-2}
 
 
-@pytest.mark.parametrize("text, pattern", [
-    ("precisions: {fp32: {max_abss: 1}}", r"unknown key 'max_abss' at precisions\.fp32"),
-    ("precision: {fp32: {max_abs: 1}}", r"unknown key 'precision'"),
-    ("overrides: [{target: onnx, limit: {max_abs: 1}}]", r"unknown key 'limit' at overrides\[0\]"),
-    ("precisions: {fp32: {max_abs: tight}}", "must be a number"),
-    ("schema_version: 2", "schema_version 2 is not supported"),
-    ("- a\n- b", "expected a mapping"),
-    ("precisions: {fp32: [", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("precisions: {fp32: {max_abss: 1}}", r"unknown key 'max_abss' at precisions\.fp32"),
+        ("precision: {fp32: {max_abs: 1}}", r"unknown key 'precision'"),
+        ("overrides: [{target: onnx, limit: {max_abs: 1}}]", r"unknown key 'limit' at overrides\[0\]"),
+        ("precisions: {fp32: {max_abs: tight}}", "must be a number"),
+        ("schema_version: 2", "schema_version 2 is not supported"),
+        ("- a\n- b", "expected a mapping"),
+        ("precisions: {fp32: [", "not valid YAML"),
+    ],
+)
 def test_bad_gate_files_are_one_line_config_errors(tmp_path, text, pattern):
     path = tmp_path / "gates.yaml"
     path.write_text(text)

@@ -24,7 +24,9 @@ def official_mae(out_dir: Path) -> dict[str, float]:
     maes = {}
     for image in sorted((TEST_DATA / "test_images").iterdir()):
         ours = np.asarray(Image.open(out_dir / f"{image.stem}.png"), np.float32) / 255
-        official = np.asarray(Image.open(TEST_DATA / "u2netp_results" / f"{image.stem}.png").convert("L"), np.float32) / 255
+        official = (
+            np.asarray(Image.open(TEST_DATA / "u2netp_results" / f"{image.stem}.png").convert("L"), np.float32) / 255
+        )
         assert ours.shape == official.shape
         maes[image.name] = float(np.abs(ours - official).mean())
     return maes
@@ -38,7 +40,9 @@ def real_model():
 def test_torch_reproduces_the_official_u2netp_results(real_model, tmp_path):
     model, info, contract = real_model
     assert info.name == "u2netp.fp16_bnfolded" and contract.variant == "official"
-    report = process_files(Segmenter(TorchPredictor(model), contract), [TEST_DATA / "test_images"], tmp_path, progress=False)
+    report = process_files(
+        Segmenter(TorchPredictor(model), contract), [TEST_DATA / "test_images"], tmp_path, progress=False
+    )
     assert len(report.written) == 18 and not report.failed
     maes = official_mae(tmp_path)
     assert np.mean(list(maes.values())) <= 0.005, maes  # measured 0.0025; the antialiased variant gives 0.0069
@@ -46,14 +50,23 @@ def test_torch_reproduces_the_official_u2netp_results(real_model, tmp_path):
 
 
 def test_onnx_artifact_reproduces_the_official_results(tmp_path):
-    artifact = convert_model("u2netp", "onnx", tmp_path / "art", weights=str(REAL_WEIGHTS), dynamic=True,
-                             contract_variant="official",
-                             parity_images=sorted((TEST_DATA / "test_images").iterdir())[:6], progress=False)
+    artifact = convert_model(
+        "u2netp",
+        "onnx",
+        tmp_path / "art",
+        weights=str(REAL_WEIGHTS),
+        dynamic=True,
+        contract_variant="official",
+        parity_images=sorted((TEST_DATA / "test_images").iterdir())[:6],
+        progress=False,
+    )
     assert artifact.manifest["weights"]["name"] == "u2netp.fp16_bnfolded"
     assert artifact.manifest["contract"]["variant"] == "official"
     assert artifact.manifest["parity"]["max_abs"] <= 1e-3 and artifact.manifest["parity"]["iou50"] >= 0.999
     with get_target("onnx").runner(artifact) as runner:
-        process_files(Segmenter(runner, artifact.contract), [TEST_DATA / "test_images"], tmp_path / "masks", progress=False)
+        process_files(
+            Segmenter(runner, artifact.contract), [TEST_DATA / "test_images"], tmp_path / "masks", progress=False
+        )
     maes = official_mae(tmp_path / "masks")
     assert np.mean(list(maes.values())) <= 0.01 and max(maes.values()) <= 0.05, maes
 
@@ -79,9 +92,13 @@ def test_shipped_lite_weights_segment_held_out_photos(tmp_path):
     images = sorted((DUTS_VAL / "images").iterdir())[:24]
     report = process_files(Segmenter(TorchPredictor(model), contract), images, tmp_path, progress=False)
     assert len(report.written) == 24 and not report.failed
-    pairs = [(np.asarray(Image.open(tmp_path / f"{p.stem}.png"), np.float32) / 255,
-              np.asarray(Image.open(DUTS_VAL / "masks" / f"{p.stem}.png").convert("L"), np.float32) / 255)
-             for p in images]
+    pairs = [
+        (
+            np.asarray(Image.open(tmp_path / f"{p.stem}.png"), np.float32) / 255,
+            np.asarray(Image.open(DUTS_VAL / "masks" / f"{p.stem}.png").convert("L"), np.float32) / 255,
+        )
+        for p in images
+    ]
     scores = evaluate(pairs)
     blank_mae = float(np.mean([gt.mean() for _, gt in pairs]))  # an all-background map
     assert scores.mae <= 0.10 and scores.max_f >= 0.85 and scores.iou50 >= 0.72, scores

@@ -21,8 +21,13 @@ def _staged(out: Path) -> list[Path]:
 def test_sigterm_during_convert_removes_the_staging_folder(tmp_path, isolated_cache):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", U2ZOO_HOME=str(isolated_cache))
-    proc = subprocess.Popen([sys.executable, "-m", "u2zoo", "-q", "convert", "--model", "u2netp", "--target", "onnx",
-                             "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "u2zoo", "-q", "convert", "--model", "u2netp", "--target", "onnx", "--out", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not _staged(out) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -98,8 +103,12 @@ def test_native_chatter_is_discarded_but_python_messages_get_through(capfd):
 def test_quiet_tflite_convert_prints_nothing_on_stderr(tmp_path, capfd):
     from u2zoo.cli import main
 
-    assert main(["-q", "convert", "--model", "u2net-tiny", "--random-weights", "--target", "tflite",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            ["-q", "convert", "--model", "u2net-tiny", "--random-weights", "--target", "tflite", "--out", str(tmp_path)]
+        )
+        == 0
+    )
     out, err = capfd.readouterr()
     assert err == "", err
     assert "LiteRT-Torch" not in out and out.startswith("wrote "), out

@@ -40,6 +40,7 @@ def predict(capsys, art, *argv):
 
 # ---------------------------------------------------------------- #9 EXIF orientation
 
+
 @pytest.mark.parametrize("orientation", [6, 8])
 def test_exif_rotated_photo_is_read_upright(tmp_path, orientation):
     photo = sideways_jpeg(tmp_path / "phone.jpg", orientation)
@@ -89,8 +90,9 @@ def test_video_display_rotation_is_applied(capsys, tmp_path, tiny_dynamic_onnx):
         for _ in range(2):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")))
         container.mux(stream.encode())
-    code, _, err = run_cli(capsys, "video", source, "--out", tmp_path / "mask.mkv",
-                           "--artifact", tiny_dynamic_onnx.path)
+    code, _, err = run_cli(
+        capsys, "video", source, "--out", tmp_path / "mask.mkv", "--artifact", tiny_dynamic_onnx.path
+    )
     assert code == 0, err
     with av.open(str(tmp_path / "mask.mkv")) as container:
         frame = next(container.decode(video=0))
@@ -98,6 +100,7 @@ def test_video_display_rotation_is_applied(capsys, tmp_path, tiny_dynamic_onnx):
 
 
 # ---------------------------------------------------------------- #10 control characters in names
+
 
 def test_names_with_control_characters_are_escaped():
     assert shown("bad\nname.jpg") == "bad\\nname.jpg"
@@ -119,12 +122,14 @@ def test_predict_messages_about_odd_names_are_one_line_each(capsys, tmp_path, ti
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 2, err
-    assert lines[0] == (f"u2zoo: skipped {folder}/bad\\nname.jpg: image file is empty (0 bytes): "
-                        f"{folder}/bad\\nname.jpg")
+    assert lines[0] == (
+        f"u2zoo: skipped {folder}/bad\\nname.jpg: image file is empty (0 bytes): {folder}/bad\\nname.jpg"
+    )
     assert lines[1] == "u2zoo: skipped 1 non-image file(s) in the folders: notes\\n.txt"
 
 
 # ---------------------------------------------------------------- #11 an output folder that is a file
+
 
 def test_blocked_output_subfolder_fails_that_input_only(capsys, tmp_path, tiny_dynamic_onnx):
     (tmp_path / "in" / "sub").mkdir(parents=True)
@@ -134,13 +139,16 @@ def test_blocked_output_subfolder_fails_that_input_only(capsys, tmp_path, tiny_d
     (tmp_path / "out" / "sub").write_text("a file where a folder must go")
     code, out, err = predict(capsys, tiny_dynamic_onnx, tmp_path / "in", "--out", tmp_path / "out")
     assert code == 1
-    assert err.strip() == (f"u2zoo: skipped {tmp_path}/in/sub/a.jpg: cannot write {tmp_path}/out/sub/a.png: "
-                           f"{tmp_path}/out/sub is a file, not a folder")
+    assert err.strip() == (
+        f"u2zoo: skipped {tmp_path}/in/sub/a.jpg: cannot write {tmp_path}/out/sub/a.png: "
+        f"{tmp_path}/out/sub is a file, not a folder"
+    )
     assert "wrote 1 file(s)" in out and "1 input(s) failed" in out
     assert (tmp_path / "out" / "b.png").is_file()
 
 
 # ---------------------------------------------------------------- #12 the output folder inside the input
+
 
 def test_output_folder_inside_the_input_is_not_walked(capsys, tmp_path, tiny_dynamic_onnx):
     selfin = tmp_path / "selfin"
@@ -162,6 +170,7 @@ def test_output_folder_that_is_the_input_is_refused(capsys, tmp_path, tiny_dynam
 
 # ---------------------------------------------------------------- #13 two inputs, one stem
 
+
 def test_same_stem_keeps_the_extension_for_those_inputs_only(capsys, tmp_path, tiny_dynamic_onnx):
     coll = tmp_path / "coll"
     coll.mkdir()
@@ -171,12 +180,19 @@ def test_same_stem_keeps_the_extension_for_those_inputs_only(capsys, tmp_path, t
     code, out, err = predict(capsys, tiny_dynamic_onnx, coll, "--out", tmp_path / "out", "--outputs", "mask,cutout")
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "x_jpg.png", "x_jpg_cutout.png", "x_png.png", "x_png_cutout.png", "y.png", "y_cutout.png"]
+        "x_jpg.png",
+        "x_jpg_cutout.png",
+        "x_png.png",
+        "x_png_cutout.png",
+        "y.png",
+        "y_cutout.png",
+    ]
     assert Image.open(tmp_path / "out" / "x_jpg.png").size == (120, 160)
     assert Image.open(tmp_path / "out" / "x_png.png").size == (50, 40)
     assert err.strip().splitlines() == [
         f"u2zoo: note: {coll}/x.jpg: another input has the same name, so its outputs keep the extension: x_jpg.png",
-        f"u2zoo: note: {coll}/x.png: another input has the same name, so its outputs keep the extension: x_png.png"]
+        f"u2zoo: note: {coll}/x.png: another input has the same name, so its outputs keep the extension: x_png.png",
+    ]
     assert "wrote 6 file(s)" in out
 
 
@@ -190,8 +206,13 @@ def test_same_name_in_two_input_folders_is_refused_before_any_work(capsys, tmp_p
 
 
 def test_unique_stems_also_catches_an_output_suffix_and_case():
-    pairs = [(Path("in/x.jpg"), Path("x")), (Path("in/x_face.jpg"), Path("x_face")), (Path("in/Y.jpg"), Path("Y")),
-             (Path("in/y.PNG"), Path("y")), (Path("in/z.jpg"), Path("z"))]
+    pairs = [
+        (Path("in/x.jpg"), Path("x")),
+        (Path("in/x_face.jpg"), Path("x_face")),
+        (Path("in/Y.jpg"), Path("Y")),
+        (Path("in/y.PNG"), Path("y")),
+        (Path("in/z.jpg"), Path("z")),
+    ]
     renamed, notes = unique_stems(pairs, ["", "_face"])
     assert [stem.as_posix() for _, stem in renamed] == ["x_jpg", "x_face_jpg", "Y_jpg", "y_PNG", "z"]
     assert [path.name for path, _ in notes] == ["x.jpg", "x_face.jpg", "Y.jpg", "y.PNG"]

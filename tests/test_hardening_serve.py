@@ -64,12 +64,14 @@ def test_repeated_or_signed_content_length_is_400(segmenter_free_server):
         code, head, body = exchange(port, request_bytes(f"POST /predict HTTP/1.1\nHost: x{headers}", SMALL))
         assert "Content-Length" in error_of((code, head, body), 400)
     for bad in [f"+{n}", f"{n // 10}_{n % 10}", f"{n}, {n}"]:  # int() would take the first two
-        code, head, body = exchange(port, request_bytes(f"POST /predict HTTP/1.1\nHost: x\nContent-Length: {bad}",
-                                                        SMALL))
+        code, head, body = exchange(
+            port, request_bytes(f"POST /predict HTTP/1.1\nHost: x\nContent-Length: {bad}", SMALL)
+        )
         assert "Content-Length" in error_of((code, head, body), 400)
     # on any path: a GET's unread body must not be taken for the next request either
-    code, head, body = exchange(port, request_bytes("GET /health HTTP/1.1\nHost: x\nContent-Length: 2\n"
-                                                    "Content-Length: 40", b"xx"))
+    code, head, body = exchange(
+        port, request_bytes("GET /health HTTP/1.1\nHost: x\nContent-Length: 2\nContent-Length: 40", b"xx")
+    )
     error_of((code, head, body), 400)
     code, _, body = exchange(port, request_bytes(f"POST /predict HTTP/1.1\nHost: x\nContent-Length: {n}", SMALL))
     assert code == 200 and Image.open(io.BytesIO(body)).size == (32, 32)
@@ -106,10 +108,12 @@ def hang_up(port: int, data: bytes, reset: bool) -> None:
 
 
 def test_a_client_hanging_up_anywhere_logs_at_most_a_line(capfd):
-    cut_offs = [b"POST /pre",  # in the request line
-                b"POST /predict HTTP/1.1\r\nHost:",  # in the headers (the case)
-                request_bytes("POST /predict HTTP/1.1\nHost: x\nContent-Length: 1000", SMALL[:10]),  # in the body
-                request_bytes(f"POST /predict HTTP/1.1\nHost: x\nContent-Length: {len(SMALL)}", SMALL)]  # whole
+    cut_offs = [
+        b"POST /pre",  # in the request line
+        b"POST /predict HTTP/1.1\r\nHost:",  # in the headers (the case)
+        request_bytes("POST /predict HTTP/1.1\nHost: x\nContent-Length: 1000", SMALL[:10]),  # in the body
+        request_bytes(f"POST /predict HTTP/1.1\nHost: x\nContent-Length: {len(SMALL)}", SMALL),
+    ]  # whole
     with running(SlowMap(0.2)) as server:
         port = server.server_address[1]
         capfd.readouterr()

@@ -36,12 +36,16 @@ def image(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("save_kwargs", [
-    {},
-    {"_use_new_zipfile_serialization": False},
-    {"_use_new_zipfile_serialization": False, "pickle_protocol": 4},
-    {"pickle_protocol": 4},
-], ids=["zip", "legacy", "legacy-proto4", "zip-proto4"])
+@pytest.mark.parametrize(
+    "save_kwargs",
+    [
+        {},
+        {"_use_new_zipfile_serialization": False},
+        {"_use_new_zipfile_serialization": False, "pickle_protocol": 4},
+        {"pickle_protocol": 4},
+    ],
+    ids=["zip", "legacy", "legacy-proto4", "zip-proto4"],
+)
 def test_pickled_code_is_refused_naming_the_global(capsys, tmp_path, image, save_kwargs):
     evil = tmp_path / "e.pth"
     torch.save({"x": Evil()}, evil, **save_kwargs)
@@ -127,8 +131,9 @@ def huge_server():
 @pytest.fixture
 def small_entry(monkeypatch):
     """A non-shipped, hash-pinned entry of a known small size (like the registry's file_size)."""
-    entry = dataclasses.replace(W.find_entry("u2netp.fp16_bnfolded"), name="small", filename="small.pth",
-                                bundled=False, file_size=100_000)
+    entry = dataclasses.replace(
+        W.find_entry("u2netp.fp16_bnfolded"), name="small", filename="small.pth", bundled=False, file_size=100_000
+    )
     monkeypatch.setitem(W.REGISTRY, entry.name, entry)
     return entry
 
@@ -156,6 +161,7 @@ def served_tiny(tmp_path):
     root.mkdir()
     torch.manual_seed(1)
     torch.save(build_arch("u2net-tiny").state_dict(), root / "w")
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
@@ -173,8 +179,19 @@ def test_weights_sha256_must_be_64_hex_characters(capsys, tmp_path, monkeypatch,
     home = tmp_path / "a" / "b" / "c" / "home"
     monkeypatch.setenv("U2ZOO_HOME", str(home))
     before = {p for p in tmp_path.rglob("*")}
-    code, _, err = run_cli(capsys, "predict", "--model", "u2net-tiny", "--weights", served_tiny[0],
-                           "--weights-sha256", sha, image, "--out", tmp_path / "o")
+    code, _, err = run_cli(
+        capsys,
+        "predict",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        served_tiny[0],
+        "--weights-sha256",
+        sha,
+        image,
+        "--out",
+        tmp_path / "o",
+    )
     assert_one_line_error(code, err, r"--weights-sha256 must be 64 hex characters")
     assert {p for p in tmp_path.rglob("*")} == before  # no lock, no cache entry, no output folder
     with pytest.raises(W.ConfigError, match="64 hex"):
@@ -186,8 +203,19 @@ def test_weights_sha256_must_be_64_hex_characters(capsys, tmp_path, monkeypatch,
 
 def test_quiet_download_shows_no_progress_bar(capsys, tmp_path, served_tiny, image):
     url, sha = served_tiny
-    code, out, err = run_cli(capsys, "predict", "--model", "u2net-tiny", "--weights", url,
-                             "--weights-sha256", sha.upper(), image, "--out", tmp_path / "o")
+    code, out, err = run_cli(
+        capsys,
+        "predict",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        url,
+        "--weights-sha256",
+        sha.upper(),
+        image,
+        "--out",
+        tmp_path / "o",
+    )
     assert code == 0, err
     assert err == ""
     assert (tmp_path / "o" / "img.png").exists()

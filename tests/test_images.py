@@ -31,8 +31,12 @@ def test_unreadable_inputs_raise_one_line_image_errors(tmp_path):
     truncated = tmp_path / "cut.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:60])
-    for name, pattern in [("empty.jpg", "empty"), ("junk.png", "cannot read"), ("cut.png", "cannot read"),
-                          ("missing.png", "not found")]:
+    for name, pattern in [
+        ("empty.jpg", "empty"),
+        ("junk.png", "cannot read"),
+        ("cut.png", "cannot read"),
+        ("missing.png", "not found"),
+    ]:
         with pytest.raises(ImageError, match=pattern) as info:
             load_rgb(tmp_path / name)
         assert "\n" not in str(info.value)

@@ -12,8 +12,12 @@ grimp = pytest.importorskip("grimp", reason="import-linter (and grimp) come with
 
 def test_no_module_takes_part_in_an_import_cycle():
     graph = grimp.build_graph("u2zoo")
-    cycles = [(m, imported) for m in sorted(graph.modules) for imported in graph.find_modules_directly_imported_by(m)
-              if graph.chain_exists(importer=imported, imported=m)]
+    cycles = [
+        (m, imported)
+        for m in sorted(graph.modules)
+        for imported in graph.find_modules_directly_imported_by(m)
+        if graph.chain_exists(importer=imported, imported=m)
+    ]
     assert cycles == []
 
 

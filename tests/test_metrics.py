@@ -25,7 +25,8 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TEST_DATA = SHARED / "data" / "u2net_test_data"
 needs_results = pytest.mark.skipif(
     not (TEST_DATA / "u2netp_results").is_dir() or not (TEST_DATA / "u2net_results").is_dir(),
-    reason="../shared/data/u2net_test_data (official U2NET/U2NETP results) is not present")
+    reason="../shared/data/u2net_test_data (official U2NET/U2NETP results) is not present",
+)
 
 # F at threshold 0 when everything is predicted positive and 4 of 16 pixels are foreground:
 # P = 4/16, R = 1, F = 1.3 * 0.25 / (0.3 * 0.25 + 1) = 0.325 / 1.075 = 13/43.
@@ -207,10 +208,19 @@ def test_one_image_result_equals_the_per_image_functions():
     f_curve, e_curve = f_measure_curve(p, g), metrics.e_measure_curve(p, g)
     iou50, miou = metrics.iou(p, g)
     expected = MetricSet(
-        mae=metrics.mae(p, g), max_f=f_curve.max(), mean_f=f_curve.mean(), adaptive_f=metrics.adaptive_f_measure(p, g),
-        s_measure=metrics.s_measure(p, g), e_measure_adaptive=metrics.adaptive_e_measure(p, g),
-        e_measure_mean=e_curve.mean(), e_measure_max=e_curve.max(), weighted_f=metrics.weighted_f_measure(p, g),
-        iou50=iou50, miou=miou, boundary_mae=boundary_mae(p, g, 3))
+        mae=metrics.mae(p, g),
+        max_f=f_curve.max(),
+        mean_f=f_curve.mean(),
+        adaptive_f=metrics.adaptive_f_measure(p, g),
+        s_measure=metrics.s_measure(p, g),
+        e_measure_adaptive=metrics.adaptive_e_measure(p, g),
+        e_measure_mean=e_curve.mean(),
+        e_measure_max=e_curve.max(),
+        weighted_f=metrics.weighted_f_measure(p, g),
+        iou50=iou50,
+        miou=miou,
+        boundary_mae=boundary_mae(p, g, 3),
+    )
     assert r.to_dict() == pytest.approx(expected.to_dict(), abs=1e-15)
 
 
@@ -243,10 +253,16 @@ def pysod_results(sod, pairs) -> dict[str, float]:
             metric.step(pred, gt)
     f, e = fm.get_results()["fm"], em.get_results()["em"]
     return {
-        "mae": mae.get_results()["mae"], "max_f": f["curve"].max(), "mean_f": f["curve"].mean(),
-        "adaptive_f": f["adp"], "s_measure": sm.get_results()["sm"], "e_measure_adaptive": e["adp"],
-        "e_measure_mean": e["curve"].mean(), "e_measure_max": e["curve"].max(),
-        "weighted_f": wfm.get_results()["wfm"], "iou50": iou.get_results()["iou"]["binary"],
+        "mae": mae.get_results()["mae"],
+        "max_f": f["curve"].max(),
+        "mean_f": f["curve"].mean(),
+        "adaptive_f": f["adp"],
+        "s_measure": sm.get_results()["sm"],
+        "e_measure_adaptive": e["adp"],
+        "e_measure_mean": e["curve"].mean(),
+        "e_measure_max": e["curve"].max(),
+        "weighted_f": wfm.get_results()["wfm"],
+        "iou50": iou.get_results()["iou"]["binary"],
     }
 
 

@@ -75,8 +75,17 @@ def test_runner_refuses_a_modified_artifact(tmp_path, tiny_dynamic_onnx):
 
 
 def test_static_fp16_artifact(tmp_path):
-    artifact = convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, precision="fp16",
-                             height=64, width=96, batch=2, progress=False)
+    artifact = convert_model(
+        "u2net-tiny",
+        "onnx",
+        tmp_path,
+        random_weights=True,
+        precision="fp16",
+        height=64,
+        width=96,
+        batch=2,
+        progress=False,
+    )
     assert artifact.path.name == "u2net-tiny_onnx_fp16.onnx"
     assert artifact.inputs[0].shape == (2, 3, 64, 96) and artifact.inputs[0].dtype == "float32"
     assert artifact.manifest["parity"]["mean_abs"] <= 5e-3
@@ -114,8 +123,14 @@ def test_missing_backend_names_the_extra(tmp_path, monkeypatch):
 
 def test_parity_failure_rejects_the_artifact_and_leaves_nothing(tmp_path):
     with pytest.raises(ParityError, match="rejected.*max abs"):
-        convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, progress=False,
-                      tolerance=Tolerance(max_abs=0.0, iou50_min=1.01))
+        convert_model(
+            "u2net-tiny",
+            "onnx",
+            tmp_path,
+            random_weights=True,
+            progress=False,
+            tolerance=Tolerance(max_abs=0.0, iou50_min=1.01),
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -143,7 +158,8 @@ def test_every_target_has_a_converter_a_runner_and_typed_options():
 def test_full_and_lite_round_trip_with_random_weights(tmp_path, arch):
     """No U2NET-size weights exist here: random weights (seeded) prove the export itself."""
     torch.manual_seed(0)
-    artifact = convert_model(arch, "onnx", tmp_path, random_weights=True, dynamic=True, progress=False,
-                             tolerance=Tolerance(max_abs=1e-4))
+    artifact = convert_model(
+        arch, "onnx", tmp_path, random_weights=True, dynamic=True, progress=False, tolerance=Tolerance(max_abs=1e-4)
+    )
     parity = artifact.manifest["parity"]
     assert parity["passed"] and parity["max_abs"] <= 1e-4 and parity["odd_shape"]["max_abs"] <= 1e-4

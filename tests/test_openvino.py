@@ -20,8 +20,9 @@ pytest.importorskip("nncf")
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_ir_round_trip_matches_torch(tmp_path, tiny_weights, precision):
-    artifact = convert_model("u2net-tiny", "openvino", tmp_path, weights=str(tiny_weights), precision=precision,
-                             dynamic=True, progress=False)
+    artifact = convert_model(
+        "u2net-tiny", "openvino", tmp_path, weights=str(tiny_weights), precision=precision, dynamic=True, progress=False
+    )
     names = sorted(f["name"] for f in artifact.manifest["files"])
     assert names == [f"u2net-tiny_openvino_{precision}_dynamic.bin", f"u2net-tiny_openvino_{precision}_dynamic.xml"]
     assert artifact.inputs[0].shape == ("batch", 3, "height", "width")
@@ -40,8 +41,14 @@ def test_ir_round_trip_matches_torch(tmp_path, tiny_weights, precision):
 def test_fp16_ir_stores_half_the_weights(tmp_path, tiny_weights):
     sizes = {}
     for precision in ("fp32", "fp16"):
-        artifact = convert_model("u2net-tiny", "openvino", tmp_path / precision, weights=str(tiny_weights),
-                                 precision=precision, progress=False)
+        artifact = convert_model(
+            "u2net-tiny",
+            "openvino",
+            tmp_path / precision,
+            weights=str(tiny_weights),
+            precision=precision,
+            progress=False,
+        )
         sizes[precision] = next(f["size"] for f in artifact.manifest["files"] if f["name"].endswith(".bin"))
     assert sizes["fp16"] < 0.6 * sizes["fp32"]
 
@@ -50,9 +57,18 @@ def test_int8_by_nncf_with_ignored_scope(tmp_path, tiny_weights, capsys):
     calib = TEST_DATA / "test_images" if TEST_DATA.is_dir() else None
     if calib is None:
         pytest.skip("needs the official test images for calibration")
-    artifact = convert_model("u2net-tiny", "openvino", tmp_path, weights=str(tiny_weights), precision="int8",
-                             calib=str(calib), calib_size=4, keep_fp_groups=("outconv",), progress=False,
-                             tolerance=Tolerance(mean_abs=0.05))
+    artifact = convert_model(
+        "u2net-tiny",
+        "openvino",
+        tmp_path,
+        weights=str(tiny_weights),
+        precision="int8",
+        calib=str(calib),
+        calib_size=4,
+        keep_fp_groups=("outconv",),
+        progress=False,
+        tolerance=Tolerance(mean_abs=0.05),
+    )
     manifest = json.loads(artifact.manifest_path.read_text())
     assert manifest["quantization"]["tool"] == "nncf" and manifest["quantization"]["kept_in_float"] == ["outconv"]
     assert manifest["calibration"]["num_images"] == 4
@@ -70,10 +86,19 @@ def test_bias_correction_is_nncf_s_and_only_when_asked(tmp_path, tiny_weights):
     manifest says which was used."""
     biases = {}
     for corrected in (False, True):
-        artifact = convert_model("u2net-tiny", "openvino", tmp_path / str(corrected), weights=str(tiny_weights),
-                                 precision="int8", calib=str(TEST_DATA / "test_images"), calib_size=4,
-                                 keep_fp_groups=("outconv",), bias_correction=corrected, progress=False,
-                                 tolerance=Tolerance(mean_abs=0.05))
+        artifact = convert_model(
+            "u2net-tiny",
+            "openvino",
+            tmp_path / str(corrected),
+            weights=str(tiny_weights),
+            precision="int8",
+            calib=str(TEST_DATA / "test_images"),
+            calib_size=4,
+            keep_fp_groups=("outconv",),
+            bias_correction=corrected,
+            progress=False,
+            tolerance=Tolerance(mean_abs=0.05),
+        )
         assert artifact.manifest["quantization"]["bias_correction"] == ("fast" if corrected else "off")
         biases[corrected] = artifact.path.with_suffix(".bin").read_bytes()
     assert biases[False] != biases[True]
@@ -96,27 +121,56 @@ def test_openvino_bad_inputs(tmp_path, monkeypatch):
 @needs_shared
 def test_real_u2netp_int8_keeping_the_sensitive_groups_meets_the_target(tmp_path):
     images = TEST_DATA / "test_images"
-    artifact = convert_model("u2netp", "openvino", tmp_path, weights=str(REAL_WEIGHTS), precision="int8",
-                             calib=str(images), keep_fp_groups=("stage2d", "top-level"), progress=False,
-                             parity_images=sorted(images.iterdir()))
+    artifact = convert_model(
+        "u2netp",
+        "openvino",
+        tmp_path,
+        weights=str(REAL_WEIGHTS),
+        precision="int8",
+        calib=str(images),
+        keep_fp_groups=("stage2d", "top-level"),
+        progress=False,
+        parity_images=sorted(images.iterdir()),
+    )
     parity = artifact.manifest["parity"]
     assert parity["iou50"] >= 0.98 and parity["mean_abs"] <= 0.01, parity
 
 
 @needs_shared
 def test_int8_with_accuracy_control_on_our_parity_metric(tmp_path):
-    artifact = convert_model("u2net-tiny", "openvino", tmp_path, random_weights=True, precision="int8",
-                             calib=str(TEST_DATA / "test_images"), calib_size=4, accuracy_control=True,
-                             max_drop=0.01, progress=False, tolerance=Tolerance(mean_abs=0.05))
+    artifact = convert_model(
+        "u2net-tiny",
+        "openvino",
+        tmp_path,
+        random_weights=True,
+        precision="int8",
+        calib=str(TEST_DATA / "test_images"),
+        calib_size=4,
+        accuracy_control=True,
+        max_drop=0.01,
+        progress=False,
+        tolerance=Tolerance(mean_abs=0.05),
+    )
     assert artifact.manifest["quantization"]["accuracy_control"] is True
     assert artifact.manifest["parity"]["mean_abs"] <= 0.01  # the drop NNCF was asked to respect, measured by us
 
 
 def test_int8_qat_fine_tunes_against_the_float_model(tmp_path, healthy_tiny, calib_dir):
     """NNCF QAT: PTQ ranges, then fine-tuning on the float model's own maps (no labels), then IR."""
-    artifact = convert_model("u2net-tiny", "openvino", tmp_path, weights=healthy_tiny, precision="int8-qat",
-                             calib=calib_dir, qat_epochs=2, qat_lr=1e-4, dynamic=True, height=64, width=64,
-                             progress=False)
+    artifact = convert_model(
+        "u2net-tiny",
+        "openvino",
+        tmp_path,
+        weights=healthy_tiny,
+        precision="int8-qat",
+        calib=calib_dir,
+        qat_epochs=2,
+        qat_lr=1e-4,
+        dynamic=True,
+        height=64,
+        width=64,
+        progress=False,
+    )
     manifest = artifact.manifest
     assert artifact.path.name == "u2net-tiny_openvino_int8-qat_dynamic.xml"
     assert manifest["parity"]["status"] == "ok" and manifest["parity"]["iou50"] >= 0.98
@@ -127,14 +181,17 @@ def test_int8_qat_fine_tunes_against_the_float_model(tmp_path, healthy_tiny, cal
     assert "FakeQuantize" in xml  # real int8 quantization in the IR
 
 
-@pytest.mark.parametrize("options, pattern", [
-    ({"precision": "int8-qat"}, "needs calibration images"),
-    ({"precision": "int8-qat", "calib": "c", "qat_epochs": 0}, "QAT needs ≥ 1 epoch"),
-    ({"precision": "int8-qat", "calib": "c", "keep_fp": 2}, "int8-qat keeps named groups only"),
-    ({"precision": "int8", "calib": "c", "qat_epochs": 2}, "only apply to --int8-qat"),
-    ({"precision": "int8-qat", "calib": "c", "bias_correction": True}, "bias correction are post-training"),
-    ({"precision": "fp32", "bias_correction": True}, "bias_correction only apply to --int8"),
-])
+@pytest.mark.parametrize(
+    "options, pattern",
+    [
+        ({"precision": "int8-qat"}, "needs calibration images"),
+        ({"precision": "int8-qat", "calib": "c", "qat_epochs": 0}, "QAT needs ≥ 1 epoch"),
+        ({"precision": "int8-qat", "calib": "c", "keep_fp": 2}, "int8-qat keeps named groups only"),
+        ({"precision": "int8", "calib": "c", "qat_epochs": 2}, "only apply to --int8-qat"),
+        ({"precision": "int8-qat", "calib": "c", "bias_correction": True}, "bias correction are post-training"),
+        ({"precision": "fp32", "bias_correction": True}, "bias_correction only apply to --int8"),
+    ],
+)
 def test_int8_qat_bad_options(options, pattern):
     from u2zoo.converters.openvino import OpenVinoOptions
     from u2zoo.errors import ConfigError

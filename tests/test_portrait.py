@@ -53,6 +53,7 @@ def photos(detector) -> dict[str, tuple[np.ndarray, FaceBox | None]]:
 
 # ---------------------------------------------------------------- detection on real photos
 
+
 @needs_shared
 def test_detector_finds_a_plausible_face_in_every_official_photo(photos):
     assert len(photos) == 10
@@ -86,6 +87,7 @@ def test_detector_finds_the_centred_face_in_the_already_cropped_faces(detector):
 
 # ---------------------------------------------------------------- our crop is the official crop
 
+
 def _margins(mask: np.ndarray) -> tuple[int, int]:
     """Lengths of the leading and trailing runs of True."""
     if mask.all():
@@ -102,8 +104,7 @@ def test_white_padding_is_where_the_official_drawing_is_blank(photos):
     padded = exact = 0
     for name, (image, face) in photos.items():
         crop = crop_face(image, face)
-        drawing = np.asarray(cv2.imread(str(PORTRAITS / "your_portrait_results" / f"{name}.png"),
-                                        cv2.IMREAD_GRAYSCALE))
+        drawing = np.asarray(cv2.imread(str(PORTRAITS / "your_portrait_results" / f"{name}.png"), cv2.IMREAD_GRAYSCALE))
         assert drawing.shape == crop.shape[:2] == (512, 512)
         ours = _margins(np.all(crop == 1.0, axis=(1, 2))) + _margins(np.all(crop == 1.0, axis=(0, 2)))
         blank = _margins(np.all(drawing >= 250, axis=1)) + _margins(np.all(drawing >= 250, axis=0))
@@ -128,27 +129,35 @@ def test_official_drawings_line_up_with_our_crop_better_than_with_nearby_crops(p
     the crop the network actually saw. Per photo the measure is noisy; averaged over the ten
     photos our crop must beat the same crop with the box moved or resized by 5 % of its width,
     and every photo must beat the uncropped photo by a wide margin."""
+
     def score(image, face, drawing):
         return float(np.corrcoef(_edges(crop_face(image, face)).ravel(), drawing.ravel())[0, 1])
 
     ours, moved = [], {k: [] for k in ("right", "left", "down", "up", "bigger", "smaller")}
     for name, (image, face) in photos.items():
-        drawing = 255.0 - cv2.imread(str(PORTRAITS / "your_portrait_results" / f"{name}.png"),
-                                     cv2.IMREAD_GRAYSCALE).astype(np.float32)
+        drawing = 255.0 - cv2.imread(
+            str(PORTRAITS / "your_portrait_results" / f"{name}.png"), cv2.IMREAD_GRAYSCALE
+        ).astype(np.float32)
         drawing = cv2.GaussianBlur(drawing, (0, 0), 3)
         ours.append(score(image, face, drawing))
         assert ours[-1] > score(image, None, drawing) + 0.1, name
         d = max(1, round(0.05 * face.w))
         x, y, w, h = face.x, face.y, face.w, face.h
-        for key, box in (("right", (x + d, y, w, h)), ("left", (x - d, y, w, h)), ("down", (x, y + d, w, h)),
-                         ("up", (x, y - d, w, h)), ("bigger", (x - d, y - d, w + 2 * d, h + 2 * d)),
-                         ("smaller", (x + d, y + d, w - 2 * d, h - 2 * d))):
+        for key, box in (
+            ("right", (x + d, y, w, h)),
+            ("left", (x - d, y, w, h)),
+            ("down", (x, y + d, w, h)),
+            ("up", (x, y - d, w, h)),
+            ("bigger", (x - d, y - d, w + 2 * d, h + 2 * d)),
+            ("smaller", (x + d, y + d, w - 2 * d, h - 2 * d)),
+        ):
             moved[key].append(score(image, FaceBox(*box), drawing))
     for key, scores in moved.items():
         assert np.mean(ours) > np.mean(scores) + 0.01, (key, np.mean(ours), np.mean(scores))
 
 
 # ---------------------------------------------------------------- no face
+
 
 def test_flat_image_has_no_face_and_is_resized_whole(detector):
     grey = np.full((300, 500, 3), 128 / 255, np.float32)
@@ -172,6 +181,7 @@ def test_faceless_photo_crop_is_the_whole_image_squashed_to_512(detector):
 
 # ---------------------------------------------------------------- crop arithmetic (synthetic)
 
+
 def _photo(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """A non-white uint8 photo with texture (so slices are checkable) and its float version."""
     rng = np.random.default_rng(0)
@@ -188,9 +198,9 @@ def test_box_leaving_the_top_left_is_padded_white_then_squared_left_and_right():
     # → 1080 rows × 720 cols; then 180 white columns each side → 1080 × 1080
     region = face_region(image, face)
     assert region.shape == (1080, 1080, 3) and region.dtype == np.uint8
-    np.testing.assert_array_equal(region[:160], 255)               # above the photo
-    np.testing.assert_array_equal(region[:, :180 + 80], 255)       # square pad + left of the photo
-    np.testing.assert_array_equal(region[:, 180 + 720:], 255)      # square pad on the right
+    np.testing.assert_array_equal(region[:160], 255)  # above the photo
+    np.testing.assert_array_equal(region[:, : 180 + 80], 255)  # square pad + left of the photo
+    np.testing.assert_array_equal(region[:, 180 + 720 :], 255)  # square pad on the right
     np.testing.assert_array_equal(region[160:, 260:900], pixels[0:920, 0:640])  # the photo itself
 
     # a red 24×24 marker at photo rows 500–523, cols 300–323 sits at region rows 660–683,
@@ -199,9 +209,9 @@ def test_box_leaving_the_top_left_is_padded_white_then_squared_left_and_right():
     out = crop_face(pixels.astype(np.float32) / 255, face)
     assert out.shape == (512, 512, 3) and out.dtype == np.float32
     assert 0.0 <= out.min() and out.max() <= 1.0
-    np.testing.assert_array_equal(out[:int(160 * 512 / 1080)], 1.0)
-    np.testing.assert_array_equal(out[:, :int(260 * 512 / 1080)], 1.0)
-    np.testing.assert_array_equal(out[:, math.ceil(900 * 512 / 1080):], 1.0)
+    np.testing.assert_array_equal(out[: int(160 * 512 / 1080)], 1.0)
+    np.testing.assert_array_equal(out[:, : int(260 * 512 / 1080)], 1.0)
+    np.testing.assert_array_equal(out[:, math.ceil(900 * 512 / 1080) :], 1.0)
     red = (out[..., 0] > 0.95) & (out[..., 1] < 0.05)
     rows, cols = np.nonzero(red)
     assert red.sum() >= 100
@@ -223,14 +233,17 @@ def test_box_leaving_the_bottom_right_is_padded_white_then_squared_top_and_botto
     assert crop_face(image, face, size=320).shape == (320, 320, 3)
 
 
-@pytest.mark.parametrize("w, h, shape", [
-    (100, 100, (180, 180)),  # 100+60+20 rows, 100+2·40 cols: already square
-    (100, 101, (181, 180)),  # 1 px apart: left as is (pads only when over 2 px apart)
-    (101, 102, (183, 181)),  # 2 px taller: still left as is
-    (102, 100, (180, 182)),  # 2 px wider: likewise
-    (100, 102, (183, 182)),  # 3 px apart: int(3/2) = 1 on each side, stays 1 px off square
-    (90, 150, (270, 270)),   # 270 rows vs 162 cols: 54 each side
-])
+@pytest.mark.parametrize(
+    "w, h, shape",
+    [
+        (100, 100, (180, 180)),  # 100+60+20 rows, 100+2·40 cols: already square
+        (100, 101, (181, 180)),  # 1 px apart: left as is (pads only when over 2 px apart)
+        (101, 102, (183, 181)),  # 2 px taller: still left as is
+        (102, 100, (180, 182)),  # 2 px wider: likewise
+        (100, 102, (183, 182)),  # 3 px apart: int(3/2) = 1 on each side, stays 1 px off square
+        (90, 150, (270, 270)),  # 270 rows vs 162 cols: 54 each side
+    ],
+)
 def test_square_padding_follows_the_official_rule(w, h, shape):
     _, image = _photo(600, 600)
     assert face_region(image, FaceBox(250, 250, w, h)).shape[:2] == shape
@@ -260,6 +273,7 @@ def test_bad_images_boxes_and_sizes_raise_one_line_errors():
 
 # ---------------------------------------------------------------- detector setup errors
 
+
 def test_detector_uses_the_official_arguments_gray_and_largest_face(detector, monkeypatch):
     """The cascade's own output order is not controllable on real photos, so a stand-in
     cascade checks what the detector asks for and how it picks among the answers."""
@@ -284,8 +298,12 @@ def test_detector_uses_the_official_arguments_gray_and_largest_face(detector, mo
 def test_detector_refuses_missing_or_invalid_cascades(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         FaceDetector(tmp_path / "missing.xml")
-    for i, text in enumerate(["<opencv_storage><nothing/></opencv_storage>\n",
-                              '<?xml version="1.0"?>\n<opencv_storage>\n<foo>1</foo>\n</opencv_storage>\n']):
+    for i, text in enumerate(
+        [
+            "<opencv_storage><nothing/></opencv_storage>\n",
+            '<?xml version="1.0"?>\n<opencv_storage>\n<foo>1</foo>\n</opencv_storage>\n',
+        ]
+    ):
         bogus = tmp_path / f"bogus{i}.xml"
         bogus.write_text(text)
         with pytest.raises(ConfigError, match="cannot load face detector cascade.*not a valid OpenCV cascade") as info:
@@ -301,9 +319,10 @@ def test_detector_without_opencv_names_the_extra(monkeypatch):
 
 # ---------------------------------------------------------------- eye alignment geometry
 
+
 def _dots(shape: tuple[int, int], centres: list[tuple[float, float]], radius: float = 6.0) -> np.ndarray:
     """Light-grey float image with anti-aliased black discs at sub-pixel (x, y) centres."""
-    ys, xs = np.mgrid[:shape[0], :shape[1]].astype(np.float64)
+    ys, xs = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
     image = np.full(shape, 0.8)
     for cx, cy in centres:
         coverage = np.clip(radius + 0.5 - np.hypot(xs - cx, ys - cy), 0, 1)
@@ -312,8 +331,8 @@ def _dots(shape: tuple[int, int], centres: list[tuple[float, float]], radius: fl
 
 
 def _centroid(image: np.ndarray, x_range: tuple[int, int], y_range: tuple[int, int]) -> tuple[float, float]:
-    ink = (0.8 - image[..., 0]).clip(0, None)[y_range[0]:y_range[1], x_range[0]:x_range[1]]
-    ys, xs = np.mgrid[y_range[0]:y_range[1], x_range[0]:x_range[1]]
+    ink = (0.8 - image[..., 0]).clip(0, None)[y_range[0] : y_range[1], x_range[0] : x_range[1]]
+    ys, xs = np.mgrid[y_range[0] : y_range[1], x_range[0] : x_range[1]]
     return float((ink * xs).sum() / ink.sum()), float((ink * ys).sum() / ink.sum())
 
 
@@ -359,6 +378,7 @@ def test_align_by_eyes_takes_eyes_in_either_order_and_keeps_uint8():
 
 # ---------------------------------------------------------------- dlib landmarks (dlib absent here)
 
+
 def test_landmark_aligner_without_dlib_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "dlib", None)
     with pytest.raises(BackendUnavailable, match=r"dlib.*u2zoo\[landmarks\]") as info:
@@ -387,6 +407,7 @@ def _stub_dlib(points: list[tuple[float, float]], calls: dict) -> types.ModuleTy
         def predict(image, rect):
             calls["image"], calls["rect"] = image, rect
             return Shape()
+
         return predict
 
     stub.rectangle = lambda left, top, right, bottom: (left, top, right, bottom)

@@ -85,9 +85,18 @@ def test_a_dump_is_read_once_per_process_while_unchanged(calib_dir, tmp_path, mo
 
 
 def test_onnx_int8_qdq_artifact_records_calibration_and_kept_groups(calib_dir, tmp_path):
-    artifact = convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, precision="int8", dynamic=True,
-                             calib=str(calib_dir), keep_fp_groups=("outconv",), progress=False,
-                             tolerance=Tolerance(mean_abs=0.05))
+    artifact = convert_model(
+        "u2net-tiny",
+        "onnx",
+        tmp_path,
+        random_weights=True,
+        precision="int8",
+        dynamic=True,
+        calib=str(calib_dir),
+        keep_fp_groups=("outconv",),
+        progress=False,
+        tolerance=Tolerance(mean_abs=0.05),
+    )
     model = onnx.load(str(artifact.path))
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -103,9 +112,18 @@ def test_onnx_int8_qdq_artifact_records_calibration_and_kept_groups(calib_dir, t
 
 
 def test_s8s8_scheme_and_sub_path_groups(calib_dir, tmp_path):
-    artifact = convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, precision="int8",
-                             calib=str(calib_dir), int8_scheme="s8s8", keep_fp_groups=("stage2d/rebnconv1d", "stage2d/Add"),
-                             progress=False, tolerance=Tolerance(mean_abs=0.05))
+    artifact = convert_model(
+        "u2net-tiny",
+        "onnx",
+        tmp_path,
+        random_weights=True,
+        precision="int8",
+        calib=str(calib_dir),
+        int8_scheme="s8s8",
+        keep_fp_groups=("stage2d/rebnconv1d", "stage2d/Add"),
+        progress=False,
+        tolerance=Tolerance(mean_abs=0.05),
+    )
     model = onnx.load(str(artifact.path))
     kept = [n for n in model.graph.node if n.name.startswith("/stage2d/rebnconv1d/")]
     assert kept and all(n.op_type != "QuantizeLinear" for n in kept)
@@ -114,8 +132,15 @@ def test_s8s8_scheme_and_sub_path_groups(calib_dir, tmp_path):
     assert onnx.TensorProto.INT8 in kinds and onnx.TensorProto.UINT8 not in kinds
     assert artifact.manifest["quantization"]["scheme"] == "s8s8"
     with pytest.raises(ConfigError, match="unknown int8 scheme"):
-        convert_model("u2net-tiny", "onnx", tmp_path / "x", random_weights=True, precision="int8",
-                      calib=str(calib_dir), int8_scheme="u4")
+        convert_model(
+            "u2net-tiny",
+            "onnx",
+            tmp_path / "x",
+            random_weights=True,
+            precision="int8",
+            calib=str(calib_dir),
+            int8_scheme="u4",
+        )
 
 
 def test_layer_groups_follow_module_paths(tiny_dynamic_onnx):
@@ -126,38 +151,83 @@ def test_layer_groups_follow_module_paths(tiny_dynamic_onnx):
 
 def test_unknown_group_to_keep(calib_dir, tmp_path):
     with pytest.raises(ConfigError, match="unknown layer group 'stage9'"):
-        convert_model("u2net-tiny", "onnx", tmp_path, random_weights=True, precision="int8",
-                      calib=str(calib_dir), keep_fp_groups=("stage9",), progress=False)
+        convert_model(
+            "u2net-tiny",
+            "onnx",
+            tmp_path,
+            random_weights=True,
+            precision="int8",
+            calib=str(calib_dir),
+            keep_fp_groups=("stage9",),
+            progress=False,
+        )
 
 
 @pytest.mark.slow
 @needs_shared
 def test_sensitivity_ranks_stage2d_first_and_keeping_it_reaches_the_target(capsys, tmp_path):
     images = TEST_DATA / "test_images"
-    code, out, err = run_cli(capsys, "sensitivity", "--model", "u2netp", "--weights", REAL_WEIGHTS, "--calib", images,
-                             "--eval-images", "3")
+    code, out, err = run_cli(
+        capsys, "sensitivity", "--model", "u2netp", "--weights", REAL_WEIGHTS, "--calib", images, "--eval-images", "3"
+    )
     assert code == 0, err
     lines = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert lines[0][1] == "stage2d" and len(lines) == 24  # 11 stages, 6 sides, outconv, 5 pools, top-level
-    artifact = convert_model("u2netp", "onnx", tmp_path, weights=str(REAL_WEIGHTS), precision="int8",
-                             calib=str(images), keep_fp_groups=("stage2d",), progress=False,
-                             parity_images=sorted(images.iterdir()))
+    artifact = convert_model(
+        "u2netp",
+        "onnx",
+        tmp_path,
+        weights=str(REAL_WEIGHTS),
+        precision="int8",
+        calib=str(images),
+        keep_fp_groups=("stage2d",),
+        progress=False,
+        parity_images=sorted(images.iterdir()),
+    )
     parity = artifact.manifest["parity"]
     assert parity["iou50"] >= 0.98 and parity["mean_abs"] <= 0.01, parity
 
 
 def test_int8_bad_input_via_cli(capsys, tmp_path, calib_dir):
-    code, _, err = run_cli(capsys, "sensitivity", "--model", "u2net-tiny", "--random-weights", "--calib",
-                           tmp_path / "nope")
+    code, _, err = run_cli(
+        capsys, "sensitivity", "--model", "u2net-tiny", "--random-weights", "--calib", tmp_path / "nope"
+    )
     assert_one_line_error(code, err, "calibration folder not found")
-    for flags, message in ((["--fp-budget", "0"], r"--fp-budget must be in \(0, 1\]"),
-                           (["--fp-budget", "1.5"], r"--fp-budget must be in \(0, 1\]"),
-                           (["--no-auto-fp", "--fp-budget", "0.3"], "which --no-auto-fp turns off: give one"),
-                           (["--keep-fp-groups", "stage2dd"], "unknown layer group 'stage2dd'; did you mean 'stage2d'")):
-        code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--random-weights", "--target", "onnx",
-                               "--int8", "--calib", calib_dir, *flags, "--out", tmp_path / "o")
+    for flags, message in (
+        (["--fp-budget", "0"], r"--fp-budget must be in \(0, 1\]"),
+        (["--fp-budget", "1.5"], r"--fp-budget must be in \(0, 1\]"),
+        (["--no-auto-fp", "--fp-budget", "0.3"], "which --no-auto-fp turns off: give one"),
+        (["--keep-fp-groups", "stage2dd"], "unknown layer group 'stage2dd'; did you mean 'stage2d'"),
+    ):
+        code, _, err = run_cli(
+            capsys,
+            "convert",
+            "--model",
+            "u2net-tiny",
+            "--random-weights",
+            "--target",
+            "onnx",
+            "--int8",
+            "--calib",
+            calib_dir,
+            *flags,
+            "--out",
+            tmp_path / "o",
+        )
         assert_one_line_error(code, err, message)
-    code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--random-weights", "--target", "onnx",
-                           "--fp16", "--fp-budget", "0.3", "--out", tmp_path / "o")
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "u2net-tiny",
+        "--random-weights",
+        "--target",
+        "onnx",
+        "--fp16",
+        "--fp-budget",
+        "0.3",
+        "--out",
+        tmp_path / "o",
+    )
     assert_one_line_error(code, err, "--no-auto-fp and --fp-budget only apply to --int8")
     assert not any((tmp_path / "o").glob("*.onnx"))

@@ -111,6 +111,7 @@ def png_image(body: bytes) -> Image.Image:
 
 def huge_png_header(width: int = 20000, height: int = 20000) -> bytes:
     """A valid little PNG whose header claims ``width``×``height``: refused before decoding."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -120,9 +121,15 @@ def huge_png_header(width: int = 20000, height: int = 20000) -> bytes:
 
 def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -217,7 +224,7 @@ class HalfMap:
         maps = []
         for image in images:
             prob = np.zeros(image.shape[:2], np.float32)
-            prob[:, image.shape[1] // 2:] = 1.0
+            prob[:, image.shape[1] // 2 :] = 1.0
             maps.append(prob)
         return maps
 
@@ -250,7 +257,9 @@ def test_missing_or_chunked_length_is_411(server):
     port = server.server_address[1]
     status, body = raw_request(port, ["POST /predict", "Host: x", "Content-Type: image/png"])
     assert status == 411 and "Content-Length" in json.loads(body)["error"]
-    status, body = raw_request(port, ["POST /predict", "Host: x", "Transfer-Encoding: chunked"], b"3\r\nabc\r\n0\r\n\r\n")
+    status, body = raw_request(
+        port, ["POST /predict", "Host: x", "Transfer-Encoding: chunked"], b"3\r\nabc\r\n0\r\n\r\n"
+    )
     assert status == 411 and "chunked" in json.loads(body)["error"]
 
 
@@ -262,12 +271,14 @@ def test_body_over_max_bytes_is_413_unread_and_the_server_goes_on(segmenter, pho
 
         # a 1 GB claim with 3 bytes sent: answered at once, so the body was never waited for
         started = time.perf_counter()
-        status, body = raw_request(small.server_address[1], ["POST /predict", "Host: x", "Content-Length: 1000000000"],
-                                   b"abc")
+        status, body = raw_request(
+            small.server_address[1], ["POST /predict", "Host: x", "Content-Length: 1000000000"], b"abc"
+        )
         assert status == 413 and time.perf_counter() - started < 5
         # curl's Expect: 100-continue gets the 413 instead of the go-ahead
-        status, body = raw_request(small.server_address[1], ["POST /predict", "Host: x", "Content-Length: 50000",
-                                                             "Expect: 100-continue"])
+        status, body = raw_request(
+            small.server_address[1], ["POST /predict", "Host: x", "Content-Length: 50000", "Expect: 100-continue"]
+        )
         assert status == 413 and "--max-bytes" in json.loads(body)["error"]
         assert get(f"{small.url}/health")[0] == 200
 
@@ -297,8 +308,9 @@ class Broken(HalfMap):
 def test_an_unexpected_failure_is_a_one_line_500_and_the_server_goes_on(photo_png, capfd):
     with running(Broken()) as srv:
         for _ in range(2):
-            assert "RuntimeError: the runtime fell over with a second line" == \
-                error_of(post(f"{srv.url}/predict", photo_png), 500)
+            assert "RuntimeError: the runtime fell over with a second line" == error_of(
+                post(f"{srv.url}/predict", photo_png), 500
+            )
         health = json.loads(get(f"{srv.url}/health")[2])
     assert health["requests"] == 2 and health["errors"] == 2
     assert "Traceback" in capfd.readouterr().err  # a bug is logged for the operator
@@ -376,13 +388,31 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job of a non-interactive shell starts
 
 
-@pytest.mark.parametrize("stop,inherited", [(signal.SIGINT, None), (signal.SIGTERM, None),
-                                             (signal.SIGINT, _ignore_sigint)],
-                         ids=["ctrl-c", "sigterm", "ctrl-c-after-background-start"])
+@pytest.mark.parametrize(
+    "stop,inherited",
+    [(signal.SIGINT, None), (signal.SIGTERM, None), (signal.SIGINT, _ignore_sigint)],
+    ids=["ctrl-c", "sigterm", "ctrl-c-after-background-start"],
+)
 def test_cli_serves_until_ctrl_c_or_sigterm(tiny_dynamic_onnx, photo_png, stop, inherited):
-    proc = subprocess.Popen([sys.executable, "-m", "u2zoo", "-q", "serve", "--artifact", str(tiny_dynamic_onnx.path),
-                             "--port", "0", "--outputs", "cutout"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=inherited)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "u2zoo",
+            "-q",
+            "serve",
+            "--artifact",
+            str(tiny_dynamic_onnx.path),
+            "--port",
+            "0",
+            "--outputs",
+            "cutout",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=inherited,
+    )
     try:
         line = read_line_starting(proc.stdout, "serving ")
         assert line.rstrip().endswith("(POST /predict, GET /health)") and tiny_dynamic_onnx.path.name in line
@@ -407,8 +437,7 @@ def test_cli_bad_artifact_and_busy_port_are_one_line_errors(capsys, tiny_dynamic
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        code, _, err = run_cli(capsys, "serve", "--artifact", tiny_dynamic_onnx.path, "--port",
-                               busy.getsockname()[1])
+        code, _, err = run_cli(capsys, "serve", "--artifact", tiny_dynamic_onnx.path, "--port", busy.getsockname()[1])
     assert_one_line_error(code, err, "cannot listen on 127.0.0.1")
     code, _, err = run_cli(capsys, "serve", "--artifact", tiny_dynamic_onnx.path, "--outputs", "blurry")
     assert_one_line_error(code, err, "unknown output")

@@ -60,12 +60,14 @@ def test_folder_reports_bad_files_keeps_structure_and_resumes(tree, tmp_path, ti
         cut = np.asarray(Image.open(tmp_path / "out" / "sub" / "p2_cutout.png"))
         assert cut.shape == (72, 112, 4) and np.array_equal(cut[..., 3], np.asarray(mask))
 
-        again = process_files(seg, [tree], tmp_path / "out", OutputOptions(kinds=("mask", "cutout")), resume=True,
-                              progress=False)
+        again = process_files(
+            seg, [tree], tmp_path / "out", OutputOptions(kinds=("mask", "cutout")), resume=True, progress=False
+        )
         assert again.processed == 0 and len(again.resumed) == 3
         (tmp_path / "out" / "p0_cutout.png").unlink()  # as if interrupted between the two files
-        third = process_files(seg, [tree], tmp_path / "out", OutputOptions(kinds=("mask", "cutout")), resume=True,
-                              progress=False)
+        third = process_files(
+            seg, [tree], tmp_path / "out", OutputOptions(kinds=("mask", "cutout")), resume=True, progress=False
+        )
         assert third.processed == 1 and len(third.resumed) == 2
         assert not list((tmp_path / "out").rglob("*.tmp"))
 
@@ -92,14 +94,34 @@ def test_batch_8_really_batches_and_matches_batch_1(tmp_path, tiny_dynamic_onnx)
 
 
 def test_batch_is_refused_where_the_artifact_cannot_batch(capsys, tmp_path, tiny_weights, tree):
-    code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--weights", tiny_weights, "--target", "onnx",
-                           "--out", tmp_path / "static")
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        tiny_weights,
+        "--target",
+        "onnx",
+        "--out",
+        tmp_path / "static",
+    )
     assert code == 0, err
-    code, _, err = run_cli(capsys, "predict", "--artifact", tmp_path / "static" / "u2net-tiny_onnx_fp32.onnx", tree,
-                           "--batch", "8", "--out", tmp_path / "o")
+    code, _, err = run_cli(
+        capsys,
+        "predict",
+        "--artifact",
+        tmp_path / "static" / "u2net-tiny_onnx_fp32.onnx",
+        tree,
+        "--batch",
+        "8",
+        "--out",
+        tmp_path / "o",
+    )
     assert_one_line_error(code, err, "static batch of 1; --batch 8 needs a dynamic-batch artifact")
-    code, _, err = run_cli(capsys, "predict", "--model", "u2net-tiny", "--random-weights", tree, "--batch", "lots",
-                           "--out", tmp_path / "o")
+    code, _, err = run_cli(
+        capsys, "predict", "--model", "u2net-tiny", "--random-weights", tree, "--batch", "lots", "--out", tmp_path / "o"
+    )
     assert_one_line_error(code, err, "--batch takes a number or auto")
 
 
@@ -115,8 +137,21 @@ def test_batch_auto_follows_free_memory(tiny_dynamic_onnx):
 
 
 def test_predict_cli_batch_auto_composite_and_throughput_line(capsys, tmp_path, tiny_dynamic_onnx, tree):
-    code, out, err = run_cli(capsys, "predict", "--artifact", tiny_dynamic_onnx.path, tree, "--batch", "auto",
-                             "--outputs", "composite", "--bg-colour", "#00ff00", "--out", tmp_path / "o")
+    code, out, err = run_cli(
+        capsys,
+        "predict",
+        "--artifact",
+        tiny_dynamic_onnx.path,
+        tree,
+        "--batch",
+        "auto",
+        "--outputs",
+        "composite",
+        "--bg-colour",
+        "#00ff00",
+        "--out",
+        tmp_path / "o",
+    )
     assert code == 1  # the three unreadable files
     assert "--batch auto:" in out and "images/s end to end" in out and "3 input(s) failed" in out
     assert "skipped 1 non-image file(s) in the folders: notes.txt" in err
@@ -213,13 +248,38 @@ def test_predict_cli_with_crf_and_matting_on_a_real_photo(capsys, tmp_path, tiny
     photo = tmp_path / "cat.png"
     with Image.open(sample_images()[1]) as img:
         img.convert("RGB").resize((90, 60)).save(photo)
-    code, out, err = run_cli(capsys, "predict", "--artifact", tiny_dynamic_onnx.path, photo, "--crf",
-                             "--alpha-matting", "--fg-threshold", "200", "--bg-threshold", "60", "--erode", "3",
-                             "--cutout", "--out", tmp_path / "o")
+    code, out, err = run_cli(
+        capsys,
+        "predict",
+        "--artifact",
+        tiny_dynamic_onnx.path,
+        photo,
+        "--crf",
+        "--alpha-matting",
+        "--fg-threshold",
+        "200",
+        "--bg-threshold",
+        "60",
+        "--erode",
+        "3",
+        "--cutout",
+        "--out",
+        tmp_path / "o",
+    )
     assert code == 0, err
     assert Image.open(tmp_path / "o" / "cat_cutout.png").mode == "RGBA"
-    code, _, err = run_cli(capsys, "predict", "--artifact", tiny_dynamic_onnx.path, photo, "--alpha-matting",
-                           "--fg-threshold", "5", "--out", tmp_path / "o")
+    code, _, err = run_cli(
+        capsys,
+        "predict",
+        "--artifact",
+        tiny_dynamic_onnx.path,
+        photo,
+        "--alpha-matting",
+        "--fg-threshold",
+        "5",
+        "--out",
+        tmp_path / "o",
+    )
     assert_one_line_error(code, err, "matting thresholds need")
 
 
@@ -232,20 +292,34 @@ def test_human_segmentation_weights_give_cutouts_and_composites(capsys, tmp_path
     with Image.open(photo) as img:
         small = tmp_path / "person.png"
         img.convert("RGB").resize((120, 90)).save(small)
-    code, out, err = run_cli(capsys, "predict", "--model", "u2net_human_seg", "--random-weights", small,
-                             "--outputs", "mask,cutout,composite", "--bg-image", sample_images()[3],
-                             "--out", tmp_path / "o")
+    code, out, err = run_cli(
+        capsys,
+        "predict",
+        "--model",
+        "u2net_human_seg",
+        "--random-weights",
+        small,
+        "--outputs",
+        "mask,cutout,composite",
+        "--bg-image",
+        sample_images()[3],
+        "--out",
+        tmp_path / "o",
+    )
     assert code == 0, err
     for name, mode in (("person.png", "L"), ("person_cutout.png", "RGBA"), ("person_composite.png", "RGB")):
         result = Image.open(tmp_path / "o" / name)
         assert result.mode == mode and result.size == (120, 90)
 
 
-@pytest.mark.parametrize("target, options", [
-    ("openvino", {"dynamic": True}),
-    pytest.param("tflite", {}, marks=pytest.mark.slow),
-    pytest.param("executorch", {}, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "target, options",
+    [
+        ("openvino", {"dynamic": True}),
+        pytest.param("tflite", {}, marks=pytest.mark.slow),
+        pytest.param("executorch", {}, marks=pytest.mark.slow),
+    ],
+)
 def test_folder_pipeline_runs_on_other_runtimes_with_their_contract(tmp_path, tiny_weights, target, options):
     """The same folder job through another runtime's runner gives the torch reference's masks
     (a static 320×320 artifact included: the contract's resize happens outside the runtime)."""
@@ -270,10 +344,13 @@ def test_folder_pipeline_runs_on_other_runtimes_with_their_contract(tmp_path, ti
         assert a.shape == b.shape == (70, 100 + 20 * i) and np.abs(a - b).max() <= 2
 
 
-@pytest.mark.parametrize("modules, call, extra", [
-    (("pydensecrf", "pydensecrf.densecrf", "pydensecrf.utils"), lambda img, p: dense_crf(img, p), "crf"),
-    (("pymatting",), lambda img, p: alpha_matting(img, p), "matting"),
-])
+@pytest.mark.parametrize(
+    "modules, call, extra",
+    [
+        (("pydensecrf", "pydensecrf.densecrf", "pydensecrf.utils"), lambda img, p: dense_crf(img, p), "crf"),
+        (("pymatting",), lambda img, p: alpha_matting(img, p), "matting"),
+    ],
+)
 def test_missing_refinement_backend_says_what_to_install(monkeypatch, modules, call, extra):
     from u2zoo.errors import BackendUnavailable
 
@@ -287,7 +364,8 @@ def test_missing_refinement_backend_says_what_to_install(monkeypatch, modules, c
 def test_missing_crf_backend_fails_before_the_model_loads(capsys, monkeypatch, tmp_path):
     for name in ("pydensecrf", "pydensecrf.densecrf", "pydensecrf.utils"):
         monkeypatch.setitem(__import__("sys").modules, name, None)
-    code, out, err = run_cli(capsys, "predict", "--model", "u2net-tiny", "--random-weights", tmp_path, "--crf",
-                             "--out", tmp_path / "o")
+    code, out, err = run_cli(
+        capsys, "predict", "--model", "u2net-tiny", "--random-weights", tmp_path, "--crf", "--out", tmp_path / "o"
+    )
     assert_one_line_error(code, err, r"pydensecrf2, which is not installed .*u2zoo\[crf\]")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

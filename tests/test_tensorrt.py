@@ -19,37 +19,63 @@ from u2zoo.errors import ConfigError  # noqa: E402
 from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared, run_cli  # noqa: E402
 
 TRT_REASON = TARGETS["tensorrt"].unavailable_reason()
-needs_tensorrt = pytest.mark.skipif(TRT_REASON is not None, reason=f"TensorRT engines cannot be built here: {TRT_REASON}")
-without_tensorrt = pytest.mark.skipif(TRT_REASON is None, reason="TensorRT and a GPU are present: nothing is handed off")
+needs_tensorrt = pytest.mark.skipif(
+    TRT_REASON is not None, reason=f"TensorRT engines cannot be built here: {TRT_REASON}"
+)
+without_tensorrt = pytest.mark.skipif(
+    TRT_REASON is None, reason="TensorRT and a GPU are present: nothing is handed off"
+)
 SIZE = ("--height", "64", "--width", "64")
 
 
 def convert(capsys, weights, out, *extra):
-    return run_cli(capsys, "convert", "--model", "u2net-tiny", "--weights", weights, "--target", "tensorrt",
-                   *SIZE, "--out", out, *extra)
+    return run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        weights,
+        "--target",
+        "tensorrt",
+        *SIZE,
+        "--out",
+        out,
+        *extra,
+    )
 
 
-@pytest.mark.parametrize("options, pattern", [
-    ({"min_batch": 4, "opt_batch": 2}, "1 ≤ min ≤ opt ≤ max"),
-    ({"max_batch": 0}, "1 ≤ min ≤ opt ≤ max"),
-    ({"workspace_mb": 0}, "workspace"),
-    ({"precision": "int8"}, "--int8 needs calibration images"),
-    ({"calib": "x"}, "only apply to --int8"),
-    ({"precision": "int8-qat", "calib": "c", "keep_fp": 1}, "int8-qat keeps named groups only"),
-    ({"precision": "int8", "calib": "c", "qat_epochs": 1}, "only apply to --int8-qat"),
-])
+@pytest.mark.parametrize(
+    "options, pattern",
+    [
+        ({"min_batch": 4, "opt_batch": 2}, "1 ≤ min ≤ opt ≤ max"),
+        ({"max_batch": 0}, "1 ≤ min ≤ opt ≤ max"),
+        ({"workspace_mb": 0}, "workspace"),
+        ({"precision": "int8"}, "--int8 needs calibration images"),
+        ({"calib": "x"}, "only apply to --int8"),
+        ({"precision": "int8-qat", "calib": "c", "keep_fp": 1}, "int8-qat keeps named groups only"),
+        ({"precision": "int8", "calib": "c", "qat_epochs": 1}, "only apply to --int8-qat"),
+    ],
+)
 def test_bad_options_are_refused(options, pattern):
     with pytest.raises(ConfigError, match=pattern):
         TensorRTOptions(**options)
 
 
 def test_trtexec_command_is_the_same_build():
-    options = TensorRTOptions(precision="int8", calib="c", opt_batch=4, max_batch=32, workspace_mb=1024,
-                              timing_cache="/tmp/t.cache")
+    options = TensorRTOptions(
+        precision="int8", calib="c", opt_batch=4, max_batch=32, workspace_mb=1024, timing_cache="/tmp/t.cache"
+    )
     args = shlex.split(trtexec_command("m.onnx", "m.engine", "input", options, (320, 320)))
     assert args[0] == "trtexec" and "--onnx=m.onnx" in args and "--saveEngine=m.engine" in args
-    assert {"--minShapes=input:1x3x320x320", "--optShapes=input:4x3x320x320", "--maxShapes=input:32x3x320x320",
-            "--stronglyTyped", "--timingCacheFile=/tmp/t.cache", "--memPoolSize=workspace:1024M"} <= set(args)
+    assert {
+        "--minShapes=input:1x3x320x320",
+        "--optShapes=input:4x3x320x320",
+        "--maxShapes=input:32x3x320x320",
+        "--stronglyTyped",
+        "--timingCacheFile=/tmp/t.cache",
+        "--memPoolSize=workspace:1024M",
+    } <= set(args)
     assert not any(a.startswith(("--int8", "--fp16", "--calib")) for a in args)  # precision comes from the ONNX
 
 
@@ -68,10 +94,11 @@ def tiny_onnx(tmp_path_factory, healthy_tiny, calib_dir):
 
     out = tmp_path_factory.mktemp("onnx")
     size = {"height": 64, "width": 64, "weights": healthy_tiny, "progress": False}
-    return {"fp32": convert_model("u2net-tiny", "onnx", out, dynamic=True, **size).path,
-            "fixed": convert_model("u2net-tiny", "onnx", out, **size).path,
-            "u8s8": convert_model("u2net-tiny", "onnx", out, precision="int8", calib=calib_dir, dynamic=True,
-                                  **size).path}
+    return {
+        "fp32": convert_model("u2net-tiny", "onnx", out, dynamic=True, **size).path,
+        "fixed": convert_model("u2net-tiny", "onnx", out, **size).path,
+        "u8s8": convert_model("u2net-tiny", "onnx", out, precision="int8", calib=calib_dir, dynamic=True, **size).path,
+    }
 
 
 def test_onnx_without_qdq_is_refused_for_int8_with_the_way_to_quantize(capsys, tmp_path, healthy_tiny, tiny_onnx):
@@ -153,8 +180,17 @@ def test_fp16_handoff_builds_a_float16_onnx(capsys, tmp_path, healthy_tiny):
 def test_engine_builds_runs_and_refuses_batches_outside_its_profile(tmp_path, healthy_tiny):
     from u2zoo.convert import convert_model
 
-    artifact = convert_model("u2net-tiny", "tensorrt", tmp_path, weights=healthy_tiny, precision="fp16",
-                             height=64, width=64, max_batch=4, progress=False)
+    artifact = convert_model(
+        "u2net-tiny",
+        "tensorrt",
+        tmp_path,
+        weights=healthy_tiny,
+        precision="fp16",
+        height=64,
+        width=64,
+        max_batch=4,
+        progress=False,
+    )
     assert artifact.manifest["parity"]["status"] == "ok"
     assert artifact.manifest["tensorrt"]["compute_capability"] and artifact.manifest["tensorrt"]["trtexec"]
     with TARGETS["tensorrt"].runner(artifact) as runner:
@@ -168,9 +204,25 @@ def test_engine_builds_runs_and_refuses_batches_outside_its_profile(tmp_path, he
 @without_tensorrt
 def test_real_u2netp_tensorrt_ready_int8_onnx_meets_the_issue_bar(capsys, tmp_path):
     """Q/DQ INT8 ONNX for TensorRT of real U2NETP: IoU ≥ 0.98 vs torch in ONNX Runtime (stage2d float)."""
-    code, _, err = run_cli(capsys, "convert", "--model", "u2netp", "--weights", REAL_WEIGHTS, "--target", "tensorrt",
-                           "--int8", "--calib", TEST_DATA / "test_human_images", "--keep-fp-groups", "stage2d",
-                           "--parity-images", TEST_DATA / "test_images", "--out", tmp_path)
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "u2netp",
+        "--weights",
+        REAL_WEIGHTS,
+        "--target",
+        "tensorrt",
+        "--int8",
+        "--calib",
+        TEST_DATA / "test_human_images",
+        "--keep-fp-groups",
+        "stage2d",
+        "--parity-images",
+        TEST_DATA / "test_images",
+        "--out",
+        tmp_path,
+    )
     assert code != 0 and "trtexec" in err
     manifest = json.loads((tmp_path / "u2netp_onnx_int8_dynamic_tensorrt.u2zoo.json").read_text())
     assert manifest["parity"]["status"] == "ok" and manifest["parity"]["iou50"] >= 0.98

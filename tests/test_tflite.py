@@ -73,8 +73,9 @@ def test_fp16_and_dynamic_int8_from_the_same_export(healthy_tiny, tmp_path):
 
 
 def test_full_int8_has_integer_io_with_recorded_scale(healthy_tiny, calib_dir, tmp_path):
-    artifact = convert(healthy_tiny, tmp_path, precision="int8", calib=calib_dir, calib_size=5,
-                       keep_fp_groups=("side1",))
+    artifact = convert(
+        healthy_tiny, tmp_path, precision="int8", calib=calib_dir, calib_size=5, keep_fp_groups=("side1",)
+    )
     manifest = artifact.manifest
     assert manifest["parity"]["iou50"] >= 0.98
     spec, out = manifest["io"]["inputs"][0], manifest["io"]["outputs"][0]
@@ -91,7 +92,12 @@ def test_nhwc_layout_is_in_the_contract_and_the_runner_hides_it(healthy_tiny, tm
     artifact = convert(healthy_tiny, tmp_path, nhwc=True)
     manifest = json.loads(artifact.manifest_path.read_text())
     assert manifest["contract"]["pre"]["layout"] == "NHWC"
-    assert manifest["io"]["inputs"][0]["shape"] == [1, 64, 64, 3] and manifest["io"]["outputs"][0]["shape"] == [1, 64, 64, 1]
+    assert manifest["io"]["inputs"][0]["shape"] == [1, 64, 64, 3] and manifest["io"]["outputs"][0]["shape"] == [
+        1,
+        64,
+        64,
+        1,
+    ]
     assert artifact.path.name == "u2net-tiny_tflite_fp32_nhwc.tflite"
     assert manifest["parity"]["max_abs"] <= 1e-4  # parity ran through the NCHW-facing predict()
 
@@ -99,7 +105,7 @@ def test_nhwc_layout_is_in_the_contract_and_the_runner_hides_it(healthy_tiny, tm
 def test_group_regex_selects_litert_tensor_names():
     names = {
         "stage2d": "u2zoo.zoo.archs.U2NETP/u2zoo.zoo.layers.RSU6_stage2d/u2zoo.zoo.layers.REBNCONV_rebnconv1d/"
-                   "torch.nn.modules.conv.Conv2d_conv_s1;",
+        "torch.nn.modules.conv.Conv2d_conv_s1;",
         "stage2": "u2zoo.zoo.archs.U2NETP/u2zoo.zoo.layers.RSU6_stage2/torch.nn.modules.conv.Conv2d_x;2",
         "outconv": "u2zoo.zoo.archs.U2NETP/torch.nn.modules.conv.Conv2d_outconv;3",
         "top-level": "u2zoo.zoo.archs.U2NETP;14",
@@ -111,18 +117,32 @@ def test_group_regex_selects_litert_tensor_names():
     assert not re.search(group_regex("stage2d/rebnconv2d"), names["stage2d"])
 
 
-@pytest.mark.parametrize("extra, pattern", [
-    (["--dynamic"], "fixed-shape models"),
-    (["--int8"], "--int8 needs calibration images"),
-    (["--keep-fp-groups", "stage2d"], "only apply to --int8 and --dynamic-int8"),
-    (["--dynamic-int8", "--keep-fp-groups", "stage9"], "unknown layer group"),
-    (["--int8-weights"], "does not support precision 'int8-weights'"),
-    (["--fp16", "--int8"], "exclude each other"),
-])
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--dynamic"], "fixed-shape models"),
+        (["--int8"], "--int8 needs calibration images"),
+        (["--keep-fp-groups", "stage2d"], "only apply to --int8 and --dynamic-int8"),
+        (["--dynamic-int8", "--keep-fp-groups", "stage9"], "unknown layer group"),
+        (["--int8-weights"], "does not support precision 'int8-weights'"),
+        (["--fp16", "--int8"], "exclude each other"),
+    ],
+)
 def test_bad_options_are_one_line_errors_and_leave_nothing(capsys, tmp_path, tiny_weights, extra, pattern):
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--weights", tiny_weights,
-                           "--target", "tflite", "--out", out, *extra)
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        tiny_weights,
+        "--target",
+        "tflite",
+        "--out",
+        out,
+        *extra,
+    )
     assert_one_line_error(code, err, pattern)
     assert not out.exists() or not any(out.iterdir())
 
@@ -130,18 +150,50 @@ def test_bad_options_are_one_line_errors_and_leave_nothing(capsys, tmp_path, tin
 def test_empty_calibration_folder_is_refused(capsys, tmp_path, healthy_tiny):
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--weights", healthy_tiny, "--target",
-                           "tflite", "--int8", "--calib", empty, "--height", "64", "--width", "64",
-                           "--out", tmp_path / "o")
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        healthy_tiny,
+        "--target",
+        "tflite",
+        "--int8",
+        "--calib",
+        empty,
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--out",
+        tmp_path / "o",
+    )
     assert_one_line_error(code, err, "holds no images")
     assert not any((tmp_path / "o").iterdir())
 
 
 @pytest.mark.slow
 def test_dead_layers_are_named_instead_of_an_opaque_xnnpack_failure(capsys, tmp_path, dead_stage3_tiny, calib_dir):
-    code, _, err = run_cli(capsys, "convert", "--model", "u2net-tiny", "--weights", dead_stage3_tiny, "--target",
-                           "tflite", "--int8", "--calib", calib_dir, "--height", "64", "--width", "64",
-                           "--out", tmp_path / "o")
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "--model",
+        "u2net-tiny",
+        "--weights",
+        dead_stage3_tiny,
+        "--target",
+        "tflite",
+        "--int8",
+        "--calib",
+        calib_dir,
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--out",
+        tmp_path / "o",
+    )
     assert_one_line_error(code, err, r"layer group\(s\) stage3 are constant on the calibration images")
     assert "--keep-fp-groups stage3" in err and not any((tmp_path / "o").iterdir())
 
@@ -158,7 +210,14 @@ def test_real_u2netp_every_precision_meets_the_issue_bars(tmp_path):
     fp16 = convert_model("u2netp", "tflite", tmp_path, precision="fp16", **common)
     assert fp16.manifest["parity"]["max_abs"] <= 5e-3
     assert fp16.manifest["files"][0]["size"] < 0.55 * fp32.manifest["files"][0]["size"]
-    int8 = convert_model("u2netp", "tflite", tmp_path, precision="int8", keep_fp_groups=("stage2d",),
-                         calib=str(TEST_DATA / "test_human_images"), **common)
+    int8 = convert_model(
+        "u2netp",
+        "tflite",
+        tmp_path,
+        precision="int8",
+        keep_fp_groups=("stage2d",),
+        calib=str(TEST_DATA / "test_human_images"),
+        **common,
+    )
     assert int8.manifest["parity"]["iou50"] >= 0.98
     assert int8.manifest["files"][0]["size"] < 0.45 * fp32.manifest["files"][0]["size"]

@@ -32,7 +32,7 @@ def write_clip(path: Path, codec: str, pix_fmt: str, rate: Fraction) -> None:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, pix_fmt
         for t in range(FRAMES):
-            crop = np.ascontiguousarray(photo[2 * t:2 * t + HEIGHT, 3 * t:3 * t + WIDTH])
+            crop = np.ascontiguousarray(photo[2 * t : 2 * t + HEIGHT, 3 * t : 3 * t + WIDTH])
             container.mux(stream.encode(av.VideoFrame.from_ndarray(crop, format="rgb24")))
         container.mux(stream.encode())
 
@@ -54,8 +54,9 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("clips")
     clips = {"lossless": folder / "clip.mkv", "lossy": folder / "lossy.mp4"}
     write_clip(clips["lossless"], "ffv1", "bgr0", Fraction(25))
-    write_clip(clips["lossy"], "libx264" if "libx264" in av.codecs_available else "mpeg4", "yuv420p",
-               Fraction(30000, 1001))
+    write_clip(
+        clips["lossy"], "libx264" if "libx264" in av.codecs_available else "mpeg4", "yuv420p", Fraction(30000, 1001)
+    )
     return clips
 
 
@@ -124,8 +125,9 @@ def test_cutout_mov_alpha_is_the_mask(capsys, tmp_path, tiny_dynamic_onnx, clips
         assert np.array_equal(cutout[..., :3], frame)  # PNG in .mov is lossless
 
 
-@pytest.mark.parametrize("argv", [["--outputs", "cutout", "--out", "{tmp}/x.mp4"],
-                                  ["--cutout", "--format", "mp4", "--out", "{tmp}/out"]])
+@pytest.mark.parametrize(
+    "argv", [["--outputs", "cutout", "--out", "{tmp}/x.mp4"], ["--cutout", "--format", "mp4", "--out", "{tmp}/out"]]
+)
 def test_cutout_to_mp4_is_refused(capsys, tmp_path, tiny_dynamic_onnx, clips, argv):
     argv = [a.format(tmp=tmp_path) for a in argv]
     code, _, err = video(capsys, tiny_dynamic_onnx, clips["lossless"], *argv)
@@ -159,14 +161,14 @@ def test_bad_videos_are_reported_and_the_good_one_written(capsys, tmp_path, tiny
     (inputs / "bad.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     (inputs / "empty.mp4").write_bytes(b"")
     lossless = clips["lossless"].read_bytes()
-    (inputs / "cut.mkv").write_bytes(lossless[:len(lossless) // 2])  # its first frames decode
+    (inputs / "cut.mkv").write_bytes(lossless[: len(lossless) // 2])  # its first frames decode
     out = tmp_path / "out"
     argv = [inputs / "bad.mp4", inputs / "empty.mp4", inputs / "cut.mkv", clips["lossy"], "--out", out]
     code, stdout, err = video(capsys, tiny_dynamic_onnx, *argv)
     assert code == 1
     assert sorted(p.name for p in out.iterdir()) == ["lossy.mp4"]  # no temp files, nothing for the bad ones
     prefix = "u2zoo: skipped "
-    skipped = dict(line[len(prefix):].split(": ", 1) for line in err.splitlines() if line.startswith(prefix))
+    skipped = dict(line[len(prefix) :].split(": ", 1) for line in err.splitlines() if line.startswith(prefix))
     assert sorted(Path(p).name for p in skipped) == ["bad.mp4", "cut.mkv", "empty.mp4"], err
     assert "empty (0 bytes)" in skipped[str(inputs / "empty.mp4")]
     assert "cannot open video" in skipped[str(inputs / "bad.mp4")]
@@ -226,12 +228,14 @@ def test_output_names(tmp_path):
     # a folder: stem + kind suffix; masks and composites default to .mp4, cut-outs to .mov
     assert plan_outputs([a, b], out, ("mask", "cutout")) == [
         (a, {"mask": out / "a.mp4", "cutout": out / "a_cutout.mov"}),
-        (b, {"mask": out / "b.mp4", "cutout": out / "b_cutout.mov"})]
+        (b, {"mask": out / "b.mp4", "cutout": out / "b_cutout.mov"}),
+    ]
     assert plan_outputs([a], out, ("cutout",), "webm") == [(a, {"cutout": out / "a_cutout.webm"})]
     # one input and a video suffix: that file, with other kinds beside it
     assert plan_outputs([a], tmp_path / "r.mov", ("cutout",)) == [(a, {"cutout": tmp_path / "r.mov"})]
     assert plan_outputs([a], tmp_path / "r.mkv", ("mask", "cutout")) == [
-        (a, {"mask": tmp_path / "r.mkv", "cutout": tmp_path / "r_cutout.mkv"})]
+        (a, {"mask": tmp_path / "r.mkv", "cutout": tmp_path / "r_cutout.mkv"})
+    ]
     with pytest.raises(ConfigError, match="need --out to be a folder"):
         plan_outputs([a, b], tmp_path / "r.mp4", ("mask",))
     with pytest.raises(ConfigError, match="would both write"):

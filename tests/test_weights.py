@@ -158,7 +158,9 @@ def test_checkpoint_of_another_architecture_names_the_keys(tmp_path):
     del state["outconv.weight"]
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, path)
-    with pytest.raises(WeightsError, match=r"1 missing \(e\.g\. outconv\.weight\); 1 unexpected \(e\.g\. extra\.weight\)"):
+    with pytest.raises(
+        WeightsError, match=r"1 missing \(e\.g\. outconv\.weight\); 1 unexpected \(e\.g\. extra\.weight\)"
+    ):
         W.load_model("u2net-tiny", weights=str(path))
 
 
@@ -171,8 +173,9 @@ def test_names_resolve_with_suggestions_and_no_silent_random_weights(monkeypatch
         W.resolve_model_name("u2nep")
     with pytest.raises(WeightsError, match="--random-weights"):
         W.load_model("u2net-tiny")
-    unshipped = dataclasses.replace(W.REGISTRY["u2netp.fp16_bnfolded"], name="u2netp.elsewhere",
-                                    filename="u2netp_elsewhere.pth", bundled=False)
+    unshipped = dataclasses.replace(
+        W.REGISTRY["u2netp.fp16_bnfolded"], name="u2netp.elsewhere", filename="u2netp_elsewhere.pth", bundled=False
+    )
     monkeypatch.setitem(W.REGISTRY, unshipped.name, unshipped)
     with pytest.raises(WeightsError, match="has no public URL"):
         W.load_model("u2netp.elsewhere")

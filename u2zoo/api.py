@@ -22,8 +22,9 @@ from u2zoo.zoo.reference import TorchPredictor
 from u2zoo.zoo.weights import load_model
 
 
-def load(model: str | None = None, *, weights: str | None = None, contract: str | None = None,
-         threads: int | None = None) -> Segmenter:
+def load(
+    model: str | None = None, *, weights: str | None = None, contract: str | None = None, threads: int | None = None
+) -> Segmenter:
     """A Segmenter on the PyTorch model ``model`` (default: the best shipped saliency model)."""
     name = model or choose_default().name
     module, _, model_contract = load_model(name, weights, contract_variant=contract, progress=False)

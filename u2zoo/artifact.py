@@ -79,14 +79,27 @@ def host_info() -> dict[str, Any]:
     gpu = driver = None
     if shutil.which("nvidia-smi"):
         try:
-            query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                                   capture_output=True, text=True, timeout=10, check=True)
+            query = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            )
             gpu, driver = [part.strip() for part in query.stdout.splitlines()[0].split(",")[:2]]
         except (OSError, subprocess.SubprocessError, IndexError, ValueError):
             pass
-    return {"hostname": platform.node(), "os": platform.platform(), "machine": platform.machine(), "cpu": cpu,
-            "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()], "gpu": gpu,
-            "driver": driver, "python": platform.python_version()}
+    return {
+        "hostname": platform.node(),
+        "os": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "gpu": gpu,
+        "driver": driver,
+        "python": platform.python_version(),
+    }
 
 
 @dataclass(frozen=True)
@@ -106,20 +119,33 @@ class TensorSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TensorSpec":
         quant = data.get("quantization")
-        return cls(data["name"], tuple(data["shape"]), data["dtype"],
-                   (quant["scale"], quant["zero_point"]) if quant else None)
+        return cls(
+            data["name"], tuple(data["shape"]), data["dtype"], (quant["scale"], quant["zero_point"]) if quant else None
+        )
 
 
 # What every reader of a manifest relies on: {key: type}, [item schema] for a non-empty list.
 _TENSOR = {"name": str, "shape": list, "dtype": str}
-_MANIFEST = {"target": str, "files": [{"name": str, "sha256": str, "size": int}], "contract": dict,
-             "model": {"arch": str}, "io": {"inputs": [_TENSOR], "outputs": [_TENSOR]}}
+_MANIFEST = {
+    "target": str,
+    "files": [{"name": str, "sha256": str, "size": int}],
+    "contract": dict,
+    "model": {"arch": str},
+    "io": {"inputs": [_TENSOR], "outputs": [_TENSOR]},
+}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _json_type(value: Any) -> str:
-    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number", type(None): "null"}
+    kinds = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }
     return kinds.get(type(value), type(value).__name__)
 
 
@@ -147,6 +173,7 @@ def _check_structure(value: Any, schema: Any, label: str, fail) -> None:
 def check_manifest(manifest: Any, where: str | Path = "manifest") -> None:
     """Refuse a manifest whose structure is wrong, naming the field: runners, tasks and reports
     all read these fields, and a malformed one would otherwise end in a KeyError traceback."""
+
     def fail(problem: str):
         raise ArtifactError(f"{where}: malformed manifest: {problem}")
 
@@ -161,10 +188,14 @@ def check_manifest(manifest: Any, where: str | Path = "manifest") -> None:
             if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in spec["shape"]):
                 fail(f"'io.{side}[{i}].shape' must hold whole numbers or dimension names")
             quant = spec.get("quantization")
-            if quant is not None and not (isinstance(quant, dict) and isinstance(quant.get("scale"), (int, float))
-                                          and isinstance(quant.get("zero_point"), int)):
-                fail(f"'io.{side}[{i}].quantization' must be an object with a number 'scale' and an "
-                     "integer 'zero_point'")
+            if quant is not None and not (
+                isinstance(quant, dict)
+                and isinstance(quant.get("scale"), (int, float))
+                and isinstance(quant.get("zero_point"), int)
+            ):
+                fail(
+                    f"'io.{side}[{i}].quantization' must be an object with a number 'scale' and an integer 'zero_point'"
+                )
     for key in ("options", "tools"):
         if not isinstance(manifest.get(key, {}), dict):
             fail(f"'{key}' must be an object, not {_json_type(manifest[key])}")
@@ -200,12 +231,16 @@ def check_io(artifact: "Artifact", inputs: list[TensorSpec], outputs: list[Tenso
     a runtime's multi-line traceback or, for a layout, in wrong masks."""
     for kind, claimed, real in (("input", artifact.inputs, inputs), ("output", artifact.outputs, outputs)):
         if len(claimed) != len(real):
-            raise ArtifactError(f"{artifact.path.name}: the model has {len(real)} {kind}(s), its manifest "
-                                f"lists {len(claimed)}: the manifest does not describe this model")
+            raise ArtifactError(
+                f"{artifact.path.name}: the model has {len(real)} {kind}(s), its manifest "
+                f"lists {len(claimed)}: the manifest does not describe this model"
+            )
         for want, have in zip(claimed, real):
             if not _io_matches(want, have, kind == "input"):
-                raise ArtifactError(f"{artifact.path.name}: the model has {kind} {_show(have)}, its manifest "
-                                    f"says {_show(want)}: the manifest does not describe this model")
+                raise ArtifactError(
+                    f"{artifact.path.name}: the model has {kind} {_show(have)}, its manifest "
+                    f"says {_show(want)}: the manifest does not describe this model"
+                )
 
 
 @dataclass
@@ -257,8 +292,10 @@ class Artifact:
                 raise ArtifactError(f"artifact file missing: {file}")
             actual = entry_digest(file)
             if actual != entry["sha256"]:
-                raise ArtifactError(f"{file}: sha256 {actual[:12]}… does not match its manifest "
-                                    f"({entry['sha256'][:12]}…): modified or corrupt")
+                raise ArtifactError(
+                    f"{file}: sha256 {actual[:12]}… does not match its manifest "
+                    f"({entry['sha256'][:12]}…): modified or corrupt"
+                )
 
     def save(self) -> None:
         atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
@@ -280,10 +317,22 @@ def entry_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def new_manifest(*, target: str, precision: str, files: list[Path], parent: dict[str, Any] | None,
-                 weights: dict[str, Any], contract: Contract, inputs: list[TensorSpec],
-                 outputs: list[TensorSpec], options: dict[str, Any], tools: dict[str, Any],
-                 arch: str, num_params: int | None = None, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+def new_manifest(
+    *,
+    target: str,
+    precision: str,
+    files: list[Path],
+    parent: dict[str, Any] | None,
+    weights: dict[str, Any],
+    contract: Contract,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    options: dict[str, Any],
+    tools: dict[str, Any],
+    arch: str,
+    num_params: int | None = None,
+    calibration: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Assemble a manifest; file hashes are taken now, from the files as written."""
     from u2zoo.version import __version__
 
@@ -331,20 +380,25 @@ def open_artifact(path: str | Path, verify: bool = True) -> Artifact:
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{mpath}: malformed manifest: {_json_type(manifest)}, not a JSON object")
     if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(f"{mpath}: schema {manifest.get('schema')!r} v{manifest.get('schema_version')} "
-                            f"is not {SCHEMA!r} v{SCHEMA_VERSION}")
+        raise ArtifactError(
+            f"{mpath}: schema {manifest.get('schema')!r} v{manifest.get('schema_version')} "
+            f"is not {SCHEMA!r} v{SCHEMA_VERSION}"
+        )
     check_manifest(manifest, mpath)
     if manifest["files"][0]["name"] != path.name:  # x.onnx and x.fp16.onnx would share x.u2zoo.json
-        raise ArtifactError(f"{path} is not the file this manifest describes: {mpath.name} is for "
-                            f"{manifest['files'][0]['name']!r}")
+        raise ArtifactError(
+            f"{path} is not the file this manifest describes: {mpath.name} is for {manifest['files'][0]['name']!r}"
+        )
     try:
         contract = Contract.from_dict(manifest["contract"])  # range-checked once here, for every runner
     except ConfigError as exc:
         raise ArtifactError(f"{mpath}: {exc}") from None
     static = static_size(manifest["io"]["inputs"][0].get("shape"), contract.pre.layout)
     if static and static != tuple(contract.pre.size):
-        raise ArtifactError(f"{mpath}: contract size {list(contract.pre.size)} disagrees with the model's fixed "
-                            f"input {list(static)} (height, width): the manifest does not describe this model")
+        raise ArtifactError(
+            f"{mpath}: contract size {list(contract.pre.size)} disagrees with the model's fixed "
+            f"input {list(static)} (height, width): the manifest does not describe this model"
+        )
     artifact = Artifact(path, manifest)
     if verify:
         artifact.verify()

@@ -66,11 +66,22 @@ def artifact_stem(arch: str, target: str, opts: Any) -> str:
     return stem
 
 
-def convert_model(model: str, target: str, out_dir: str | Path, *, weights: str | None = None,
-                  weights_sha256: str | None = None, random_weights: bool = False,
-                  contract_variant: str | None = None, parity_images: list[Path] | None = None,
-                  tolerance: Tolerance | None = None, progress: bool = True, auto_fp: bool = True,
-                  fp_budget: float | None = None, **options: Any) -> Artifact:
+def convert_model(
+    model: str,
+    target: str,
+    out_dir: str | Path,
+    *,
+    weights: str | None = None,
+    weights_sha256: str | None = None,
+    random_weights: bool = False,
+    contract_variant: str | None = None,
+    parity_images: list[Path] | None = None,
+    tolerance: Tolerance | None = None,
+    progress: bool = True,
+    auto_fp: bool = True,
+    fp_budget: float | None = None,
+    **options: Any,
+) -> Artifact:
     """Convert ``model`` for ``target`` into ``out_dir`` and prove it; return the artifact.
 
     ``options`` are the target's typed options (e.g. ``precision="fp16", dynamic=True``); one
@@ -87,13 +98,21 @@ def convert_model(model: str, target: str, out_dir: str | Path, *, weights: str 
     opts = spec.make_options(**options)
     budget = check_options(auto_fp, fp_budget)
     if (fp_budget is not None or not auto_fp) and getattr(opts, "precision", "fp32") not in AUTO_PRECISIONS:
-        raise ConfigError(f"--no-auto-fp and --fp-budget only apply to --int8 and --dynamic-int8 "
-                          f"(this is {getattr(opts, 'precision', 'fp32')})")
+        raise ConfigError(
+            f"--no-auto-fp and --fp-budget only apply to --int8 and --dynamic-int8 "
+            f"(this is {getattr(opts, 'precision', 'fp32')})"
+        )
     (get_target("onnx") if spec.source == "onnx" else spec).ensure_available()
     out_dir = ensure_writable_dir(Path(out_dir))
-    torch_model, weights_info, contract = load_model(model, weights, weights_sha256, random_weights,
-                                                     deploy=True, progress=progress,
-                                                     contract_variant=contract_variant)
+    torch_model, weights_info, contract = load_model(
+        model,
+        weights,
+        weights_sha256,
+        random_weights,
+        deploy=True,
+        progress=progress,
+        contract_variant=contract_variant,
+    )
     source = ModelSource(torch_model, weights_info, contract, weights_info.arch, count_params(torch_model))
     images = parity_images or sample_images()
     parent = None
@@ -101,13 +120,15 @@ def convert_model(model: str, target: str, out_dir: str | Path, *, weights: str 
         parent = _onnx_input(spec, opts, source, out_dir, images, auto_fp, budget)
         reason = spec.unavailable_reason()
         if reason:
-            raise BackendUnavailable(f"cannot build the {target} artifact here: {reason}; "
-                                     f"{spec.handoff(parent, opts, out_dir)}")
+            raise BackendUnavailable(
+                f"cannot build the {target} artifact here: {reason}; {spec.handoff(parent, opts, out_dir)}"
+            )
     return _convert_and_prove(spec, opts, source, out_dir, images, tolerance, parent, auto_fp, budget)
 
 
-def _onnx_input(spec, opts: Any, source: ModelSource, out_dir: Path, images: list[Path], auto_fp: bool,
-                budget: float) -> Artifact:
+def _onnx_input(
+    spec, opts: Any, source: ModelSource, out_dir: Path, images: list[Path], auto_fp: bool, budget: float
+) -> Artifact:
     """The ONNX an onnx-source target builds from: the user's file (``opts.onnx``), proven
     against the model in ONNX Runtime, or a new ONNX artifact made for it."""
     onnx_spec = get_target("onnx")
@@ -123,14 +144,23 @@ def _onnx_input(spec, opts: Any, source: ModelSource, out_dir: Path, images: lis
         parity = measure_parity(runner, TorchPredictor(source.model), images, tolerance)
     artifact.manifest["parity"] = parity.to_dict() | {"status": "ok" if parity else "failed"}
     if not parity:
-        raise ParityError(f"{given} does not reproduce {source.arch} with these weights in ONNX Runtime: "
-                          f"{parity.summary()}")
+        raise ParityError(
+            f"{given} does not reproduce {source.arch} with these weights in ONNX Runtime: {parity.summary()}"
+        )
     return artifact
 
 
-def _convert_and_prove(spec, opts: Any, source: ModelSource, out_dir: Path, images: list[Path],
-                       tolerance: Tolerance | None, parent: Artifact | None = None,
-                       auto_fp: bool = True, fp_budget: float = DEFAULT_BUDGET) -> Artifact:
+def _convert_and_prove(
+    spec,
+    opts: Any,
+    source: ModelSource,
+    out_dir: Path,
+    images: list[Path],
+    tolerance: Tolerance | None,
+    parent: Artifact | None = None,
+    auto_fp: bool = True,
+    fp_budget: float = DEFAULT_BUDGET,
+) -> Artifact:
     """Convert into a staging folder, measure parity in the real runtime, then publish.
 
     INT8 that misses its gate goes through the automatic float fallback
@@ -161,33 +191,43 @@ def _convert_and_prove(spec, opts: Any, source: ModelSource, out_dir: Path, imag
         if failures and why_not is None:
             artifact = _float_fallback(spec, opts, source, staging, images, tolerance, parent, fp_budget, first_try)
         elif failures:
-            raise ParityError(f"{spec.name} {precision} artifact rejected: {'; '.join(failures)}"
-                              + (_FALLBACK_HINT if precision in AUTO_PRECISIONS else ""))
+            raise ParityError(
+                f"{spec.name} {precision} artifact rejected: {'; '.join(failures)}"
+                + (_FALLBACK_HINT if precision in AUTO_PRECISIONS else "")
+            )
         else:
             artifact = first
             if precision in AUTO_PRECISIONS:
-                artifact.manifest["auto_fp"] = ({"status": "off", "reason": why_not} if why_not else
-                                                {"status": "passed", "steps": [first_try.to_dict()],
-                                                 "kept_in_float": [], "float_macs": 0.0})
+                artifact.manifest["auto_fp"] = (
+                    {"status": "off", "reason": why_not}
+                    if why_not
+                    else {"status": "passed", "steps": [first_try.to_dict()], "kept_in_float": [], "float_macs": 0.0}
+                )
         return _publish(artifact, artifact.path.parent, out_dir)
 
 
-_FALLBACK_HINT = ("; the automatic float fallback did not run (it runs unless --no-auto-fp or hand-picked "
-                  "--keep-fp/--keep-fp-groups): see `u2zoo sensitivity`")
+_FALLBACK_HINT = (
+    "; the automatic float fallback did not run (it runs unless --no-auto-fp or hand-picked "
+    "--keep-fp/--keep-fp-groups): see `u2zoo sensitivity`"
+)
 
 
-def _attempt(spec, opts: Any, source: ModelSource, where: Path, images: list[Path], tolerance: Tolerance,
-             parent: Artifact | None) -> tuple[Artifact, list[str]]:
+def _attempt(
+    spec, opts: Any, source: ModelSource, where: Path, images: list[Path], tolerance: Tolerance, parent: Artifact | None
+) -> tuple[Artifact, list[str]]:
     """One conversion into ``where`` and its parity in the real runtime; returns the failures."""
     with third_party_quiet():
         return _attempt_quietly(spec, opts, source, where, images, tolerance, parent)
 
 
-def _attempt_quietly(spec, opts: Any, source: ModelSource, where: Path, images: list[Path], tolerance: Tolerance,
-                     parent: Artifact | None) -> tuple[Artifact, list[str]]:
+def _attempt_quietly(
+    spec, opts: Any, source: ModelSource, where: Path, images: list[Path], tolerance: Tolerance, parent: Artifact | None
+) -> tuple[Artifact, list[str]]:
     where.mkdir(parents=True)
     stem = artifact_stem(source.arch, spec.name, opts)
-    artifact = spec.convert(source, opts, where, stem) if parent is None else spec.convert(source, opts, where, stem, parent)
+    artifact = (
+        spec.convert(source, opts, where, stem) if parent is None else spec.convert(source, opts, where, stem, parent)
+    )
     not_runnable = spec.runtime_unavailable_reason()
     if not_runnable:
         # Built and validated by the converter (see manifest "validation"), but its runtime
@@ -213,8 +253,9 @@ def _attempt_quietly(spec, opts: Any, source: ModelSource, where: Path, images: 
 SCREEN_MARGIN = 0.03  # IoU@0.5 below the gate at which a stand-in's miss is trusted
 
 
-def _screened_out(spec, opts: Any, source: ModelSource, images: list[Path], tolerance: Tolerance
-                  ) -> dict[str, Any] | None:
+def _screened_out(
+    spec, opts: Any, source: ModelSource, images: list[Path], tolerance: Tolerance
+) -> dict[str, Any] | None:
     """The parity record of a float-fallback candidate whose stand-in (``spec.screen``: its
     quantized numerics before the target's slow last step) misses an IoU gate by more than
     ``SCREEN_MARGIN``; that candidate is then not built. None: build it and measure it in the
@@ -223,8 +264,9 @@ def _screened_out(spec, opts: Any, source: ModelSource, images: list[Path], tole
     return verdict[1] if verdict is not None and verdict[0] == "out" else None
 
 
-def _screen(spec, opts: Any, source: ModelSource, images: list[Path], tolerance: Tolerance
-            ) -> tuple[str, dict[str, Any]] | None:
+def _screen(
+    spec, opts: Any, source: ModelSource, images: list[Path], tolerance: Tolerance
+) -> tuple[str, dict[str, Any]] | None:
     """Judge a candidate on its stand-in: ``("out", record)`` when it misses the IoU gate by more
     than ``SCREEN_MARGIN``, ``("pass", record)`` when it meets the gate itself, None when there is
     no stand-in or it misses narrowly (only the runtime can tell then)."""
@@ -236,14 +278,18 @@ def _screen(spec, opts: Any, source: ModelSource, images: list[Path], tolerance:
     parity = compare(run_batched(TorchPredictor(source.model), inputs), run_batched(stand_in, inputs), tolerance)
     record = parity.to_dict() | {"images": [p.name for p in images]}
     if parity:
-        return "pass", record | {"screened": f"not built: {stand_in.what} met the gate (IoU@0.5 {parity.iou50:.4f}); "
-                                             "built only if no candidate with fewer MACs in float passes in the "
-                                             "runtime"}
+        return "pass", record | {
+            "screened": f"not built: {stand_in.what} met the gate (IoU@0.5 {parity.iou50:.4f}); "
+            "built only if no candidate with fewer MACs in float passes in the "
+            "runtime"
+        }
     if parity.iou50 >= tolerance.iou50_min - SCREEN_MARGIN:
         return None
-    return "out", record | {"status": "failed",
-                            "screened": f"not built: {stand_in.what} reached IoU@0.5 {parity.iou50:.4f}, "
-                                        f"more than {SCREEN_MARGIN} below the gate ({tolerance.describe()})"}
+    return "out", record | {
+        "status": "failed",
+        "screened": f"not built: {stand_in.what} reached IoU@0.5 {parity.iou50:.4f}, "
+        f"more than {SCREEN_MARGIN} below the gate ({tolerance.describe()})",
+    }
 
 
 def _all_int8(first: Artifact, seconds: float) -> Attempt:
@@ -252,12 +298,23 @@ def _all_int8(first: Artifact, seconds: float) -> Attempt:
 
 
 def _network_hw(opts: Any, source: ModelSource) -> tuple[int, int]:
-    return (getattr(opts, "height", None) or source.contract.pre.size[0],
-            getattr(opts, "width", None) or source.contract.pre.size[1])
+    return (
+        getattr(opts, "height", None) or source.contract.pre.size[0],
+        getattr(opts, "width", None) or source.contract.pre.size[1],
+    )
 
 
-def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images: list[Path], tolerance: Tolerance,
-                    parent: Artifact | None, budget: float, first: Attempt) -> Artifact:
+def _float_fallback(
+    spec,
+    opts: Any,
+    source: ModelSource,
+    staging: Path,
+    images: list[Path],
+    tolerance: Tolerance,
+    parent: Artifact | None,
+    budget: float,
+    first: Attempt,
+) -> Artifact:
     """All-INT8 missed the gate: put ranked groups back in float until it passes (auto_fp)."""
     import dataclasses
 
@@ -278,18 +335,31 @@ def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images:
             verdict = _screen(spec, dataclasses.replace(opts, keep_fp_groups=groups), source, images, tolerance)
             if verdict is not None:  # judged on the stand-in: out, or provisional until proven
                 kind, record = verdict
-                return Attempt(groups, share, kind == "pass", record, seconds=time.perf_counter() - started,
-                               provisional=kind == "pass")
+                return Attempt(
+                    groups,
+                    share,
+                    kind == "pass",
+                    record,
+                    seconds=time.perf_counter() - started,
+                    provisional=kind == "pass",
+                )
             return build(groups, share, started)
         except ConfigError as exc:  # e.g. a group this backend cannot name: not a candidate here
             return Attempt(groups, share, False, {"error": str(exc)}, seconds=time.perf_counter() - started)
 
     def build(groups: tuple[str, ...], share: float, started: float) -> Attempt:
         candidate = dataclasses.replace(opts, keep_fp_groups=groups)
-        artifact, failures = _attempt(spec, candidate, source, staging / f"step{next(counter)}", images,
-                                      tolerance, parent)
-        return Attempt(groups, share, not failures, artifact.manifest["parity"], None if failures else artifact,
-                       seconds=time.perf_counter() - started)
+        artifact, failures = _attempt(
+            spec, candidate, source, staging / f"step{next(counter)}", images, tolerance, parent
+        )
+        return Attempt(
+            groups,
+            share,
+            not failures,
+            artifact.manifest["parity"],
+            None if failures else artifact,
+            seconds=time.perf_counter() - started,
+        )
 
     def prove(provisional: Attempt) -> Attempt:
         """Build a candidate that passed on its stand-in; its record keeps the stand-in's IoU."""
@@ -304,8 +374,19 @@ def _float_fallback(spec, opts: Any, source: ModelSource, staging: Path, images:
         with spec.runner(artifact) as runner:  # the runner loads quietly itself
             return measure_latency(runner, photo, runs=10, warmup=2).p50_ms
 
-    result = search(spec.name, ranking, ranking_record, macs, total, budget, attempt, first, latency,
-                    children=lambda group: children_ranking_for(source, calib, size, group, graph), prove=prove)
+    result = search(
+        spec.name,
+        ranking,
+        ranking_record,
+        macs,
+        total,
+        budget,
+        attempt,
+        first,
+        latency,
+        children=lambda group: children_ranking_for(source, calib, size, group, graph),
+        prove=prove,
+    )
     precision = getattr(opts, "precision", "int8")
     if result.chosen is None:
         raise ParityError(failure_message(spec.name, precision, result, budget, tolerance.describe(), source.arch))
@@ -322,8 +403,15 @@ def _ranking_graph_exporter(target: str, opts: Any, source: ModelSource, size: t
     from u2zoo.converters.onnx import INPUT_NAME, OnnxOptions, export_onnx
 
     if target == "onnx" and getattr(opts, "calib_method", "minmax") == "minmax":
-        graph = OnnxOptions(dynamic=opts.dynamic, opset=opts.opset, batch=opts.batch, height=opts.height,
-                            width=opts.width, exporter=opts.exporter, simplify=opts.simplify)
+        graph = OnnxOptions(
+            dynamic=opts.dynamic,
+            opset=opts.opset,
+            batch=opts.batch,
+            height=opts.height,
+            width=opts.width,
+            exporter=opts.exporter,
+            simplify=opts.simplify,
+        )
     else:
         graph = OnnxOptions(batch=1, height=size[0], width=size[1])
 
@@ -344,9 +432,12 @@ def _warn_calibration_overlap(opts: Any, source: ModelSource, images: list[Path]
     calib = calibration_set(calib_path, source.contract, opts.calib_size, _network_hw(opts, source), warn=False)
     shared = calib.overlap(images)
     if shared:
-        print(f"u2zoo: warning: {len(shared)} of the {len(images)} parity image(s) are also calibration images "
-              f"({', '.join(p.name for p in shared[:3])}{', …' if len(shared) > 3 else ''}): parity on them is "
-              "optimistic; pass --parity-images with other photos", file=sys.stderr)
+        print(
+            f"u2zoo: warning: {len(shared)} of the {len(images)} parity image(s) are also calibration images "
+            f"({', '.join(p.name for p in shared[:3])}{', …' if len(shared) > 3 else ''}): parity on them is "
+            "optimistic; pass --parity-images with other photos",
+            file=sys.stderr,
+        )
 
 
 def _publish(artifact: Artifact, staging: Path, out_dir: Path) -> Artifact:

@@ -27,8 +27,11 @@ def cuda_device_info(index: int = 0) -> dict[str, Any]:
     import torch
 
     major, minor = torch.cuda.get_device_capability(index)
-    return {"gpu": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}",
-            "cuda": torch.version.cuda}
+    return {
+        "gpu": torch.cuda.get_device_name(index),
+        "compute_capability": f"{major}.{minor}",
+        "cuda": torch.version.cuda,
+    }
 
 
 class Timer:

@@ -111,8 +111,7 @@ def native_output_discarded() -> Iterator[None]:
             for name, fd in (("stdout", 1), ("stderr", 2)):
                 stream = originals[name]
                 if _writes_to_fd(stream, fd):
-                    stream = open(os.dup(saved[fd]), "w", encoding=stream.encoding, errors=stream.errors,
-                                  buffering=1)
+                    stream = open(os.dup(saved[fd]), "w", encoding=stream.encoding, errors=stream.errors, buffering=1)
                     opened.append(stream)
                 setattr(sys, name, OwnLinesOnly(stream) if name == "stderr" else stream)
                 os.dup2(sink.fileno(), fd)

@@ -15,8 +15,7 @@ def confined(root: str | Path, relative: object, error: type[U2ZooError] = Artif
     root = Path(root)
     text = relative if isinstance(relative, str) else ""
     parts = PurePosixPath(text.replace("\\", "/")).parts
-    if (not parts or ".." in parts or PurePosixPath(text).is_absolute()
-            or PureWindowsPath(text).anchor or "\0" in text):
+    if not parts or ".." in parts or PurePosixPath(text).is_absolute() or PureWindowsPath(text).anchor or "\0" in text:
         raise error(f"{relative!r} is not inside {root}: only relative names without '..' are allowed")
     path = root / text
     real_root, real = root.resolve(), path.resolve()

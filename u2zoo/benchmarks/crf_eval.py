@@ -37,8 +37,14 @@ class CrfScore:
     boundary_thresholded: float  # the control: the map binarised at 0.5, no CRF
 
 
-def evaluate_crf(segmenter: Segmenter, images: list[Path], references: Path, options: CrfOptions = CrfOptions(),
-                 band: int = DEFAULT_BOUNDARY_BAND, save: Path | None = None) -> list[CrfScore]:
+def evaluate_crf(
+    segmenter: Segmenter,
+    images: list[Path],
+    references: Path,
+    options: CrfOptions = CrfOptions(),
+    band: int = DEFAULT_BOUNDARY_BAND,
+    save: Path | None = None,
+) -> list[CrfScore]:
     """Score each image's map and its CRF refinement against the reference mask of the same stem."""
     scores = []
     for path in images:
@@ -51,11 +57,21 @@ def evaluate_crf(segmenter: Segmenter, images: list[Path], references: Path, opt
         gt_soft, _ = load_mask(matches[0], prob.shape, resample="bilinear")
         before, gt = prepare(prob, gt_soft, normalize=False)
         after, _ = prepare(np.clip(refined, 0, 1), gt_soft, normalize=False)
-        scores.append(CrfScore(path.stem, mae(before, gt), mae(after, gt), boundary_mae(before, gt, band),
-                               boundary_mae(after, gt, band), boundary_mae((before > 0.5).astype(float), gt, band)))
+        scores.append(
+            CrfScore(
+                path.stem,
+                mae(before, gt),
+                mae(after, gt),
+                boundary_mae(before, gt, band),
+                boundary_mae(after, gt, band),
+                boundary_mae((before > 0.5).astype(float), gt, band),
+            )
+        )
         if save is not None:
             save.mkdir(parents=True, exist_ok=True)
-            strip = np.concatenate([to_uint8(image), *(np.repeat(to_uint8(m)[..., None], 3, 2) for m in (prob, refined))], 1)
+            strip = np.concatenate(
+                [to_uint8(image), *(np.repeat(to_uint8(m)[..., None], 3, 2) for m in (prob, refined))], 1
+            )
             Image.fromarray(strip).save(save / f"{path.stem}_crf.png")
     if not scores:
         raise U2ZooError(f"no image in the list has a reference mask of the same name in {references}")
@@ -64,8 +80,10 @@ def evaluate_crf(segmenter: Segmenter, images: list[Path], references: Path, opt
 
 def format_scores(scores: list[CrfScore], band: int) -> str:
     fields = ("mae_before", "mae_after", "boundary_before", "boundary_after", "boundary_thresholded")
-    lines = [f"| image | MAE before | MAE after CRF | boundary MAE ({band} px) before | after CRF | map > 0.5, no CRF |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| image | MAE before | MAE after CRF | boundary MAE ({band} px) before | after CRF | map > 0.5, no CRF |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     lines += ["| " + " | ".join([s.name, *(f"{getattr(s, f):.4f}" for f in fields)]) + " |" for s in scores]
     means = [f"{np.mean([getattr(s, f) for s in scores]):.4f}" for f in fields]
     lines.append("| " + " | ".join([f"**mean of {len(scores)}**", *means]) + " |")
@@ -85,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with open_segmenter(args) as segmenter:
-            scores = evaluate_crf(segmenter, list_images([args.images]), Path(args.reference),
-                                  CrfOptions(iterations=args.iterations), args.band,
-                                  Path(args.save) if args.save else None)
+            scores = evaluate_crf(
+                segmenter,
+                list_images([args.images]),
+                Path(args.reference),
+                CrfOptions(iterations=args.iterations),
+                args.band,
+                Path(args.save) if args.save else None,
+            )
     except U2ZooError as exc:
         print(f"u2zoo: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code

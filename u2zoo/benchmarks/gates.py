@@ -38,7 +38,9 @@ class Gates:
         """The precision's limits, then every matching override on top, in file order."""
         limits = dict(self.precisions.get(precision, {}))
         for rule in self.overrides:
-            if all(rule.get(k) in (None, v) for k, v in (("model", model), ("target", target), ("precision", precision))):
+            if all(
+                rule.get(k) in (None, v) for k, v in (("model", model), ("target", target), ("precision", precision))
+            ):
                 limits.update(rule["limits"])
         return limits
 
@@ -93,8 +95,10 @@ def parse_gates(data: Any, source: str) -> Gates:
             raise ConfigError(f"gate file {source}: overrides[{i}] must be a mapping")
         unknown = sorted(set(rule) - _OVERRIDE_KEYS)
         if unknown:
-            raise ConfigError(f"gate file {source}: unknown key {unknown[0]!r} at overrides[{i}] "
-                              f"(known: {', '.join(sorted(_OVERRIDE_KEYS))})")
+            raise ConfigError(
+                f"gate file {source}: unknown key {unknown[0]!r} at overrides[{i}] "
+                f"(known: {', '.join(sorted(_OVERRIDE_KEYS))})"
+            )
         overrides.append(dict(rule, limits=_check_limits(rule.get("limits"), f"overrides[{i}].limits", source)))
     return Gates(precisions, overrides, source)
 

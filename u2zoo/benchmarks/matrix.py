@@ -42,10 +42,22 @@ KNOWN_TARGETS = ("onnx", "openvino", "tensorrt", "tflite", "coreml", "executorch
 DEVICES = ("cpu", "cuda")
 # int8 = static (calibrated) activations; dynamic-int8 = TFLite dynamic range; int8-weights = weight-only
 KNOWN_PRECISIONS = ("fp32", "fp16", "int8", "int8-qat", "dynamic-int8", "int8-weights")
-TOOLS = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "coremltools",
-         "ai-edge-litert", "litert-torch", "executorch")
+TOOLS = (
+    "torch",
+    "onnx",
+    "onnxruntime",
+    "onnxslim",
+    "openvino",
+    "nncf",
+    "tensorrt",
+    "coremltools",
+    "ai-edge-litert",
+    "litert-torch",
+    "executorch",
+)
 
 DATASET_CHUNK = 8  # images per engine call when a whole --data folder runs through one model
+
 
 @dataclass
 class BenchConfig:
@@ -125,8 +137,10 @@ def load_bench_data(data_dir: Path, gt_dir: Path | None, contract: Contract) -> 
         found = {p: _find_gt(gt_dir, p.stem) for p in paths}
         missing = [p.stem for p, g in found.items() if g is None]
         if missing:
-            raise ConfigError(f"{len(missing)} image(s) have no ground-truth mask in {gt_dir} "
-                              f"(e.g. {', '.join(missing[:3])}); masks pair with images by file stem")
+            raise ConfigError(
+                f"{len(missing)} image(s) have no ground-truth mask in {gt_dir} "
+                f"(e.g. {', '.join(missing[:3])}); masks pair with images by file stem"
+            )
         gts, resized = [], 0
         for path, image in zip(paths, images):
             mask, was_resized = load_mask(found[path], image.shape[:2])
@@ -154,7 +168,8 @@ def parity_metrics(reference: np.ndarray, candidate: np.ndarray, data: BenchData
         boundary.append(float(np.abs(ref_map - cand_map)[zone].mean()) if zone.any() else 0.0)
     ref_result, cand_result = ref_scores.result(), cand_scores.result()
     return {
-        "max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
         "iou50": float(np.mean([iou_at(r, c) for r, c in zip(ref_maps, cand_maps)])),
         "delta_mae": abs(cand_result.mae - ref_result.mae),
         "delta_max_f": ref_result.max_f - cand_result.max_f,
@@ -183,24 +198,53 @@ def measure_speed(runner, data: BenchData, cfg: BenchConfig, load_s: float) -> d
         postprocess(out[0], image.shape[:2], contract.post)
         e2e.append((time.perf_counter() - started) * 1000)
     return {
-        "threads": cfg.threads, "batch": 1, "runs": cfg.runs, "warmup": cfg.warmup,
-        "latency_ms_p50": latency.p50_ms, "latency_ms_p90": latency.p90_ms, "latency_ms_mean": latency.mean_ms,
-        "fps": latency.fps, "e2e_ms_p50": float(np.median(e2e)), "load_s": load_s,
-        "peak_rss_mb": peak_rss_mb(), "throughput": throughput,
+        "threads": cfg.threads,
+        "batch": 1,
+        "runs": cfg.runs,
+        "warmup": cfg.warmup,
+        "latency_ms_p50": latency.p50_ms,
+        "latency_ms_p90": latency.p90_ms,
+        "latency_ms_mean": latency.mean_ms,
+        "fps": latency.fps,
+        "e2e_ms_p50": float(np.median(e2e)),
+        "load_s": load_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "throughput": throughput,
     }
 
 
-def _row(run_id: str, model: str, target: str, precision: str, weights: dict | None,
-         status: str, reason: str | None = None, device: str = "cpu", **extra: Any) -> dict[str, Any]:
+def _row(
+    run_id: str,
+    model: str,
+    target: str,
+    precision: str,
+    weights: dict | None,
+    status: str,
+    reason: str | None = None,
+    device: str = "cpu",
+    **extra: Any,
+) -> dict[str, Any]:
     return {
-        "schema": RESULTS_SCHEMA, "schema_version": RESULTS_SCHEMA_VERSION, "run_id": run_id,
+        "schema": RESULTS_SCHEMA,
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "run_id": run_id,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model, "weights": weights, "target": target, "precision": precision, "device": device,
-        "options": extra.pop("options", {}), "status": status, "reason": reason,
-        "artifact": extra.pop("artifact", None), "parity": extra.pop("parity", None),
-        "accuracy": extra.pop("accuracy", None), "speed": extra.pop("speed", None),
-        "gate": extra.pop("gate", None), "notes": extra.pop("notes", []),
-        "host": host_info(), "tools": {k: v for k, v in tool_versions(*TOOLS).items() if v},
+        "model": model,
+        "weights": weights,
+        "target": target,
+        "precision": precision,
+        "device": device,
+        "options": extra.pop("options", {}),
+        "status": status,
+        "reason": reason,
+        "artifact": extra.pop("artifact", None),
+        "parity": extra.pop("parity", None),
+        "accuracy": extra.pop("accuracy", None),
+        "speed": extra.pop("speed", None),
+        "gate": extra.pop("gate", None),
+        "notes": extra.pop("notes", []),
+        "host": host_info(),
+        "tools": {k: v for k, v in tool_versions(*TOOLS).items() if v},
     }
 
 
@@ -212,11 +256,15 @@ def dump_calibration(cfg: BenchConfig, model: str, data: BenchData) -> Path:
         calib = calibration_set(cfg.calib, data.contract, cfg.calib_size)
         shared = calib.overlap(data.paths)
         if shared:
-            data.notes.append(f"{len(shared)} of the {len(data.paths)} bench image(s) are also calibration images: "
-                              "INT8 parity and accuracy on them are optimistic")
+            data.notes.append(
+                f"{len(shared)} of the {len(data.paths)} bench image(s) are also calibration images: "
+                "INT8 parity and accuracy on them are optimistic"
+            )
     else:
-        data.notes.append("INT8 calibrated on the bench images themselves (no --calib): its parity and accuracy "
-                          "are optimistic; pass --calib with other images")
+        data.notes.append(
+            "INT8 calibrated on the bench images themselves (no --calib): its parity and accuracy "
+            "are optimistic; pass --calib with other images"
+        )
         count = cfg.calib_size or len(data.paths)
         if count > len(data.paths):
             raise ConfigError(f"--calib-size {count} is larger than the {len(data.paths)} readable image(s)")
@@ -249,9 +297,18 @@ def cell_device(cfg: BenchConfig, spec) -> str:
     return "cuda" if spec.gpu_only else cfg.device
 
 
-def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: str,
-             data: BenchData, reference: np.ndarray, weights: dict, calib: Path | None = None,
-             options: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_cell(
+    cfg: BenchConfig,
+    run_id: str,
+    model: str,
+    target: str,
+    precision: str,
+    data: BenchData,
+    reference: np.ndarray,
+    weights: dict,
+    calib: Path | None = None,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Convert, load, compare and time one cell; every failure becomes the cell's status."""
     from u2zoo.convert import convert_model
 
@@ -259,8 +316,7 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
     device = cfg.device if spec is None else cell_device(cfg, spec)
 
     def row(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
-        return _row(run_id, model, target, precision, weights, status, reason, device=device, notes=data.notes,
-                    **extra)
+        return _row(run_id, model, target, precision, weights, status, reason, device=device, notes=data.notes, **extra)
 
     if spec is None:
         return row("unavailable", f"target {target!r} is not implemented in this version of u2zoo")
@@ -286,13 +342,20 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
     # what the search aims at); every other cell converts unjudged and the bench gate decides.
     searching = cfg.auto_fp and precision in AUTO_PRECISIONS and auto_fp_applies(target, typed) is None
     try:
-        artifact = convert_model(model_name(model), target, cfg.out / "artifacts" / model.replace("/", "_"),
-                                 weights=cfg.weights, weights_sha256=cfg.weights_sha256,
-                                 contract_variant=cfg.contract_variant,
-                                 random_weights=cfg.random_weights, parity_images=data.paths[:4],
-                                 tolerance=None if searching else Tolerance(), progress=False,
-                                 **({"auto_fp": cfg.auto_fp, "fp_budget": cfg.fp_budget}
-                                    if precision in AUTO_PRECISIONS else {}), **options)
+        artifact = convert_model(
+            model_name(model),
+            target,
+            cfg.out / "artifacts" / model.replace("/", "_"),
+            weights=cfg.weights,
+            weights_sha256=cfg.weights_sha256,
+            contract_variant=cfg.contract_variant,
+            random_weights=cfg.random_weights,
+            parity_images=data.paths[:4],
+            tolerance=None if searching else Tolerance(),
+            progress=False,
+            **({"auto_fp": cfg.auto_fp, "fp_budget": cfg.fp_budget} if precision in AUTO_PRECISIONS else {}),
+            **options,
+        )
     except Exception as exc:  # noqa: BLE001 - a failing backend must never stop the matrix
         return row("convert_failed", _one_line(exc), options=options)
     files = artifact.manifest["files"]  # e.g. OpenVINO's .xml + .bin: the size is all of them
@@ -301,9 +364,19 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
     if not_runnable:  # built and validated here, but its runtime lives elsewhere (e.g. CoreML on macOS)
         validation = artifact.manifest.get("validation") or {}
         notes = [*data.notes, *(f"{k}: {v}" for k, v in validation.get("summary", {}).items())]
-        return _row(run_id, model, target, precision, weights, "unavailable",
-                    f"{not_runnable}; artifact built and validated, parity and speed not measured",
-                    device=device, notes=notes, options=options, artifact=art)
+        return _row(
+            run_id,
+            model,
+            target,
+            precision,
+            weights,
+            "unavailable",
+            f"{not_runnable}; artifact built and validated, parity and speed not measured",
+            device=device,
+            notes=notes,
+            options=options,
+            artifact=art,
+        )
     reset_peak_rss()
     try:
         started = time.perf_counter()
@@ -318,26 +391,65 @@ def run_cell(cfg: BenchConfig, run_id: str, model: str, target: str, precision: 
     accuracy = candidate.to_dict() if data.gts is not None else None
     failures = cfg.gates.evaluate(model_name(model), target, precision, parity)
     gate = {"passed": not failures, "failures": failures, "source": cfg.gates.source}
-    return row("parity_failed" if failures else "ok", "; ".join(failures) or None, options=options,
-               artifact=art, parity=parity, accuracy=accuracy, speed=speed, gate=gate)
+    return row(
+        "parity_failed" if failures else "ok",
+        "; ".join(failures) or None,
+        options=options,
+        artifact=art,
+        parity=parity,
+        accuracy=accuracy,
+        speed=speed,
+        gate=gate,
+    )
 
 
-def _handoff_cell(cfg: BenchConfig, run_id: str, model: str, spec, typed: Any, options: dict[str, Any],
-                  data: BenchData, reference: np.ndarray, weights: dict, row: Callable[..., dict]) -> dict[str, Any]:
+def _handoff_cell(
+    cfg: BenchConfig,
+    run_id: str,
+    model: str,
+    spec,
+    typed: Any,
+    options: dict[str, Any],
+    data: BenchData,
+    reference: np.ndarray,
+    weights: dict,
+    row: Callable[..., dict],
+) -> dict[str, Any]:
     """A chain target that cannot finish here (TensorRT without TensorRT or a GPU): prove the
     ONNX it would build from, in ONNX Runtime, and report that parity under an ``unavailable``
     status — never ``ok``, and never with the ONNX's CPU speed in the target's row."""
     reason = spec.unavailable_reason()
     onnx_options = spec.onnx_options(typed)
-    onnx_row = run_cell(dataclasses.replace(cfg, device="cpu"), run_id, model, "onnx", typed.precision, data,
-                        reference, weights, options={k: v for k, v in onnx_options.items() if v is not None})
+    onnx_row = run_cell(
+        dataclasses.replace(cfg, device="cpu"),
+        run_id,
+        model,
+        "onnx",
+        typed.precision,
+        data,
+        reference,
+        weights,
+        options={k: v for k, v in onnx_options.items() if v is not None},
+    )
     if onnx_row["status"] != "ok":
-        return row(onnx_row["status"], f"{spec.name}-ready ONNX: {onnx_row['reason']}", options=options,
-                   artifact=onnx_row["artifact"], parity=onnx_row["parity"], gate=onnx_row["gate"])
-    return row("unavailable", f"{reason}; engine not built. Parity shown is of the {spec.name}-ready ONNX "
-                              f"({onnx_row['artifact']['file']}) in ONNX Runtime on CPU", options=options,
-               artifact=onnx_row["artifact"], parity=onnx_row["parity"], accuracy=onnx_row["accuracy"],
-               gate=onnx_row["gate"])
+        return row(
+            onnx_row["status"],
+            f"{spec.name}-ready ONNX: {onnx_row['reason']}",
+            options=options,
+            artifact=onnx_row["artifact"],
+            parity=onnx_row["parity"],
+            gate=onnx_row["gate"],
+        )
+    return row(
+        "unavailable",
+        f"{reason}; engine not built. Parity shown is of the {spec.name}-ready ONNX "
+        f"({onnx_row['artifact']['file']}) in ONNX Runtime on CPU",
+        options=options,
+        artifact=onnx_row["artifact"],
+        parity=onnx_row["parity"],
+        accuracy=onnx_row["accuracy"],
+        gate=onnx_row["gate"],
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -368,9 +480,15 @@ def run_matrix(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | None
     rows = []
     for entry in cfg.models:
         model, model_cfg = _model_entry(cfg, entry)
-        torch_model, info, contract = load_model(model_name(model), model_cfg.weights, model_cfg.weights_sha256,
-                                                 cfg.random_weights, deploy=True, progress=False,
-                                                 contract_variant=cfg.contract_variant)
+        torch_model, info, contract = load_model(
+            model_name(model),
+            model_cfg.weights,
+            model_cfg.weights_sha256,
+            cfg.random_weights,
+            deploy=True,
+            progress=False,
+            contract_variant=cfg.contract_variant,
+        )
         data = load_bench_data(cfg.data, cfg.gt, contract)
         reference = run_batched(TorchPredictor(torch_model, threads=cfg.threads), data.inputs, chunk=DATASET_CHUNK)
         calib = dump_calibration(cfg, model, data) if {"int8", "int8-qat"} & set(cfg.precisions) else None

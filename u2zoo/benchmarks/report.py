@@ -42,16 +42,21 @@ def _md_cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|")
 
 
-def render_markdown(rows: list[dict[str, Any]], plots: dict[str, Path] | None = None,
-                    title: str = "u2zoo benchmark report") -> str:
+def render_markdown(
+    rows: list[dict[str, Any]], plots: dict[str, Path] | None = None, title: str = "u2zoo benchmark report"
+) -> str:
     """The comparison table plus one line per host (hardware and tool versions)."""
     flat = comparison_rows(rows)
     columns = table_columns(flat)
     hosts = hosts_of(rows)
-    lines = [f"# {title}", "",
-             f"{len(flat)} cells from {len(hosts)} host(s); runs: {', '.join(run_ids(rows)) or '-'}.", "",
-             "| " + " | ".join(HEADERS.get(c, c) for c in columns) + " |",
-             "|" + "|".join("---:" if c in NUMERIC else "---" for c in columns) + "|"]
+    lines = [
+        f"# {title}",
+        "",
+        f"{len(flat)} cells from {len(hosts)} host(s); runs: {', '.join(run_ids(rows)) or '-'}.",
+        "",
+        "| " + " | ".join(HEADERS.get(c, c) for c in columns) + " |",
+        "|" + "|".join("---:" if c in NUMERIC else "---" for c in columns) + "|",
+    ]
     for r in flat:
         lines.append("| " + " | ".join(_md_cell(format_value(c, r[c])) for c in columns) + " |")
     lines += ["", "## Hosts", ""]
@@ -97,21 +102,28 @@ def render_html(rows: list[dict[str, Any]], images: dict[str, bytes]) -> str:
     head = "".join(f"<th>{esc(HEADERS.get(c, c))}</th>" for c in columns)
     body = []
     for r in flat:
-        cells = "".join(f'<td class="{"num" if c in NUMERIC else c}">{esc(format_value(c, r[c]))}</td>'
-                        for c in columns)
+        cells = "".join(
+            f'<td class="{"num" if c in NUMERIC else c}">{esc(format_value(c, r[c]))}</td>' for c in columns
+        )
         body.append(f'<tr class="{esc(str(r["status"]))}">{cells}</tr>')
     host_items = "".join(f"<li><b>{esc(label)}</b>: {esc(host_summary(info))}</li>" for label, info in hosts.items())
-    plots = "".join(f'<h2>{esc(title)}</h2><img alt="{esc(title)}" src="data:image/png;base64,'
-                    f'{base64.b64encode(data).decode("ascii")}">' for title, data in images.items())
+    plots = "".join(
+        f'<h2>{esc(title)}</h2><img alt="{esc(title)}" src="data:image/png;base64,'
+        f'{base64.b64encode(data).decode("ascii")}">'
+        for title, data in images.items()
+    )
     runs = ", ".join(run_ids(rows)) or "-"
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>u2zoo benchmark report</title><style>{_CSS}</style></head><body>\n"
-            f"<h1>u2zoo benchmark report</h1>\n"
-            f'<p class="meta">Merged {len(flat)} cells from {len(hosts)} host(s): '
-            f"{esc('; '.join(hosts))}.<br>Runs: {esc(runs)}.</p>\n"
-            f'<div class="wrap"><table><thead><tr>{head}</tr></thead><tbody>\n'
-            + "\n".join(body) + "\n</tbody></table></div>\n"
-            f"<h2>Hosts</h2><ul>{host_items}</ul>\n{plots}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>u2zoo benchmark report</title><style>{_CSS}</style></head><body>\n"
+        f"<h1>u2zoo benchmark report</h1>\n"
+        f'<p class="meta">Merged {len(flat)} cells from {len(hosts)} host(s): '
+        f"{esc('; '.join(hosts))}.<br>Runs: {esc(runs)}.</p>\n"
+        f'<div class="wrap"><table><thead><tr>{head}</tr></thead><tbody>\n'
+        + "\n".join(body)
+        + "\n</tbody></table></div>\n"
+        f"<h2>Hosts</h2><ul>{host_items}</ul>\n{plots}\n</body></html>\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,8 +138,7 @@ def write_results(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"jsonl": out_dir / "results.jsonl", "csv": out_dir / "results.csv",
-             "markdown": out_dir / "results.md"}
+    paths = {"jsonl": out_dir / "results.jsonl", "csv": out_dir / "results.csv", "markdown": out_dir / "results.md"}
     atomic_write_text(paths["jsonl"], "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     atomic_write_text(paths["csv"], render_csv(rows))
     atomic_write_text(paths["markdown"], render_markdown(rows, title="u2zoo bench results"))
@@ -158,8 +169,10 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     paths["csv"] = out_dir / "report.csv"
     atomic_write_text(paths["csv"], render_csv(rows))
     label_text, _ = accuracy_metric(rows)
-    images = {f"Accuracy vs speed ({label_text})": plots["accuracy_vs_fps"].read_bytes(),
-              "Latency per host": plots["latency"].read_bytes()}
+    images = {
+        f"Accuracy vs speed ({label_text})": plots["accuracy_vs_fps"].read_bytes(),
+        "Latency per host": plots["latency"].read_bytes(),
+    }
     paths["html"] = out_dir / "report.html"
     atomic_write_text(paths["html"], render_html(rows, images))
     return paths

@@ -44,15 +44,27 @@ def _no_data(fig: Any, title: str) -> None:
     ax = fig.add_subplot()
     ax.set_axis_off()
     ax.set_title(title)
-    ax.text(0.5, 0.5, "no timed cells\n(no row with status ok and speed data)", ha="center", va="center",
-            fontsize=13, color="#555", transform=ax.transAxes,
-            bbox={"boxstyle": "round,pad=0.6", "fc": "#f4f4f4", "ec": "#bbb"})
+    ax.text(
+        0.5,
+        0.5,
+        "no timed cells\n(no row with status ok and speed data)",
+        ha="center",
+        va="center",
+        fontsize=13,
+        color="#555",
+        transform=ax.transAxes,
+        bbox={"boxstyle": "round,pad=0.6", "fc": "#f4f4f4", "ec": "#bbb"},
+    )
 
 
 def _timed(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
     """(raw row, host label) for ok cells that have a latency or an FPS."""
-    return [(r, label) for r, label in zip(rows, labels_of(rows)) if r.get("status") == "ok"
-            and (_finite(get_path(r, "speed", "fps")) or _finite(get_path(r, "speed", "latency_ms_p50")))]
+    return [
+        (r, label)
+        for r, label in zip(rows, labels_of(rows))
+        if r.get("status") == "ok"
+        and (_finite(get_path(r, "speed", "fps")) or _finite(get_path(r, "speed", "latency_ms_p50")))
+    ]
 
 
 def _finite(value: Any) -> bool:
@@ -94,11 +106,17 @@ def _place_labels(fig: Any, ax: Any, points: list[tuple[float, float, str, Any]]
         for n, (dx, dy) in enumerate(candidates):
             last = n == len(candidates) - 1
             far = abs(dx) > 10 or abs(dy) > 10
-            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7.5,
-                              color=colour, ha="left" if dx > 0 else "right" if dx < 0 else "center",
-                              va="bottom" if dy > 0 else "top" if dy < 0 else "center",
-                              arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.6, "shrinkA": 0,
-                                          "shrinkB": 4} if far else None)
+            ann = ax.annotate(
+                text,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=7.5,
+                color=colour,
+                ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                va="bottom" if dy > 0 else "top" if dy < 0 else "center",
+                arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.6, "shrinkA": 0, "shrinkB": 4} if far else None,
+            )
             ann.update_positions(renderer)
             box = Text.get_window_extent(ann, renderer).expanded(1.04, 1.08)  # text only, not the leader
             fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
@@ -131,8 +149,17 @@ def plot_accuracy_vs_fps(rows: list[dict[str, Any]], path: Path) -> Path:
         for host in hosts:
             colour, marker = styles[host]
             sel = [i for i, (r, h) in enumerate(points) if h == host and str(r.get("model")) == model]
-            ax.scatter([xs[i] for i in sel], [ys[i] for i in sel], color=colour, marker=marker, s=55,
-                       edgecolor="black", linewidth=0.5, label=host if ax is axes[0] else None, zorder=3)
+            ax.scatter(
+                [xs[i] for i in sel],
+                [ys[i] for i in sel],
+                color=colour,
+                marker=marker,
+                s=55,
+                edgecolor="black",
+                linewidth=0.5,
+                label=host if ax is axes[0] else None,
+                zorder=3,
+            )
         ax.grid(True, which="both", alpha=0.3)
         ax.set_title(model, fontsize=10, loc="left")
     _set_limits(axes[0], xs, ys)
@@ -143,8 +170,15 @@ def plot_accuracy_vs_fps(rows: list[dict[str, Any]], path: Path) -> Path:
     fig.legend(loc="outside lower center", ncols=min(2, len(hosts)), fontsize=8, title="host", title_fontsize=8)
     fig.canvas.draw()  # positions are final only after layout; labels are placed in display space
     for ax, model in zip(axes, models):
-        _place_labels(fig, ax, [(x, y, _cell_name(r), styles[h][0])
-                                for x, y, (r, h) in zip(xs, ys, points) if str(r.get("model")) == model])
+        _place_labels(
+            fig,
+            ax,
+            [
+                (x, y, _cell_name(r), styles[h][0])
+                for x, y, (r, h) in zip(xs, ys, points)
+                if str(r.get("model")) == model
+            ],
+        )
     return _save_png(fig, path)
 
 
@@ -194,8 +228,10 @@ def plot_latency(rows: list[dict[str, Any]], path: Path) -> Path:
         key = (f"{r.get('model')}/{r.get('target')}/{r.get('precision')}", h)
         if key not in cell or str(r.get("created") or "") >= str(cell[key].get("created") or ""):
             cell[key] = r
-    statuses = {(f"{r.get('model')}/{r.get('target')}/{r.get('precision')}", h): str(r.get("status"))
-                for r, h in zip(rows, labels_of(rows))}
+    statuses = {
+        (f"{r.get('model')}/{r.get('target')}/{r.get('precision')}", h): str(r.get("status"))
+        for r, h in zip(rows, labels_of(rows))
+    }
     styles = _styles(sorted(set(labels_of(rows))))
     height = 0.8 / len(hosts)
     fig = _new_figure(8.5, max(3.5, 0.32 * len(groups) * len(hosts) + 0.45 * len(groups) + 1.8))
@@ -207,9 +243,16 @@ def plot_latency(rows: list[dict[str, Any]], path: Path) -> Path:
         for i, group in enumerate(groups):
             r = cell.get((group, host))
             if r is None:  # say why the bar is missing instead of leaving a silent gap
-                ax.text(0.01, i - 0.4 + height * (j + 0.5), statuses.get((group, host), "not run"),
-                        transform=ax.get_yaxis_transform(), va="center", fontsize=7, color="#777",
-                        style="italic")
+                ax.text(
+                    0.01,
+                    i - 0.4 + height * (j + 0.5),
+                    statuses.get((group, host), "not run"),
+                    transform=ax.get_yaxis_transform(),
+                    va="center",
+                    fontsize=7,
+                    color="#777",
+                    style="italic",
+                )
                 continue
             p50 = float(get_path(r, "speed", "latency_ms_p50"))
             p90 = as_number(get_path(r, "speed", "latency_ms_p90"))
@@ -217,11 +260,27 @@ def plot_latency(rows: list[dict[str, Any]], path: Path) -> Path:
             p50s.append(p50)
             whiskers.append(max(p90 - p50, 0.0) if p90 is not None and math.isfinite(p90) else 0.0)
             values += [p50, p50 + whiskers[-1]]
-        ax.barh(ys, p50s, height=height * 0.9, color=colour, label=host, edgecolor="black", linewidth=0.4,
-                xerr=[[0.0] * len(whiskers), whiskers], error_kw={"ecolor": "#333", "capsize": 3, "lw": 1})
+        ax.barh(
+            ys,
+            p50s,
+            height=height * 0.9,
+            color=colour,
+            label=host,
+            edgecolor="black",
+            linewidth=0.4,
+            xerr=[[0.0] * len(whiskers), whiskers],
+            error_kw={"ecolor": "#333", "capsize": 3, "lw": 1},
+        )
         for y, p50, w in zip(ys, p50s, whiskers):
-            ax.annotate(f"{p50:.1f}", (p50 + w, y), xytext=(4, 0), textcoords="offset points",
-                        va="center", fontsize=7, color="#333")
+            ax.annotate(
+                f"{p50:.1f}",
+                (p50 + w, y),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
+                color="#333",
+            )
     ax.set_yticks(range(len(groups)), groups, fontsize=8)
     ax.set_ylim(len(groups) - 0.5, -0.5)  # first group on top
     positive = [v for v in values if v > 0]
@@ -232,8 +291,9 @@ def plot_latency(rows: list[dict[str, Any]], path: Path) -> Path:
     else:
         ax.set_xlim(0, max(values) * 1.15 if values and max(values) > 0 else 1)
     ax.grid(True, axis="x", which="both", alpha=0.3)
-    ax.set_xlabel("latency per engine call (ms, lower is better)"
-                  + (" — log scale" if ax.get_xscale() == "log" else ""))
+    ax.set_xlabel(
+        "latency per engine call (ms, lower is better)" + (" — log scale" if ax.get_xscale() == "log" else "")
+    )
     ax.set_title(title)
     fig.legend(loc="outside lower center", ncols=min(2, len(hosts)), fontsize=8, title="host", title_fontsize=8)
     return _save_png(fig, path)

@@ -16,18 +16,59 @@ RESULTS_SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("schema", "schema_version", "status", "model", "target", "precision")
 STATUSES = ("ok", "unavailable", "convert_failed", "run_failed", "parity_failed")
 
-COLUMNS = ("host", "model", "target", "precision", "device", "status", "size_mb", "max_abs", "mean_abs",
-           "iou50", "delta_mae", "p50_ms", "p90_ms", "fps", "fps_by_batch", "e2e_ms", "peak_rss_mb", "gate",
-           "reason")
+COLUMNS = (
+    "host",
+    "model",
+    "target",
+    "precision",
+    "device",
+    "status",
+    "size_mb",
+    "max_abs",
+    "mean_abs",
+    "iou50",
+    "delta_mae",
+    "p50_ms",
+    "p90_ms",
+    "fps",
+    "fps_by_batch",
+    "e2e_ms",
+    "peak_rss_mb",
+    "gate",
+    "reason",
+)
 # Ground-truth accuracy columns: shown only when some row was benchmarked with --gt.
 ACCURACY_COLUMNS = ("max_f", "mae")
 
-HEADERS = {"size_mb": "size MB", "max_abs": "max abs", "mean_abs": "mean abs", "iou50": "IoU@0.5",
-            "delta_mae": "ΔMAE", "p50_ms": "p50 ms", "p90_ms": "p90 ms", "fps": "FPS", "e2e_ms": "e2e ms",
-            "peak_rss_mb": "peak RSS MB", "fps_by_batch": "FPS by batch", "max_f": "max F (GT)", "mae": "MAE (GT)"}
-_FORMATS = {"size_mb": "{:.2f}", "max_abs": "{:.3g}", "mean_abs": "{:.3g}", "iou50": "{:.3f}",
-            "delta_mae": "{:.3g}", "p50_ms": "{:.1f}", "p90_ms": "{:.1f}", "fps": "{:.1f}",
-            "e2e_ms": "{:.1f}", "peak_rss_mb": "{:.0f}", "max_f": "{:.3f}", "mae": "{:.3g}"}
+HEADERS = {
+    "size_mb": "size MB",
+    "max_abs": "max abs",
+    "mean_abs": "mean abs",
+    "iou50": "IoU@0.5",
+    "delta_mae": "ΔMAE",
+    "p50_ms": "p50 ms",
+    "p90_ms": "p90 ms",
+    "fps": "FPS",
+    "e2e_ms": "e2e ms",
+    "peak_rss_mb": "peak RSS MB",
+    "fps_by_batch": "FPS by batch",
+    "max_f": "max F (GT)",
+    "mae": "MAE (GT)",
+}
+_FORMATS = {
+    "size_mb": "{:.2f}",
+    "max_abs": "{:.3g}",
+    "mean_abs": "{:.3g}",
+    "iou50": "{:.3f}",
+    "delta_mae": "{:.3g}",
+    "p50_ms": "{:.1f}",
+    "p90_ms": "{:.1f}",
+    "fps": "{:.1f}",
+    "e2e_ms": "{:.1f}",
+    "peak_rss_mb": "{:.0f}",
+    "max_f": "{:.3f}",
+    "mae": "{:.3g}",
+}
 NUMERIC = frozenset(_FORMATS)
 
 
@@ -77,12 +118,15 @@ def _parse_row(line: str, path: Path, number: int) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise ConfigError(f"corrupt results file {where}: not a JSON object")
     if "schema" in row and row["schema"] != RESULTS_SCHEMA:
-        raise ConfigError(f"{where}: schema {row['schema']!r} is not {RESULTS_SCHEMA!r} "
-                          "(not a u2zoo bench results file)")
+        raise ConfigError(
+            f"{where}: schema {row['schema']!r} is not {RESULTS_SCHEMA!r} (not a u2zoo bench results file)"
+        )
     if "schema_version" in row and row["schema_version"] != RESULTS_SCHEMA_VERSION:
-        raise ConfigError(f"cannot merge results schema v{row['schema_version']} from {path} with "
-                          f"v{RESULTS_SCHEMA_VERSION} (line {number}; unsupported: this u2zoo reads "
-                          f"results schema v{RESULTS_SCHEMA_VERSION} only)")
+        raise ConfigError(
+            f"cannot merge results schema v{row['schema_version']} from {path} with "
+            f"v{RESULTS_SCHEMA_VERSION} (line {number}; unsupported: this u2zoo reads "
+            f"results schema v{RESULTS_SCHEMA_VERSION} only)"
+        )
     missing = [name for name in REQUIRED_FIELDS if name not in row]
     if missing:
         raise ConfigError(f"corrupt results file {where}: missing field(s) {', '.join(missing)}")
@@ -176,16 +220,27 @@ def _fps_by_batch(row: dict[str, Any]) -> str | None:
 def _flat(row: dict[str, Any], host: str) -> dict[str, Any]:
     size = as_number(get_path(row, "artifact", "size_bytes"))
     return {
-        "host": host, "model": row.get("model"), "target": row.get("target"),
-        "precision": row.get("precision"), "device": _device(row), "status": row.get("status"),
+        "host": host,
+        "model": row.get("model"),
+        "target": row.get("target"),
+        "precision": row.get("precision"),
+        "device": _device(row),
+        "status": row.get("status"),
         "size_mb": None if size is None else size / 1e6,
-        "max_abs": as_number(get_path(row, "parity", "max_abs")), "mean_abs": as_number(get_path(row, "parity", "mean_abs")),
-        "iou50": as_number(get_path(row, "parity", "iou50")), "delta_mae": as_number(get_path(row, "parity", "delta_mae")),
-        "p50_ms": as_number(get_path(row, "speed", "latency_ms_p50")), "p90_ms": as_number(get_path(row, "speed", "latency_ms_p90")),
-        "fps": as_number(get_path(row, "speed", "fps")), "fps_by_batch": _fps_by_batch(row), "e2e_ms": as_number(get_path(row, "speed", "e2e_ms_p50")),
-        "peak_rss_mb": as_number(get_path(row, "speed", "peak_rss_mb")), "gate": _gate(row),
+        "max_abs": as_number(get_path(row, "parity", "max_abs")),
+        "mean_abs": as_number(get_path(row, "parity", "mean_abs")),
+        "iou50": as_number(get_path(row, "parity", "iou50")),
+        "delta_mae": as_number(get_path(row, "parity", "delta_mae")),
+        "p50_ms": as_number(get_path(row, "speed", "latency_ms_p50")),
+        "p90_ms": as_number(get_path(row, "speed", "latency_ms_p90")),
+        "fps": as_number(get_path(row, "speed", "fps")),
+        "fps_by_batch": _fps_by_batch(row),
+        "e2e_ms": as_number(get_path(row, "speed", "e2e_ms_p50")),
+        "peak_rss_mb": as_number(get_path(row, "speed", "peak_rss_mb")),
+        "gate": _gate(row),
         "reason": row.get("reason"),
-        "max_f": as_number(get_path(row, "accuracy", "max_f")), "mae": as_number(get_path(row, "accuracy", "mae")),
+        "max_f": as_number(get_path(row, "accuracy", "max_f")),
+        "mae": as_number(get_path(row, "accuracy", "mae")),
     }
 
 

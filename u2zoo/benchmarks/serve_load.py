@@ -32,10 +32,13 @@ def health(url: str, timeout: float = TIMEOUT_S) -> dict[str, Any]:
         return json.loads(response.read())
 
 
-def post(url: str, body: bytes, content_type: str = "image/png", timeout: float = TIMEOUT_S) -> tuple[float, str | None]:
+def post(
+    url: str, body: bytes, content_type: str = "image/png", timeout: float = TIMEOUT_S
+) -> tuple[float, str | None]:
     """POST ``body`` to /predict: (seconds taken, None) on a 200, else (seconds, why it failed)."""
-    request = urllib.request.Request(f"{url.rstrip('/')}/predict", data=body, method="POST",
-                                     headers={"Content-Type": content_type})
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/predict", data=body, method="POST", headers={"Content-Type": content_type}
+    )
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -51,13 +54,18 @@ def post(url: str, body: bytes, content_type: str = "image/png", timeout: float 
 def _phase(results: list[tuple[float, str | None]]) -> dict[str, Any]:
     seconds = np.array([s for s, _ in results]) * 1000.0
     errors = [e for _, e in results if e is not None]
-    return {"requests": len(results), "errors": len(errors), "error_samples": errors[:3],
-            "median_ms": float(np.median(seconds)) if len(seconds) else float("nan"),
-            "p90_ms": float(np.percentile(seconds, 90)) if len(seconds) else float("nan")}
+    return {
+        "requests": len(results),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "median_ms": float(np.median(seconds)) if len(seconds) else float("nan"),
+        "p90_ms": float(np.percentile(seconds, 90)) if len(seconds) else float("nan"),
+    }
 
 
-def _in_flight(url: str, body: bytes, concurrent: int, rounds: int, content_type: str,
-               timeout: float) -> list[tuple[float, str | None]]:
+def _in_flight(
+    url: str, body: bytes, concurrent: int, rounds: int, content_type: str, timeout: float
+) -> list[tuple[float, str | None]]:
     """``rounds`` rounds of ``concurrent`` simultaneous requests, each round waited for."""
     results: list[tuple[float, str | None]] = []
     if concurrent > 0 and rounds > 0:
@@ -67,8 +75,17 @@ def _in_flight(url: str, body: bytes, concurrent: int, rounds: int, content_type
     return results
 
 
-def load_test(url: str, body: bytes, sequential: int = 200, concurrent: int = 20, content_type: str = "image/png",
-              *, rounds: int = 1, warmup: int = 2, timeout: float = TIMEOUT_S) -> dict[str, Any]:
+def load_test(
+    url: str,
+    body: bytes,
+    sequential: int = 200,
+    concurrent: int = 20,
+    content_type: str = "image/png",
+    *,
+    rounds: int = 1,
+    warmup: int = 2,
+    timeout: float = TIMEOUT_S,
+) -> dict[str, Any]:
     """``sequential`` requests one at a time, then ``rounds`` rounds of ``concurrent``
     simultaneous requests (each round waits for all of its requests).
 
@@ -85,24 +102,34 @@ def load_test(url: str, body: bytes, sequential: int = 200, concurrent: int = 20
     seq = [post(url, body, content_type, timeout) for _ in range(sequential)]
     par = _in_flight(url, body, concurrent, rounds, content_type, timeout)
     after = health(url, timeout)
-    result = {"url": url, "body_bytes": len(body), "sequential": _phase(seq),
-              "concurrent": {**_phase(par), "in_flight": concurrent, "rounds": rounds},
-              "warmup_errors": sum(error is not None for _, error in warm),
-              "rss_before_mb": before.get("rss_mb"), "rss_after_mb": after.get("rss_mb")}
+    result = {
+        "url": url,
+        "body_bytes": len(body),
+        "sequential": _phase(seq),
+        "concurrent": {**_phase(par), "in_flight": concurrent, "rounds": rounds},
+        "warmup_errors": sum(error is not None for _, error in warm),
+        "rss_before_mb": before.get("rss_mb"),
+        "rss_after_mb": after.get("rss_mb"),
+    }
     result["errors"] = result["sequential"]["errors"] + result["concurrent"]["errors"] + result["warmup_errors"]
     return result
 
 
 def format_table(result: dict[str, Any]) -> str:
     """A short plain-text table of a ``load_test`` result."""
-    lines = [f"{result['url']}: {result['body_bytes']:,}-byte body"
-             + (f", {result['warmup_errors']} error(s) in the warm-up" if result["warmup_errors"] else ""),
-             f"{'phase':<22} {'requests':>8} {'errors':>6} {'median ms':>9} {'p90 ms':>8}"]
+    lines = [
+        f"{result['url']}: {result['body_bytes']:,}-byte body"
+        + (f", {result['warmup_errors']} error(s) in the warm-up" if result["warmup_errors"] else ""),
+        f"{'phase':<22} {'requests':>8} {'errors':>6} {'median ms':>9} {'p90 ms':>8}",
+    ]
     conc = result["concurrent"]
-    for name, phase in (("sequential", result["sequential"]),
-                        (f"concurrent {conc['in_flight']}×{conc['rounds']}", conc)):
-        lines.append(f"{name:<22} {phase['requests']:>8} {phase['errors']:>6} {phase['median_ms']:>9.1f} "
-                     f"{phase['p90_ms']:>8.1f}")
+    for name, phase in (
+        ("sequential", result["sequential"]),
+        (f"concurrent {conc['in_flight']}×{conc['rounds']}", conc),
+    ):
+        lines.append(
+            f"{name:<22} {phase['requests']:>8} {phase['errors']:>6} {phase['median_ms']:>9.1f} {phase['p90_ms']:>8.1f}"
+        )
     for phase in (result["sequential"], conc):
         lines.extend(f"  error: {sample}" for sample in phase["error_samples"])
     before, after = result["rss_before_mb"], result["rss_after_mb"]
@@ -118,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequential", type=int, default=200, help="requests one after another (default 200)")
     p.add_argument("--concurrent", type=int, default=20, help="requests in flight at once (default 20)")
     p.add_argument("--rounds", type=int, default=1, help="rounds of --concurrent requests (default 1)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="unmeasured rounds of --concurrent requests before the RSS 'before' reading (default 2)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="unmeasured rounds of --concurrent requests before the RSS 'before' reading (default 2)",
+    )
     args = p.parse_args(argv)
     if min(args.sequential, args.concurrent, args.rounds, args.warmup) < 0:
         p.error("--sequential, --concurrent, --rounds and --warmup cannot be negative")
@@ -130,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     content_type = mimetypes.guess_type(args.image)[0] or "application/octet-stream"
     try:
-        result = load_test(args.url, body, args.sequential, args.concurrent, content_type, rounds=args.rounds,
-                           warmup=args.warmup)
+        result = load_test(
+            args.url, body, args.sequential, args.concurrent, content_type, rounds=args.rounds, warmup=args.warmup
+        )
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"serve_load: error: cannot reach {args.url}/health: {exc}", file=sys.stderr)
         return 2

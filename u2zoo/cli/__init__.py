@@ -15,7 +15,24 @@ from u2zoo.cli import bench, convert, models, run, train
 from u2zoo.errors import U2ZooError, one_line
 
 # the order of `u2zoo --help`
-VERBS = (models.add_models, convert.add_convert, run.add_predict, run.add_time, bench.add_bench, bench.add_report, bench.add_sensitivity, train.add_train, train.add_distill, train.add_prune, models.add_fetch, run.add_portrait, run.add_video, run.add_serve, models.add_doctor, models.add_demo)
+VERBS = (
+    models.add_models,
+    convert.add_convert,
+    run.add_predict,
+    run.add_time,
+    bench.add_bench,
+    bench.add_report,
+    bench.add_sensitivity,
+    train.add_train,
+    train.add_distill,
+    train.add_prune,
+    models.add_fetch,
+    run.add_portrait,
+    run.add_video,
+    run.add_serve,
+    models.add_doctor,
+    models.add_demo,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

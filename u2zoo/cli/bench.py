@@ -26,13 +26,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--batches must be comma-separated integers, not {args.batches!r}") from None
     cfg = BenchConfig(
-        models=csv_list(args.model), targets=csv_list(args.targets), precisions=csv_list(args.precisions),
-        data=Path(args.data), gt=Path(args.gt) if args.gt else None, out=Path(args.out), gates=gates,
-        weights=args.weights, weights_sha256=args.weights_sha256, random_weights=args.random_weights,
-        contract_variant=args.contract, runs=args.runs, warmup=args.warmup, batches=batches, boundary_band=args.boundary_band, device=args.device,
-        calib=Path(args.calib) if args.calib else None, calib_size=args.calib_size, keep_fp=args.keep_fp,
+        models=csv_list(args.model),
+        targets=csv_list(args.targets),
+        precisions=csv_list(args.precisions),
+        data=Path(args.data),
+        gt=Path(args.gt) if args.gt else None,
+        out=Path(args.out),
+        gates=gates,
+        weights=args.weights,
+        weights_sha256=args.weights_sha256,
+        random_weights=args.random_weights,
+        contract_variant=args.contract,
+        runs=args.runs,
+        warmup=args.warmup,
+        batches=batches,
+        boundary_band=args.boundary_band,
+        device=args.device,
+        calib=Path(args.calib) if args.calib else None,
+        calib_size=args.calib_size,
+        keep_fp=args.keep_fp,
         keep_fp_groups=tuple(csv_list(args.keep_fp_groups)) if args.keep_fp_groups else (),
-        auto_fp=args.auto_fp, fp_budget=args.fp_budget,
+        auto_fp=args.auto_fp,
+        fp_budget=args.fp_budget,
         **({"threads": args.threads} if args.threads else {}),
     )
     cfg.validate()
@@ -40,8 +55,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     def progress(row: dict) -> None:
         if not args.quiet:
-            print(f"  {row['model']}/{row['target']}/{row['precision']}: {row['status']}"
-                  + (f" ({row['reason']})" if row["reason"] else ""), file=sys.stderr)
+            print(
+                f"  {row['model']}/{row['target']}/{row['precision']}: {row['status']}"
+                + (f" ({row['reason']})" if row["reason"] else ""),
+                file=sys.stderr,
+            )
 
     rows = run_matrix(cfg, on_row=progress)
     paths = write_results(rows, cfg.out)
@@ -56,10 +74,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.gate is None:
         return 0
     for r in failing:
-        print(f"gate failed: {r['model']}/{r['target']}/{r['precision']}: {r['status']}: {r['reason']}", file=sys.stderr)
+        print(
+            f"gate failed: {r['model']}/{r['target']}/{r['precision']}: {r['status']}: {r['reason']}", file=sys.stderr
+        )
     if args.fail_on_unavailable:
         for r in unavailable:
-            print(f"gate failed: {r['model']}/{r['target']}/{r['precision']}: unavailable: {r['reason']}", file=sys.stderr)
+            print(
+                f"gate failed: {r['model']}/{r['target']}/{r['precision']}: unavailable: {r['reason']}", file=sys.stderr
+            )
         failing += unavailable
     return 1 if failing else 0
 
@@ -87,13 +109,29 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     if args.eval_images < 1:
         raise ConfigError("--eval-images must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = convert_model(args.model, "onnx", tmp, weights=args.weights, weights_sha256=args.weights_sha256,
-                                 random_weights=args.random_weights, contract_variant=args.contract, progress=False)
+        artifact = convert_model(
+            args.model,
+            "onnx",
+            tmp,
+            weights=args.weights,
+            weights_sha256=args.weights_sha256,
+            random_weights=args.random_weights,
+            contract_variant=args.contract,
+            progress=False,
+        )
         calib = calibration_set(args.calib, artifact.contract, args.calib_size)
-        ranking = sensitivity(artifact.path, calib, artifact.inputs[0].name, calib.inputs[: args.eval_images],
-                              args.calib_method or "minmax", args.threads)
-    print(f"INT8 sensitivity of {args.model} (one group quantized at a time, ONNX Runtime S8S8 QDQ, "
-          f"{len(calib.inputs)} calibration / {min(args.eval_images, len(calib.inputs))} evaluation images)")
+        ranking = sensitivity(
+            artifact.path,
+            calib,
+            artifact.inputs[0].name,
+            calib.inputs[: args.eval_images],
+            args.calib_method or "minmax",
+            args.threads,
+        )
+    print(
+        f"INT8 sensitivity of {args.model} (one group quantized at a time, ONNX Runtime S8S8 QDQ, "
+        f"{len(calib.inputs)} calibration / {min(args.eval_images, len(calib.inputs))} evaluation images)"
+    )
     print(f"{'rank':>4}  {'group':<10} {'nodes':>5}  {'mean abs':>10}  {'max abs':>8}")
     for rank, row in enumerate(ranking, start=1):
         print(f"{rank:>4}  {row.group:<10} {row.nodes:>5}  {row.mean_abs:>10.3g}  {row.max_abs:>8.3g}")
@@ -103,8 +141,12 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 def add_bench(add: AddVerb) -> None:
     p = add("bench", cmd_bench, "parity-and-speed matrix: models × targets × precisions on your images")
-    p.add_argument("--model", required=True, help="comma-separated models, e.g. u2netp,u2net-lite; NAME@PATH adds "
-                   "another checkpoint of NAME to the same run, e.g. u2netp,u2netp@u2netp_pruned30.pth")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="comma-separated models, e.g. u2netp,u2net-lite; NAME@PATH adds "
+        "another checkpoint of NAME to the same run, e.g. u2netp,u2netp@u2netp_pruned30.pth",
+    )
     add_weights_args(p)
     add_contract_arg(p)
     p.add_argument("--targets", default="onnx", help="comma-separated targets (default: onnx)")
@@ -116,13 +158,22 @@ def add_bench(add: AddVerb) -> None:
     p.add_argument("--threads", type=int, help="threads for every runtime (default: all cores)")
     p.add_argument("--runs", type=int, default=20, help="timed runs per cell (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up runs (default 3)")
-    p.add_argument("--batches", help="batch sizes for throughput (dynamic artifacts; default 1,4,8,16 on CPU, "
-                                     "1,8,16 with --device cuda)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where torch, torch-compile and aoti "
-                                                   "cells run (tensorrt always runs on cuda)")
+    p.add_argument(
+        "--batches",
+        help="batch sizes for throughput (dynamic artifacts; default 1,4,8,16 on CPU, 1,8,16 with --device cuda)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda: where torch, torch-compile and aoti cells run (tensorrt always runs on cuda)",
+    )
     p.add_argument("--boundary-band", type=int, default=5, help="band width in px for the boundary error")
     p.add_argument("--calib", help="int8 calibration images (default: the readable images of --data)")
-    p.add_argument("--calib-size", type=int, help="int8: N calibration images (default 256; a larger folder is sampled with a fixed seed)")
+    p.add_argument(
+        "--calib-size",
+        type=int,
+        help="int8: N calibration images (default 256; a larger folder is sampled with a fixed seed)",
+    )
     p.add_argument("--keep-fp", type=int, default=0, help="int8: keep the N most sensitive layer groups in float")
     p.add_argument("--keep-fp-groups", help="int8: comma-separated layer groups to keep in float")
     add_auto_fp_args(p)
@@ -141,7 +192,11 @@ def add_sensitivity(add: AddVerb) -> None:
     add_weights_args(p)
     add_contract_arg(p)
     p.add_argument("--calib", required=True, help="folder of calibration images")
-    p.add_argument("--calib-size", type=int, help="N calibration images (default 256; a larger folder is sampled with a fixed seed)")
+    p.add_argument(
+        "--calib-size",
+        type=int,
+        help="N calibration images (default 256; a larger folder is sampled with a fixed seed)",
+    )
     p.add_argument("--calib-method", help="minmax (default), entropy or percentile")
     p.add_argument("--eval-images", type=int, default=8, help="images the error is measured on (default 8)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads")

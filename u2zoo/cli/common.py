@@ -14,7 +14,14 @@ def csv_list(value: str) -> list[str]:
 
 
 def add_auto_fp_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-auto-fp", dest="auto_fp", action="store_false",
-                   help="int8: no automatic float fallback when the gate fails (it is on by default)")
-    p.add_argument("--fp-budget", type=float,
-                   help="int8: the fallback keeps at most this share of the MACs in float (default 0.25)")
+    p.add_argument(
+        "--no-auto-fp",
+        dest="auto_fp",
+        action="store_false",
+        help="int8: no automatic float fallback when the gate fails (it is on by default)",
+    )
+    p.add_argument(
+        "--fp-budget",
+        type=float,
+        help="int8: the fallback keeps at most this share of the MACs in float (default 0.25)",
+    )

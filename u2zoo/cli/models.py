@@ -20,7 +20,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{name:<12} {count_params(model):>12,} {macs}  {spec.description}")
     print(f"\n{'weights':<22} {'arch':<10} {'task':<17} {'hash':<22} {'here':<8} license")
     for entry in REGISTRY.values():
-        digest = f"sha256:{entry.sha256[:12]}" if entry.sha256 else (f"md5:{entry.md5[:12]}" if entry.md5 else "none published")
+        digest = (
+            f"sha256:{entry.sha256[:12]}"
+            if entry.sha256
+            else (f"md5:{entry.md5[:12]}" if entry.md5 else "none published")
+        )
         here = "shipped" if entry.bundled else ("cached" if entry.cache_path().is_file() else "-")
         print(f"{entry.name:<22} {entry.arch:<10} {entry.task:<17} {digest:<22} {here:<8} {entry.license}")
     from u2zoo.zoo.default_model import choose_default
@@ -62,15 +66,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             state = "ok" if reason is None else "unavailable: " + reason
         print(f"  {spec.name:<13} {'/'.join(spec.devices):<8} {state}  [{detail}]")
         if spec.handoff and reason:
-            print(f"  {'':<13} {'':<8} without it, `u2zoo convert --target {spec.name}` still writes the proven "
-                  "ONNX and the command that finishes the build on the device")
+            print(
+                f"  {'':<13} {'':<8} without it, `u2zoo convert --target {spec.name}` still writes the proven "
+                "ONNX and the command that finishes the build on the device"
+            )
     print("\nfeatures:")
-    for feature, package, extra in (("prune", "torch-pruning", "prune"), ("onnx --int8-qat", "torchao", "qat"),
-                                    ("report plots", "matplotlib", "report"),
-                                    ("portrait (face crop)", "opencv-python-headless", "portrait"),
-                                    ("portrait --align", "dlib", "landmarks"),
-                                    ("--alpha-matting", "pymatting", "matting"), ("--crf", "pydensecrf2", "crf"),
-                                    ("video", "av", "video")):
+    for feature, package, extra in (
+        ("prune", "torch-pruning", "prune"),
+        ("onnx --int8-qat", "torchao", "qat"),
+        ("report plots", "matplotlib", "report"),
+        ("portrait (face crop)", "opencv-python-headless", "portrait"),
+        ("portrait --align", "dlib", "landmarks"),
+        ("--alpha-matting", "pymatting", "matting"),
+        ("--crf", "pydensecrf2", "crf"),
+        ("video", "av", "video"),
+    ):
         version = tool_versions(package)[package]
         state = f"ok [{package} {version}]" if version else f"unavailable: pip install 'u2zoo[{extra}]'"
         print(f"  {feature:<22} {state}")
@@ -85,8 +95,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"\nweights shipped in the package: {', '.join(shipped) or 'none (a broken install?)'}")
     print(f"weights cache: {cache_dir() / 'weights'} ({', '.join(cached) or 'empty'})")
     if not cached:
-        print("  other weights: `u2zoo fetch u2net` (official U2NET, needs network), or "
-              "`u2zoo fetch NAME --from PATH` for a copy you have (`u2zoo models` lists the names)")
+        print(
+            "  other weights: `u2zoo fetch u2net` (official U2NET, needs network), or "
+            "`u2zoo fetch NAME --from PATH` for a copy you have (`u2zoo models` lists the names)"
+        )
     from u2zoo.zoo.default_model import choose_default
 
     print(choose_default().describe())
@@ -118,24 +130,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"weights: {model} ({'shipped in the package' if usable[0].bundled else 'from the cache'})")
     else:
         model, random_weights = arch, True
-        print(f"NOTE: no {arch} weights in {cache_dir() / 'weights'}: this demo runs on RANDOM weights, so the "
-              f"masks are meaningless. Get real ones with `u2zoo fetch {arch}` (needs network), or run "
-              "`u2zoo demo` without --model: its default's weights ship in the package.")
-    artifact = convert_model(model, "onnx", out / "artifacts", random_weights=random_weights, dynamic=True,
-                             contract_variant=args.contract, progress=not args.quiet)
+        print(
+            f"NOTE: no {arch} weights in {cache_dir() / 'weights'}: this demo runs on RANDOM weights, so the "
+            f"masks are meaningless. Get real ones with `u2zoo fetch {arch}` (needs network), or run "
+            "`u2zoo demo` without --model: its default's weights ship in the package."
+        )
+    artifact = convert_model(
+        model,
+        "onnx",
+        out / "artifacts",
+        random_weights=random_weights,
+        dynamic=True,
+        contract_variant=args.contract,
+        progress=not args.quiet,
+    )
     parity = artifact.manifest["parity"]
-    print(f"ONNX artifact: {artifact.path} ({artifact.contract.variant} contract) — parity vs torch max abs "
-          f"{parity['max_abs']:.3g}, IoU@0.5 {parity['iou50']:.4f}")
+    print(
+        f"ONNX artifact: {artifact.path} ({artifact.contract.variant} contract) — parity vs torch max abs "
+        f"{parity['max_abs']:.3g}, IoU@0.5 {parity['iou50']:.4f}"
+    )
     photos = sample_images()
     with get_target("onnx").runner(artifact) as runner:
-        report = process_files(Segmenter(runner, artifact.contract), photos, out / "masks",
-                               OutputOptions(kinds=("mask", "cutout")), progress=not args.quiet)
+        report = process_files(
+            Segmenter(runner, artifact.contract),
+            photos,
+            out / "masks",
+            OutputOptions(kinds=("mask", "cutout")),
+            progress=not args.quiet,
+        )
     print(f"masks and cut-outs of {len(photos)} sample photos: {out / 'masks'} ({len(report.written)} files)")
     if report.failed:
         return 1
-    sheet = write_contact_sheet(photos, out / "masks", out / "contact_sheet.png",
-                                f"u2zoo demo: {model} ({'random weights' if random_weights else 'real weights'}), "
-                                f"ONNX Runtime, {artifact.contract.variant} contract")
+    sheet = write_contact_sheet(
+        photos,
+        out / "masks",
+        out / "contact_sheet.png",
+        f"u2zoo demo: {model} ({'random weights' if random_weights else 'real weights'}), "
+        f"ONNX Runtime, {artifact.contract.variant} contract",
+    )
     print(f"contact sheet (photo | mask | cut-out): {sheet}")
     return 0
 
@@ -156,8 +188,11 @@ def add_doctor(add: AddVerb) -> None:
 
 
 def add_demo(add: AddVerb) -> None:
-    p = add("demo", cmd_demo, "offline demo: the best shipped model → ONNX → masks and a contact sheet of sample photos")
-    p.add_argument("--model", help="model or weights name (default: the best shipped saliency model, printed "
-                                   "with the reason)")
+    p = add(
+        "demo", cmd_demo, "offline demo: the best shipped model → ONNX → masks and a contact sheet of sample photos"
+    )
+    p.add_argument(
+        "--model", help="model or weights name (default: the best shipped saliency model, printed with the reason)"
+    )
     add_contract_arg(p)
     p.add_argument("--out", default="u2zoo-demo", help="output folder (default: ./u2zoo-demo)")

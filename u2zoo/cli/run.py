@@ -30,8 +30,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = ensure_writable_dir(Path(args.out))
     options = output_options(args)
     with open_segmenter(args, args.batch) as segmenter:
-        report = process_files(segmenter, args.inputs, out, options, resume=args.resume,
-                               max_pixels=args.max_pixels, progress=not args.quiet)
+        report = process_files(
+            segmenter,
+            args.inputs,
+            out,
+            options,
+            resume=args.resume,
+            max_pixels=args.max_pixels,
+            progress=not args.quiet,
+        )
     for path, reason in report.failed:
         print(f"u2zoo: skipped {shown(path)}: {reason}", file=sys.stderr)
     for path, note in report.notes:
@@ -41,9 +48,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         names += ", …" if len(report.not_images) > 5 else ""
         print(f"u2zoo: skipped {len(report.not_images)} non-image file(s) in the folders: {names}", file=sys.stderr)
     resumed = f", {len(report.resumed)} already done (--resume)" if args.resume else ""
-    print(f"wrote {len(report.written)} file(s) to {shown(out)}; {report.processed} image(s) in {report.seconds:.2f} s "
-          f"= {report.images_per_s:.2f} images/s end to end at batch {segmenter.batch_size} (engine calls "
-          f"{segmenter.engine_seconds:.2f} s); {len(report.failed)} input(s) failed{resumed}")
+    print(
+        f"wrote {len(report.written)} file(s) to {shown(out)}; {report.processed} image(s) in {report.seconds:.2f} s "
+        f"= {report.images_per_s:.2f} images/s end to end at batch {segmenter.batch_size} (engine calls "
+        f"{segmenter.engine_seconds:.2f} s); {len(report.failed)} input(s) failed{resumed}"
+    )
     return 1 if report.failed else 0
 
 
@@ -63,9 +72,11 @@ def cmd_time(args: argparse.Namespace) -> int:
         batch = np.repeat(preprocess_files(sample_images()[:1], contract, size), args.batch, axis=0)
         result = measure_latency(predictor, batch, args.runs, args.warmup, args.threads)
     what = args.artifact or f"{args.model} (torch eager)"
-    print(f"{what}: batch {result.batch} at {size[0]}×{size[1]}, threads {args.threads or 'default'}: "
-          f"p50 {result.p50_ms:.2f} ms, p90 {result.p90_ms:.2f} ms, mean {result.mean_ms:.2f} ms, "
-          f"{result.fps:.1f} img/s ({result.runs} runs after {result.warmup} warm-up)")
+    print(
+        f"{what}: batch {result.batch} at {size[0]}×{size[1]}, threads {args.threads or 'default'}: "
+        f"p50 {result.p50_ms:.2f} ms, p90 {result.p90_ms:.2f} ms, mean {result.mean_ms:.2f} ms, "
+        f"{result.fps:.1f} img/s ({result.runs} runs after {result.warmup} warm-up)"
+    )
     return 0
 
 

@@ -47,10 +47,16 @@ class AotiOptions:
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r} for aoti (choose from: {', '.join(DEVICES)})")
         if self.precision == "fp16" and self.device != "cuda":
-            raise ConfigError("aoti fp16 packages are for --device cuda (CPU half-precision convolutions are "
-                              "emulated); use fp32 on CPU")
-        if self.batch < 1 or self.max_batch < 1 or (self.height is not None and self.height < 1) \
-                or (self.width is not None and self.width < 1):
+            raise ConfigError(
+                "aoti fp16 packages are for --device cuda (CPU half-precision convolutions are "
+                "emulated); use fp32 on CPU"
+            )
+        if (
+            self.batch < 1
+            or self.max_batch < 1
+            or (self.height is not None and self.height < 1)
+            or (self.width is not None and self.width < 1)
+        ):
             raise ConfigError("batch, max batch, height and width must be positive")
         if self.dynamic and self.max_batch < 2:
             raise ConfigError("a dynamic-batch aoti package needs --max-batch ≥ 2")
@@ -120,10 +126,21 @@ def convert(source: ModelSource, options: AotiOptions, out_dir: Path, stem: str)
         tools |= cuda_device_info()
     else:
         tools |= {"compiler": _compiler(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    artifact = build_artifact(source, options, target="aoti", files=[final], inputs=inputs, outputs=outputs,
-                              tools=tools, size=(height, width), started=started)
-    artifact.manifest["aoti"] = {"compute": "float16 inside, float32 I/O" if options.precision == "fp16"
-                                 else "float32", "max_batch": options.max_batch if options.dynamic else None}
+    artifact = build_artifact(
+        source,
+        options,
+        target="aoti",
+        files=[final],
+        inputs=inputs,
+        outputs=outputs,
+        tools=tools,
+        size=(height, width),
+        started=started,
+    )
+    artifact.manifest["aoti"] = {
+        "compute": "float16 inside, float32 I/O" if options.precision == "fp16" else "float32",
+        "max_batch": options.max_batch if options.dynamic else None,
+    }
     return artifact
 
 
@@ -151,8 +168,10 @@ def package_mismatch(manifest: dict[str, Any]) -> str | None:
             return f"the package holds CUDA kernels: {reason}"
         here = cuda_device_info()["compute_capability"]
         if tools.get("compute_capability") and tools["compute_capability"] != here:
-            return (f"the package was built for compute capability {tools['compute_capability']} "
-                    f"({tools.get('gpu')}); this GPU is {here}: rebuild it here")
+            return (
+                f"the package was built for compute capability {tools['compute_capability']} "
+                f"({tools.get('gpu')}); this GPU is {here}: rebuild it here"
+            )
     return None
 
 
@@ -200,8 +219,19 @@ class AotiRunner(Runner):
             raise ConfigError(f"batch {batch} is outside this package's range 1..{limit} (rebuild with --max-batch)")
 
 
-register(TargetSpec(
-    name="aoti", source="torch", precisions=("fp32", "fp16"), dynamic_shapes=True, devices=DEVICES,
-    host_os=None, extra="", requires=("torch",), options_type=AotiOptions, convert=convert,
-    runner=AotiRunner, description="AOTInductor .pt2 package (CPU via the C++ compiler, or CUDA)",
-))
+register(
+    TargetSpec(
+        name="aoti",
+        source="torch",
+        precisions=("fp32", "fp16"),
+        dynamic_shapes=True,
+        devices=DEVICES,
+        host_os=None,
+        extra="",
+        requires=("torch",),
+        options_type=AotiOptions,
+        convert=convert,
+        runner=AotiRunner,
+        description="AOTInductor .pt2 package (CPU via the C++ compiler, or CUDA)",
+    )
+)

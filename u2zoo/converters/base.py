@@ -91,8 +91,9 @@ class Runner(ABC):
         except U2ZooError:
             raise
         except Exception as exc:  # noqa: BLE001 - the runtime's own refusal, as one line
-            raise RuntimeLoadError(f"{self.artifact.target} runtime could not load {self.artifact.path.name}: "
-                                   f"{tool_failure(exc)}") from exc
+            raise RuntimeLoadError(
+                f"{self.artifact.target} runtime could not load {self.artifact.path.name}: {tool_failure(exc)}"
+            ) from exc
         if real_io is not None:
             try:
                 check_io(self.artifact, *real_io)
@@ -195,11 +196,15 @@ class TargetSpec:
         names = {f.name for f in dataclasses.fields(self.options_type)}
         unknown = sorted(k for k in given if k not in names)
         if unknown:
-            raise ConfigError(f"target {self.name!r} does not support option(s) {', '.join(unknown)} "
-                              f"(its options: {', '.join(sorted(names))})")
+            raise ConfigError(
+                f"target {self.name!r} does not support option(s) {', '.join(unknown)} "
+                f"(its options: {', '.join(sorted(names))})"
+            )
         if "precision" in given and given["precision"] not in self.precisions:
-            raise ConfigError(f"target {self.name!r} does not support precision {given['precision']!r} "
-                              f"(supported: {', '.join(self.precisions)})")
+            raise ConfigError(
+                f"target {self.name!r} does not support precision {given['precision']!r} "
+                f"(supported: {', '.join(self.precisions)})"
+            )
         return self.options_type(**given)
 
 
@@ -240,10 +245,21 @@ def contract_at_size(contract: Contract, size: tuple[int, int]) -> Contract:
     return dataclasses.replace(contract, pre=dataclasses.replace(contract.pre, size=tuple(size)))
 
 
-def build_artifact(source: ModelSource, options: Any, *, target: str, files: list[Path], inputs: list[TensorSpec],
-                   outputs: list[TensorSpec], tools: dict[str, Any], size: tuple[int, int], started: float,
-                   parent: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
-                   quantization: dict[str, Any] | None = None) -> Artifact:
+def build_artifact(
+    source: ModelSource,
+    options: Any,
+    *,
+    target: str,
+    files: list[Path],
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    tools: dict[str, Any],
+    size: tuple[int, int],
+    started: float,
+    parent: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
+    quantization: dict[str, Any] | None = None,
+) -> Artifact:
     """The manifest every converter writes: provenance from ``source``, its own I/O and tools.
 
     A static input fixes the size the network sees, so the recorded contract says that size
@@ -253,10 +269,19 @@ def build_artifact(source: ModelSource, options: Any, *, target: str, files: lis
     if static:
         contract = contract_at_size(contract, static)
     manifest = new_manifest(
-        target=target, precision=options.precision, files=files, parent=parent, calibration=calibration,
-        weights=source.weights.to_dict(), contract=contract, inputs=inputs, outputs=outputs,
-        options=dataclasses.asdict(options) | {"height": size[0], "width": size[1]}, tools=tools,
-        arch=source.arch, num_params=source.num_params,
+        target=target,
+        precision=options.precision,
+        files=files,
+        parent=parent,
+        calibration=calibration,
+        weights=source.weights.to_dict(),
+        contract=contract,
+        inputs=inputs,
+        outputs=outputs,
+        options=dataclasses.asdict(options) | {"height": size[0], "width": size[1]},
+        tools=tools,
+        arch=source.arch,
+        num_params=source.num_params,
     )
     if quantization:
         manifest["quantization"] = quantization

@@ -90,38 +90,57 @@ def _convert(ct, cto, exported, options: CoreMLOptions, shape: tuple[int, ...], 
     """ExportedProgram → MLModel, compressed as asked (the plan's kept tensors stay float);
     coremltools' errors become ours."""
     if options.image_input:
-        inputs = [ct.ImageType(name=INPUT_NAME, shape=shape, scale=1 / 255.0, bias=[0.0, 0.0, 0.0],
-                               color_layout=ct.colorlayout.RGB)]
+        inputs = [
+            ct.ImageType(
+                name=INPUT_NAME, shape=shape, scale=1 / 255.0, bias=[0.0, 0.0, 0.0], color_layout=ct.colorlayout.RGB
+            )
+        ]
     else:
         inputs = [ct.TensorType(name=INPUT_NAME, shape=shape, dtype=np.float32)]
     precision = ct.precision.FLOAT32 if options.precision == "fp32" else ct.precision.FLOAT16
     stage = "conversion"
     try:
         with _quiet():
-            mlmodel = ct.convert(exported, inputs=inputs, outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
-                                 convert_to="mlprogram", compute_precision=precision,
-                                 minimum_deployment_target=getattr(ct.target, options.deployment_target))
+            mlmodel = ct.convert(
+                exported,
+                inputs=inputs,
+                outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+                convert_to="mlprogram",
+                compute_precision=precision,
+                minimum_deployment_target=getattr(ct.target, options.deployment_target),
+            )
             if options.compression:
-                stage = "int8 weight quantization" if options.precision == "int8-weights" else \
-                    f"{options.palettize}-bit palettization"
+                stage = (
+                    "int8 weight quantization"
+                    if options.precision == "int8-weights"
+                    else f"{options.palettize}-bit palettization"
+                )
                 skip = _core_ml_names(cto, mlmodel, plan) if plan and plan.kept else {}
                 if options.precision == "int8-weights":
-                    config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
-                                                         granularity="per_channel", weight_threshold=WEIGHT_THRESHOLD)
+                    config = cto.OpLinearQuantizerConfig(
+                        mode="linear_symmetric",
+                        dtype="int8",
+                        granularity="per_channel",
+                        weight_threshold=WEIGHT_THRESHOLD,
+                    )
                     mlmodel = cto.linear_quantize_weights(
-                        mlmodel, cto.OptimizationConfig(global_config=config, op_name_configs=skip))
+                        mlmodel, cto.OptimizationConfig(global_config=config, op_name_configs=skip)
+                    )
                 else:
-                    config = cto.OpPalettizerConfig(mode="kmeans", nbits=options.palettize,
-                                                    weight_threshold=WEIGHT_THRESHOLD)
+                    config = cto.OpPalettizerConfig(
+                        mode="kmeans", nbits=options.palettize, weight_threshold=WEIGHT_THRESHOLD
+                    )
                     mlmodel = cto.palettize_weights(
-                        mlmodel, cto.OptimizationConfig(global_config=config, op_name_configs=skip))
+                        mlmodel, cto.OptimizationConfig(global_config=config, op_name_configs=skip)
+                    )
     except U2ZooError:
         raise
     except Exception as exc:  # noqa: BLE001 - coremltools' own failure
         text = one_line(exc)
         if "deployment target" in text or "deployment_target" in text:
-            raise ConfigError(f"coremltools refused deployment target {options.deployment_target} "
-                              f"for the {stage}: {text[:300]}") from exc
+            raise ConfigError(
+                f"coremltools refused deployment target {options.deployment_target} for the {stage}: {text[:300]}"
+            ) from exc
         raise ConversionError(f"coremltools {stage} failed: {tool_failure(exc)}") from exc
     return mlmodel
 
@@ -133,8 +152,11 @@ def _core_ml_names(cto, mlmodel, plan: CompressionPlan) -> dict[str, None]:
     skip: dict[str, None] = {}
     for module in plan.kept:
         want = plan.stored[module]
-        same = [(float(np.abs(np.asarray(meta.val, np.float32) - want).max()), name)
-                for name, meta in found.items() if tuple(meta.val.shape) == want.shape]
+        same = [
+            (float(np.abs(np.asarray(meta.val, np.float32) - want).max()), name)
+            for name, meta in found.items()
+            if tuple(meta.val.shape) == want.shape
+        ]
         if not same or min(same)[0] > 1e-3 * max(float(np.abs(want).max()), 1e-12):
             raise ConversionError(f"cannot find the Core ML weight of {module} to keep it in float")
         skip[min(same)[1]] = None
@@ -196,25 +218,42 @@ def convert(source: ModelSource, options: CoreMLOptions, out_dir: Path, stem: st
         validation["summary"]["compression (torch side)"] = (
             f"{error['method']} on {error['num_images']} sample image(s): max abs {error['max_abs']:.3g}, "
             f"mean abs {error['mean_abs']:.3g}, IoU@0.5 {error['iou50']:.4f}"
-            + ("" if error.get("within_target", True) else f" — BELOW the target {error['target']}"))
+            + ("" if error.get("within_target", True) else f" — BELOW the target {error['target']}")
+        )
     if plan.kept:
         validation["summary"]["kept in float"] = ", ".join(
-            f"{name} (alone: mean abs {plan.sensitivity['tensors'][name]:.3g})" for name in plan.kept)
+            f"{name} (alone: mean abs {plan.sensitivity['tensors'][name]:.3g})" for name in plan.kept
+        )
     quantization = None
     if options.compression:
-        quantization = {"tool": "coremltools.optimize.coreml", "weight_threshold": WEIGHT_THRESHOLD,
-                        "base_precision": "fp16" if options.precision == "int8-weights" else options.precision,
-                        "compressed": len(plan.compressed) - len(plan.kept), "kept_in_float": plan.kept,
-                        "method": ("linear_symmetric int8, per output channel" if options.precision == "int8-weights"
-                                   else f"k-means palettization, {options.palettize} bits, one palette per tensor")}
+        quantization = {
+            "tool": "coremltools.optimize.coreml",
+            "weight_threshold": WEIGHT_THRESHOLD,
+            "base_precision": "fp16" if options.precision == "int8-weights" else options.precision,
+            "compressed": len(plan.compressed) - len(plan.kept),
+            "kept_in_float": plan.kept,
+            "method": (
+                "linear_symmetric int8, per output channel"
+                if options.precision == "int8-weights"
+                else f"k-means palettization, {options.palettize} bits, one palette per tensor"
+            ),
+        }
     if options.image_input:
         in_spec = TensorSpec(INPUT_NAME, shape, "uint8")  # an RGB image; see the manifest's validation
     else:
         in_spec = TensorSpec(INPUT_NAME, shape, "float32")
-    artifact = build_artifact(source, options, target="coreml", files=[package], inputs=[in_spec],
-                              outputs=[TensorSpec(OUTPUT_NAME, (1, 1, height, width), "float32")],
-                              tools=tool_versions("torch", "coremltools", "scikit-learn"), size=size,
-                              started=started, quantization=quantization)
+    artifact = build_artifact(
+        source,
+        options,
+        target="coreml",
+        files=[package],
+        inputs=[in_spec],
+        outputs=[TensorSpec(OUTPUT_NAME, (1, 1, height, width), "float32")],
+        tools=tool_versions("torch", "coremltools", "scikit-learn"),
+        size=size,
+        started=started,
+        quantization=quantization,
+    )
     artifact.manifest["validation"] = validation
     return artifact
 
@@ -257,7 +296,9 @@ class CoreMLRunner(Runner):
             raise BackendUnavailable(f"cannot run {self.artifact.path.name}: {reason}")
         ct, _ = _import_coremltools()
         try:
-            self.model = ct.models.MLModel(str(self.artifact.path), compute_units=getattr(ct.ComputeUnit, self.compute_units))
+            self.model = ct.models.MLModel(
+                str(self.artifact.path), compute_units=getattr(ct.ComputeUnit, self.compute_units)
+            )
         except Exception as exc:  # noqa: BLE001
             raise BackendUnavailable(f"Core ML cannot load {self.artifact.path.name}: {tool_failure(exc)}") from exc
 
@@ -278,9 +319,19 @@ class CoreMLRunner(Runner):
         return {OUTPUT_NAME: np.concatenate(outputs)}
 
 
-SPEC = register(TargetSpec(
-    name="coreml", source="torch", precisions=PRECISIONS, dynamic_shapes=False, devices=("cpu",),
-    host_os=("Darwin",), extra="coreml", requires=("coremltools",),
-    options_type=CoreMLOptions, convert=convert, runner=CoreMLRunner,
-    description="Core ML ML program (.mlpackage) via torch.export; built and validated anywhere, run on macOS",
-))
+SPEC = register(
+    TargetSpec(
+        name="coreml",
+        source="torch",
+        precisions=PRECISIONS,
+        dynamic_shapes=False,
+        devices=("cpu",),
+        host_os=("Darwin",),
+        extra="coreml",
+        requires=("coremltools",),
+        options_type=CoreMLOptions,
+        convert=convert,
+        runner=CoreMLRunner,
+        description="Core ML ML program (.mlpackage) via torch.export; built and validated anywhere, run on macOS",
+    )
+)

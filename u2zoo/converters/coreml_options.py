@@ -16,11 +16,35 @@ PALETTE_BITS = (1, 2, 3, 4, 6, 8)
 # checked without importing coremltools (a 10+ s import); tests/test_coreml.py checks it
 # against the installed ``ct.target``.
 DEPLOYMENT_TARGETS: dict[str, int] = {
-    "iOS13": 4, "iOS14": 5, "iOS15": 6, "iOS16": 7, "iOS17": 8, "iOS18": 9, "iOS26": 10,
-    "macOS10_15": 4, "macOS10_16": 5, "macOS11": 5, "macOS12": 6, "macOS13": 7, "macOS14": 8, "macOS15": 9,
+    "iOS13": 4,
+    "iOS14": 5,
+    "iOS15": 6,
+    "iOS16": 7,
+    "iOS17": 8,
+    "iOS18": 9,
+    "iOS26": 10,
+    "macOS10_15": 4,
+    "macOS10_16": 5,
+    "macOS11": 5,
+    "macOS12": 6,
+    "macOS13": 7,
+    "macOS14": 8,
+    "macOS15": 9,
     "macOS26": 10,
-    "watchOS6": 4, "watchOS7": 5, "watchOS8": 6, "watchOS9": 7, "watchOS10": 8, "watchOS11": 9, "watchOS26": 10,
-    "tvOS13": 4, "tvOS14": 5, "tvOS15": 6, "tvOS16": 7, "tvOS17": 8, "tvOS18": 9, "tvOS26": 10,
+    "watchOS6": 4,
+    "watchOS7": 5,
+    "watchOS8": 6,
+    "watchOS9": 7,
+    "watchOS10": 8,
+    "watchOS11": 9,
+    "watchOS26": 10,
+    "tvOS13": 4,
+    "tvOS14": 5,
+    "tvOS15": 6,
+    "tvOS16": 7,
+    "tvOS17": 8,
+    "tvOS18": 9,
+    "tvOS26": 10,
 }
 _MLPROGRAM = 6  # ML programs (.mlpackage) exist since iOS15/macOS12
 _COMPRESSED = 7  # constexpr (de)compression ops: iOS16/macOS13
@@ -53,31 +77,40 @@ class CoreMLOptions:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"coreml does not support precision {self.precision!r} (supported: {', '.join(PRECISIONS)})")
+            raise ConfigError(
+                f"coreml does not support precision {self.precision!r} (supported: {', '.join(PRECISIONS)})"
+            )
         if self.dynamic:
             raise ConfigError("coreml builds fixed-shape models here; build one per size with --height/--width")
         if self.batch != 1:
-            raise ConfigError(f"coreml models here take one image (batch 1), not {self.batch}; "
-                              "an app predicts image by image")
+            raise ConfigError(
+                f"coreml models here take one image (batch 1), not {self.batch}; an app predicts image by image"
+            )
         if (self.height is not None and self.height < 1) or (self.width is not None and self.width < 1):
             raise ConfigError("height and width must be positive")
         if self.palettize is not None:
             if self.precision == "int8-weights":
-                raise ConfigError("--palettize applies to fp32 or fp16 weights, not on top of --int8-weights: "
-                                  "choose one compression")
+                raise ConfigError(
+                    "--palettize applies to fp32 or fp16 weights, not on top of --int8-weights: choose one compression"
+                )
             if self.palettize not in PALETTE_BITS:
-                raise ConfigError(f"--palettize {self.palettize}: Core ML palettizes to "
-                                  f"{', '.join(map(str, PALETTE_BITS))} bits")
+                raise ConfigError(
+                    f"--palettize {self.palettize}: Core ML palettizes to {', '.join(map(str, PALETTE_BITS))} bits"
+                )
         names = {n.lower(): n for n in DEPLOYMENT_TARGETS}  # also "ios16", "macOS 10.15"
         name = names.get(str(self.deployment_target).replace(" ", "").replace(".", "_").lower())
         if name is None:
-            raise ConfigError(f"unknown deployment target {self.deployment_target!r}"
-                              f"{did_you_mean(str(self.deployment_target), DEPLOYMENT_TARGETS)}")
+            raise ConfigError(
+                f"unknown deployment target {self.deployment_target!r}"
+                f"{did_you_mean(str(self.deployment_target), DEPLOYMENT_TARGETS)}"
+            )
         object.__setattr__(self, "deployment_target", name)  # canonical spelling, e.g. ios16 → iOS16
         needed, what = self.minimum_spec_version()
         if DEPLOYMENT_TARGETS[name] < needed:
-            raise ConfigError(f"deployment target {name} is too old: {what} needs {_oldest(_family(name), needed)} "
-                              f"or later (--deployment-target)")
+            raise ConfigError(
+                f"deployment target {name} is too old: {what} needs {_oldest(_family(name), needed)} "
+                f"or later (--deployment-target)"
+            )
 
     def minimum_spec_version(self) -> tuple[int, str]:
         """The oldest Core ML specification version these options need, and why."""

@@ -63,8 +63,10 @@ def _metadata(source: ModelSource, options: CoreMLOptions, size: tuple[int, int]
         "u2zoo.preprocess.resize": f"{pre.resize_filter}, antialias={pre.antialias} (done by the app)",
         "u2zoo.preprocess.mean": json.dumps(list(pre.mean)),
         "u2zoo.preprocess.std": json.dumps(list(pre.std)),
-        "u2zoo.output": (f"{OUTPUT_NAME}: (1, 1, {height}, {width}) float32, the fused map d0 after its sigmoid; "
-                         f"then normalise {source.contract.post.normalize} and resize back to the image"),
+        "u2zoo.output": (
+            f"{OUTPUT_NAME}: (1, 1, {height}, {width}) float32, the fused map d0 after its sigmoid; "
+            f"then normalise {source.contract.post.normalize} and resize back to the image"
+        ),
         "u2zoo.weights_sha256": source.weights.sha256 or "none (random weights)",
         "u2zoo.arch": source.arch,
         "u2zoo.precision": options.precision + (f"+palettize{options.palettize}" if options.palettize else ""),
@@ -75,8 +77,10 @@ def _metadata(source: ModelSource, options: CoreMLOptions, size: tuple[int, int]
             "u2zoo.preprocess.scale": repr(1 / 255.0),  # Core ML's ImageType scale
             "u2zoo.preprocess.bias": json.dumps([0.0, 0.0, 0.0]),  # Core ML's ImageType bias
             "u2zoo.preprocess.in_model": "x * scale + bias, then (x - mean) / std per channel",
-            "u2zoo.preprocess.note": (f"the contract divides by the image's own max ({pre.scale}); this model "
-                                      "divides by 255: identical when the image's max is 255"),
+            "u2zoo.preprocess.note": (
+                f"the contract divides by the image's own max ({pre.scale}); this model "
+                "divides by 255: identical when the image's max is 255"
+            ),
         }
     return common | {
         "u2zoo.preprocess.scale": "1/max(image)" if pre.scale == "image_max" else "1/255",
@@ -96,9 +100,11 @@ def _describe(mlmodel, source: ModelSource, options: CoreMLOptions, size: tuple[
     for key, value in _metadata(source, options, size).items():
         mlmodel.user_defined_metadata[key] = value
     name = source.weights.name or source.arch
-    mlmodel.short_description = (f"U²-Net {source.arch} ({name}) salient-object mask, {_precision_label(options)}, "
-                                 f"input {'RGB image' if options.image_input else 'preprocessed tensor'} "
-                                 f"{size[0]}x{size[1]}; see the u2zoo.* metadata")
+    mlmodel.short_description = (
+        f"U²-Net {source.arch} ({name}) salient-object mask, {_precision_label(options)}, "
+        f"input {'RGB image' if options.image_input else 'preprocessed tensor'} "
+        f"{size[0]}x{size[1]}; see the u2zoo.* metadata"
+    )
     mlmodel.author = "u2zoo (U²-Net: Qin et al. 2020)"
     mlmodel.license = _license(source)
     mlmodel.version = source.weights.sha256[:12] if source.weights.sha256 else "random-weights"
@@ -121,12 +127,20 @@ def _feature(ft) -> dict[str, Any]:
     kind = ft.type.WhichOneof("Type")
     if kind == "multiArrayType":
         arr = ft.type.multiArrayType
-        return {"name": ft.name, "type": "tensor", "shape": [int(d) for d in arr.shape],
-                "dtype": arr.ArrayDataType.Name(arr.dataType).lower()}
+        return {
+            "name": ft.name,
+            "type": "tensor",
+            "shape": [int(d) for d in arr.shape],
+            "dtype": arr.ArrayDataType.Name(arr.dataType).lower(),
+        }
     if kind == "imageType":
         img = ft.type.imageType
-        return {"name": ft.name, "type": "image", "shape": [1, 3, int(img.height), int(img.width)],
-                "color": img.ColorSpace.Name(img.colorSpace)}
+        return {
+            "name": ft.name,
+            "type": "image",
+            "shape": [1, 3, int(img.height), int(img.width)],
+            "color": img.ColorSpace.Name(img.colorSpace),
+        }
     return {"name": ft.name, "type": str(kind)}
 
 
@@ -137,8 +151,9 @@ def _count_ops(block, counts: Counter) -> None:
             _count_ops(inner, counts)
 
 
-def validate_package(package: Path, source: ModelSource, options: CoreMLOptions, size: tuple[int, int],
-                     compressed: int | None = None) -> dict[str, Any]:
+def validate_package(
+    package: Path, source: ModelSource, options: CoreMLOptions, size: tuple[int, int], compressed: int | None = None
+) -> dict[str, Any]:
     """Read the *saved* package's spec back and check it; any mismatch is a ConversionError.
     ``compressed``: how many weight tensors the plan compresses (each must be one constexpr op)."""
     ct, _ = _import_coremltools()
@@ -181,8 +196,10 @@ def validate_package(package: Path, source: ModelSource, options: CoreMLOptions,
     elif options.compression and compressed is not None and found != compressed:
         problems.append(f"{found} weight tensors are compressed, the plan compresses {compressed}")
     if spec.specificationVersion < DEPLOYMENT_TARGETS[options.deployment_target]:
-        problems.append(f"specification version {spec.specificationVersion} is below "
-                        f"{options.deployment_target} ({DEPLOYMENT_TARGETS[options.deployment_target]})")
+        problems.append(
+            f"specification version {spec.specificationVersion} is below "
+            f"{options.deployment_target} ({DEPLOYMENT_TARGETS[options.deployment_target]})"
+        )
 
     stored = dict(spec.description.metadata.userDefined)
     ours = _metadata(source, options, size)
@@ -211,8 +228,10 @@ def validate_package(package: Path, source: ModelSource, options: CoreMLOptions,
         input_line = f"{INPUT_NAME}: float32 (1, 3, {height}, {width}), preprocessed by the contract"
     return {
         "summary": {
-            "package": (f"{package.name}: {size_bytes / 1e6:.2f} MB, ML program, spec v{spec.specificationVersion} "
-                        f"(deployment target {options.deployment_target})"),
+            "package": (
+                f"{package.name}: {size_bytes / 1e6:.2f} MB, ML program, spec v{spec.specificationVersion} "
+                f"(deployment target {options.deployment_target})"
+            ),
             "input": input_line,
             "output": f"{OUTPUT_NAME}: float32 (1, 1, {height}, {width}), the only output (fused map d0)",
             "ops": f"{sum(compute.values())} ops: {top}",

@@ -51,14 +51,26 @@ class ExecuTorchOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_fp_groups", tuple(self.keep_fp_groups))
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"target 'executorch' does not support precision {self.precision!r} "
-                              f"(supported: {', '.join(PRECISIONS)})")
+            raise ConfigError(
+                f"target 'executorch' does not support precision {self.precision!r} "
+                f"(supported: {', '.join(PRECISIONS)})"
+            )
         if self.dynamic:
-            raise ConfigError("executorch builds fixed-shape programs here; drop --dynamic and choose the shape "
-                              "with --batch/--height/--width (default: batch 1 at the contract's size)")
-        check_int8_options(self.precision, self.calib, 0, {
-            "calib": self.calib, "calib_size": self.calib_size, "keep_fp_groups": self.keep_fp_groups})
-        if self.batch < 1 or (self.height is not None and self.height < 1) or (self.width is not None and self.width < 1):
+            raise ConfigError(
+                "executorch builds fixed-shape programs here; drop --dynamic and choose the shape "
+                "with --batch/--height/--width (default: batch 1 at the contract's size)"
+            )
+        check_int8_options(
+            self.precision,
+            self.calib,
+            0,
+            {"calib": self.calib, "calib_size": self.calib_size, "keep_fp_groups": self.keep_fp_groups},
+        )
+        if (
+            self.batch < 1
+            or (self.height is not None and self.height < 1)
+            or (self.width is not None and self.width < 1)
+        ):
             raise ConfigError("batch, height and width must be positive")
 
 
@@ -85,12 +97,11 @@ def _in_group(node, group: str) -> bool:
 # conversion
 
 
-
 def _batches(inputs: np.ndarray, batch: int):
     """Calibration batches of the program's fixed batch size (the last one padded by repetition,
     which leaves min/max and histogram ranges unchanged)."""
     for start in range(0, len(inputs), batch):
-        chunk = inputs[start:start + batch]
+        chunk = inputs[start : start + batch]
         if len(chunk) < batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
         yield np.ascontiguousarray(chunk, dtype=np.float32)
@@ -149,15 +160,18 @@ def _observers(prepared) -> dict[tuple, list[Any]]:
             watched.setdefault(id(observer), (observer, []))[1].append(origin.name)
     out: dict[tuple, list[Any]] = {}
     for observer, nodes in watched.values():
-        key = (tuple(sorted(nodes)), type(observer).__name__, str(getattr(observer, "dtype", "")),
-               str(getattr(observer, "qscheme", "")))
+        key = (
+            tuple(sorted(nodes)),
+            type(observer).__name__,
+            str(getattr(observer, "dtype", "")),
+            str(getattr(observer, "qscheme", "")),
+        )
         out.setdefault(key, []).append(observer)  # two observers of the same calls end in one state
     return out
 
 
 def _observer_states(observers: dict[tuple, list[Any]]) -> dict[tuple, dict]:
-    return {key: {k: v.detach().clone() for k, v in group[0].state_dict().items()}
-            for key, group in observers.items()}
+    return {key: {k: v.detach().clone() for k, v in group[0].state_dict().items()} for key, group in observers.items()}
 
 
 def _load_observer_states(observers: dict[tuple, list[Any]], known: dict[tuple, dict]) -> list[Any]:
@@ -209,8 +223,9 @@ def _identity(x):
     return x
 
 
-def _quantize(model, example, source: ModelSource, options: ExecuTorchOptions, kept: list[str],
-              size: tuple[int, int]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def _quantize(
+    model, example, source: ModelSource, options: ExecuTorchOptions, kept: list[str], size: tuple[int, int]
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """PT2E: export → annotate (XNNPACKQuantizer) → calibrate → convert; returns the converted module."""
     import torch
 
@@ -222,8 +237,9 @@ def _quantize(model, example, source: ModelSource, options: ExecuTorchOptions, k
 
         quantizer = make_quantizer(kept)
     except ImportError as exc:
-        raise BackendUnavailable(f"ExecuTorch INT8 needs torchao and the XNNPACK quantizer ({exc})",
-                                 extra="executorch") from None
+        raise BackendUnavailable(
+            f"ExecuTorch INT8 needs torchao and the XNNPACK quantizer ({exc})", extra="executorch"
+        ) from None
     try:
         graph = torch.export.export(model, example).module()
         prepared = prepare_pt2e(graph, quantizer)
@@ -340,8 +356,9 @@ def convert(source: ModelSource, options: ExecuTorchOptions, out_dir: Path, stem
         warnings.simplefilter("ignore")
         if options.precision == "int8":
             screened = _take_screened(source, _screen_key(options, kept, (height, width)))
-            model, calibration, quantization = screened or _quantize(model, example, source, options, kept,
-                                                                     (height, width))
+            model, calibration, quantization = screened or _quantize(
+                model, example, source, options, kept, (height, width)
+            )
         try:
             exported = torch.export.export(model, example)
         except Exception as exc:  # noqa: BLE001 - the exporter's own failure
@@ -356,10 +373,19 @@ def convert(source: ModelSource, options: ExecuTorchOptions, out_dir: Path, stem
     if not lowering["delegate_calls"]:
         raise ConversionError("ExecuTorch export failed: XNNPACK took no part of the graph")
     inputs = [TensorSpec(INPUT_NAME, (options.batch, 3, height, width), "float32")]
-    artifact = build_artifact(source, options, target="executorch", files=[pte], inputs=inputs,
-                              outputs=[_output_spec(exported)], tools=tool_versions("torch", "executorch", "torchao"),
-                              size=(height, width), started=started, calibration=calibration,
-                              quantization=quantization)
+    artifact = build_artifact(
+        source,
+        options,
+        target="executorch",
+        files=[pte],
+        inputs=inputs,
+        outputs=[_output_spec(exported)],
+        tools=tool_versions("torch", "executorch", "torchao"),
+        size=(height, width),
+        started=started,
+        calibration=calibration,
+        quantization=quantization,
+    )
     artifact.manifest["lowering"] = lowering
     return artifact
 
@@ -388,8 +414,10 @@ def configure_threads(threads: int | None) -> int:
     wanted = threads or _default_threads
     if wanted != current:
         if len(_loaded):
-            raise U2ZooError(f"ExecuTorch's thread pool is shared by the whole process and {len(_loaded)} program(s) "
-                             f"are loaded with {current} thread(s): close them before loading one with {wanted}")
+            raise U2ZooError(
+                f"ExecuTorch's thread pool is shared by the whole process and {len(_loaded)} program(s) "
+                f"are loaded with {current} thread(s): close them before loading one with {wanted}"
+            )
         portable_lib._unsafe_reset_threadpool(wanted)
     return portable_lib._threadpool_get_thread_count()
 
@@ -430,9 +458,20 @@ class ExecuTorchRunner(Runner):
         return {self.output_name: out[0].detach().numpy().copy()}
 
 
-register(TargetSpec(
-    name="executorch", source="torch", precisions=PRECISIONS, dynamic_shapes=False, devices=("cpu",),
-    host_os=None, extra="executorch", requires=("executorch", "torchao"),
-    options_type=ExecuTorchOptions, convert=convert, runner=ExecuTorchRunner, screen=screen,
-    description="ExecuTorch .pte lowered to XNNPACK, run by ExecuTorch's Python runtime (INT8 by PT2E)",
-))
+register(
+    TargetSpec(
+        name="executorch",
+        source="torch",
+        precisions=PRECISIONS,
+        dynamic_shapes=False,
+        devices=("cpu",),
+        host_os=None,
+        extra="executorch",
+        requires=("executorch", "torchao"),
+        options_type=ExecuTorchOptions,
+        convert=convert,
+        runner=ExecuTorchRunner,
+        screen=screen,
+        description="ExecuTorch .pte lowered to XNNPACK, run by ExecuTorch's Python runtime (INT8 by PT2E)",
+    )
+)

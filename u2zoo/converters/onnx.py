@@ -68,18 +68,33 @@ class OnnxOptions:
     def __post_init__(self) -> None:
         qat = self.precision == "int8-qat"
         if qat and (self.keep_fp or self.calib_method != "minmax" or self.int8_scheme != "u8s8-reduce-range"):
-            raise ConfigError("int8-qat uses symmetric int8 with min/max ranges and keeps named groups only "
-                              "(--keep-fp-groups); --keep-fp N, --calib-method and --int8-scheme are for --int8")
+            raise ConfigError(
+                "int8-qat uses symmetric int8 with min/max ranges and keeps named groups only "
+                "(--keep-fp-groups); --keep-fp N, --calib-method and --int8-scheme are for --int8"
+            )
         check_qat_options(qat, self.qat_epochs, self.qat_lr)
-        check_int8_options("int8" if qat else self.precision, self.calib, self.keep_fp, {
-            "calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp,
-            "keep_fp_groups": self.keep_fp_groups, "calib_method": self.calib_method != "minmax",
-            "int8_scheme": self.int8_scheme != "u8s8-reduce-range"})
+        check_int8_options(
+            "int8" if qat else self.precision,
+            self.calib,
+            self.keep_fp,
+            {
+                "calib": self.calib,
+                "calib_size": self.calib_size,
+                "keep_fp": self.keep_fp,
+                "keep_fp_groups": self.keep_fp_groups,
+                "calib_method": self.calib_method != "minmax",
+                "int8_scheme": self.int8_scheme != "u8s8-reduce-range",
+            },
+        )
         if self.opset < 17:
             raise ConfigError(f"opset {self.opset} is too old: U²-Net export needs opset ≥ 17")
         if self.exporter not in ("torchscript", "dynamo"):
             raise ConfigError(f"unknown exporter {self.exporter!r} (choose from: torchscript, dynamo)")
-        if self.batch < 1 or (self.height is not None and self.height < 1) or (self.width is not None and self.width < 1):
+        if (
+            self.batch < 1
+            or (self.height is not None and self.height < 1)
+            or (self.width is not None and self.width < 1)
+        ):
             raise ConfigError("batch, height and width must be positive")
 
 
@@ -95,15 +110,32 @@ def _export(model, dummy, path: Path, options: OnnxOptions) -> None:
     with warnings.catch_warnings(), torch.no_grad(), quiet_loggers(*_EXPORTER_CHATTER):
         warnings.simplefilter("ignore")
         if options.exporter == "torchscript":
-            torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=options.opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
-                              do_constant_folding=True)
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(path),
+                dynamo=False,
+                opset_version=options.opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes=axes,
+                do_constant_folding=True,
+            )
         else:
             dim = torch.export.Dim.DYNAMIC
             shapes = {"x": {0: dim, 2: dim, 3: dim}} if options.dynamic else None
-            torch.onnx.export(model, (dummy,), str(path), dynamo=True, opset_version=options.opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=shapes,
-                              external_data=False, verbose=False)
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(path),
+                dynamo=True,
+                opset_version=options.opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=shapes,
+                external_data=False,
+                verbose=False,
+            )
 
 
 def _name_dynamic_dims(model) -> None:
@@ -132,17 +164,27 @@ def _io_specs(model) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
 
 
-def _quantize(fp32: Path, final: Path, source: ModelSource, options: OnnxOptions,
-              size: tuple[int, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _quantize(
+    fp32: Path, final: Path, source: ModelSource, options: OnnxOptions, size: tuple[int, int]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """INT8 from the fp32 export; returns (calibration record, quantization record)."""
     from u2zoo.quantization.calibration import calibration_set
     from u2zoo.quantization.onnx_int8 import plan_float_groups, quantize_int8, ranges_cache_path
 
     calib = calibration_set(options.calib, source.contract, options.calib_size, size)
-    kept, nodes, ranking = plan_float_groups(fp32, calib, INPUT_NAME, options.keep_fp, options.keep_fp_groups,
-                                             options.calib_method)
-    settings = quantize_int8(fp32, final, calib, INPUT_NAME, method=options.calib_method, exclude_nodes=nodes,
-                             scheme=options.int8_scheme, cache=ranges_cache_path(fp32, calib, options.calib_method))
+    kept, nodes, ranking = plan_float_groups(
+        fp32, calib, INPUT_NAME, options.keep_fp, options.keep_fp_groups, options.calib_method
+    )
+    settings = quantize_int8(
+        fp32,
+        final,
+        calib,
+        INPUT_NAME,
+        method=options.calib_method,
+        exclude_nodes=nodes,
+        scheme=options.int8_scheme,
+        cache=ranges_cache_path(fp32, calib, options.calib_method),
+    )
     settings["kept_in_float"] = kept
     if ranking is not None:
         settings["sensitivity"] = [vars(r) for r in ranking]
@@ -176,9 +218,18 @@ def _export_qdq(module, sample: np.ndarray, path: Path, options: OnnxOptions):
     try:
         with warnings.catch_warnings(), quiet_loggers(*_EXPORTER_CHATTER):
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (torch.from_numpy(example),), str(path), dynamo=True,
-                              opset_version=options.opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_shapes=shapes, external_data=False, verbose=False)
+            torch.onnx.export(
+                module,
+                (torch.from_numpy(example),),
+                str(path),
+                dynamo=True,
+                opset_version=options.opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=shapes,
+                external_data=False,
+                verbose=False,
+            )
         proto = onnx.load(str(path))
         _name_dynamic_dims(proto)
         onnx.checker.check_model(proto)
@@ -237,8 +288,12 @@ def convert(source: ModelSource, options: OnnxOptions, out_dir: Path, stem: str)
         fp32 = out_dir / f".{stem}.fp32.onnx"
         try:
             export_onnx(source.model, fp32, options, height, width)
-            parent = {"target": "onnx", "precision": "fp32", "sha256": file_digest(fp32),
-                      "note": "intermediate fp32 export, quantized into this artifact"}
+            parent = {
+                "target": "onnx",
+                "precision": "fp32",
+                "sha256": file_digest(fp32),
+                "note": "intermediate fp32 export, quantized into this artifact",
+            }
             calibration, quantization = _quantize(fp32, final, source, options, (height, width))
         finally:
             fp32.unlink(missing_ok=True)
@@ -252,9 +307,20 @@ def convert(source: ModelSource, options: OnnxOptions, out_dir: Path, stem: str)
     inputs, outputs = _io_specs(model)
     tools = tool_versions("torch", "onnx", "onnxruntime", "onnxslim", "onnxconverter-common")
     tools.update(opset=options.opset, exporter=options.exporter)
-    return build_artifact(source, options, target="onnx", files=[final], inputs=inputs, outputs=outputs,
-                          tools=tools, size=(height, width), started=started, parent=parent,
-                          calibration=calibration, quantization=quantization)
+    return build_artifact(
+        source,
+        options,
+        target="onnx",
+        files=[final],
+        inputs=inputs,
+        outputs=outputs,
+        tools=tools,
+        size=(height, width),
+        started=started,
+        parent=parent,
+        calibration=calibration,
+        quantization=quantization,
+    )
 
 
 def onnx_precision(model) -> str:
@@ -286,12 +352,23 @@ def adopt_onnx(path: Path, source: ModelSource) -> Artifact:
         return open_artifact(path)
     model = read_onnx(path)
     inputs, outputs = _io_specs(model)
-    weights = source.weights.to_dict() | {"note": f"user-supplied ONNX {path.name}; parity is measured against "
-                                                  "these weights"}
-    manifest = new_manifest(target="onnx", precision=onnx_precision(model), files=[path], parent=None,
-                            weights=weights, contract=source.contract, inputs=inputs, outputs=outputs,
-                            options={"origin": "user-supplied"}, tools=tool_versions("onnx", "onnxruntime"),
-                            arch=source.arch, num_params=source.num_params)
+    weights = source.weights.to_dict() | {
+        "note": f"user-supplied ONNX {path.name}; parity is measured against these weights"
+    }
+    manifest = new_manifest(
+        target="onnx",
+        precision=onnx_precision(model),
+        files=[path],
+        parent=None,
+        weights=weights,
+        contract=source.contract,
+        inputs=inputs,
+        outputs=outputs,
+        options={"origin": "user-supplied"},
+        tools=tool_versions("onnx", "onnxruntime"),
+        arch=source.arch,
+        num_params=source.num_params,
+    )
     return Artifact(path, manifest)
 
 
@@ -306,8 +383,10 @@ def check_external_data(artifact: Artifact) -> None:
     model = onnx.load(str(artifact.path), load_external_data=False)
     for location in sorted({ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)}):
         if confined(root, location) not in listed:
-            raise ArtifactError(f"{artifact.path.name} loads external data {location!r} that its manifest does "
-                                "not list, so it cannot be verified: list it in the manifest's files with its sha256")
+            raise ArtifactError(
+                f"{artifact.path.name} loads external data {location!r} that its manifest does "
+                "not list, so it cannot be verified: list it in the manifest's files with its sha256"
+            )
 
 
 def _ort_spec(arg) -> TensorSpec:
@@ -320,8 +399,9 @@ def _ort_spec(arg) -> TensorSpec:
 class OnnxRuntimeRunner(Runner):
     """ONNX Runtime on CPU (or the providers given), threads fixed when asked."""
 
-    def __init__(self, artifact: Artifact, threads: int | None = None,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+    def __init__(
+        self, artifact: Artifact, threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    ):
         super().__init__(artifact, threads)
         self.providers = providers
         self.session = None
@@ -351,9 +431,19 @@ class OnnxRuntimeRunner(Runner):
         return dict(zip(names, values))
 
 
-register(TargetSpec(
-    name="onnx", source="torch", precisions=("fp32", "fp16", "int8", "int8-qat"), dynamic_shapes=True, devices=("cpu",),
-    host_os=None, extra="onnx", requires=("onnx", "onnxruntime", "onnxslim", "onnxconverter_common"),
-    options_type=OnnxOptions, convert=convert, runner=OnnxRuntimeRunner,
-    description="ONNX (opset ≥ 17) run by ONNX Runtime",
-))
+register(
+    TargetSpec(
+        name="onnx",
+        source="torch",
+        precisions=("fp32", "fp16", "int8", "int8-qat"),
+        dynamic_shapes=True,
+        devices=("cpu",),
+        host_os=None,
+        extra="onnx",
+        requires=("onnx", "onnxruntime", "onnxslim", "onnxconverter_common"),
+        options_type=OnnxOptions,
+        convert=convert,
+        runner=OnnxRuntimeRunner,
+        description="ONNX (opset ≥ 17) run by ONNX Runtime",
+    )
+)

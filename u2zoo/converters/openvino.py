@@ -57,24 +57,37 @@ class OpenVinoOptions:
 
     def __post_init__(self) -> None:
         qat = self.precision == "int8-qat"
-        check_int8_options("int8" if qat else self.precision, self.calib, self.keep_fp, {
-            "calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp,
-            "keep_fp_groups": self.keep_fp_groups, "accuracy_control": self.accuracy_control,
-            "bias_correction": self.bias_correction})
+        check_int8_options(
+            "int8" if qat else self.precision,
+            self.calib,
+            self.keep_fp,
+            {
+                "calib": self.calib,
+                "calib_size": self.calib_size,
+                "keep_fp": self.keep_fp,
+                "keep_fp_groups": self.keep_fp_groups,
+                "accuracy_control": self.accuracy_control,
+                "bias_correction": self.bias_correction,
+            },
+        )
         if qat and (self.keep_fp or self.accuracy_control or self.bias_correction):
-            raise ConfigError("int8-qat keeps named groups only (--keep-fp-groups); --keep-fp N, accuracy "
-                              "control and bias correction are post-training options")
+            raise ConfigError(
+                "int8-qat keeps named groups only (--keep-fp-groups); --keep-fp N, accuracy "
+                "control and bias correction are post-training options"
+            )
         check_qat_options(qat, self.qat_epochs, self.qat_lr)
 
 
 def _spec(port) -> TensorSpec:
-    shape = tuple(_DIM_NAMES.get(i, "?") if d.is_dynamic else d.get_length()
-                  for i, d in enumerate(port.get_partial_shape()))
+    shape = tuple(
+        _DIM_NAMES.get(i, "?") if d.is_dynamic else d.get_length() for i, d in enumerate(port.get_partial_shape())
+    )
     return TensorSpec(port.get_any_name(), shape, port.get_element_type().to_dtype().name)
 
 
-def _quantize(ov_model, onnx_path: Path, source: ModelSource, options: OpenVinoOptions,
-              size: tuple[int, int]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def _quantize(
+    ov_model, onnx_path: Path, source: ModelSource, options: OpenVinoOptions, size: tuple[int, int]
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     import nncf
 
     from u2zoo.quantization.auto_fp import cached_ranking
@@ -87,15 +100,27 @@ def _quantize(ov_model, onnx_path: Path, source: ModelSource, options: OpenVinoO
     ignored = nncf.IgnoredScope(patterns=[group_pattern(g) for g in kept], validate=False)
     dataset = calib.nncf_dataset()
     likely = _likely_next(kept, cached_ranking(source, calib) if not kept else None)
-    also_for = tuple(nncf.IgnoredScope(patterns=[group_pattern(g) for g in groups], validate=False) for groups in likely)
+    also_for = tuple(
+        nncf.IgnoredScope(patterns=[group_pattern(g) for g in groups], validate=False) for groups in likely
+    )
     # NNCF draws rich progress bars on stdout (no switch to turn them off): they would break
     # `u2zoo -q` and bury the search's one line per step
     with contextlib.redirect_stdout(io.StringIO()):
         return _nncf_quantize(nncf, ov_model, onnx_path, calib, dataset, ignored, kept, ranking, options, also_for)
 
 
-def _nncf_quantize(nncf, ov_model, onnx_path: Path, calib, dataset, ignored, kept: list[str], ranking,
-                   options: OpenVinoOptions, also_for: tuple = ()) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def _nncf_quantize(
+    nncf,
+    ov_model,
+    onnx_path: Path,
+    calib,
+    dataset,
+    ignored,
+    kept: list[str],
+    ranking,
+    options: OpenVinoOptions,
+    also_for: tuple = (),
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     from u2zoo.quantization import nncf_reuse
 
     if options.accuracy_control:
@@ -109,19 +134,36 @@ def _nncf_quantize(nncf, ov_model, onnx_path: Path, calib, dataset, ignored, kep
             return 1.0 - float(np.mean(errors))
 
         quantized = nncf.quantize_with_accuracy_control(
-            ov_model, dataset, dataset, validate, max_drop=options.max_drop,
-            drop_type=nncf.DropType.ABSOLUTE, ignored_scope=ignored, subset_size=len(calib.inputs),
-            advanced_quantization_parameters=nncf_reuse.advanced_parameters(options.bias_correction))
+            ov_model,
+            dataset,
+            dataset,
+            validate,
+            max_drop=options.max_drop,
+            drop_type=nncf.DropType.ABSOLUTE,
+            ignored_scope=ignored,
+            subset_size=len(calib.inputs),
+            advanced_quantization_parameters=nncf_reuse.advanced_parameters(options.bias_correction),
+        )
         statistics = None
     else:
         from u2zoo.zoo.weights import file_digest
 
-        quantized, statistics = nncf_reuse.quantize(ov_model, dataset, len(calib.inputs), ignored,
-                                                    (file_digest(onnx_path), calib.digest, len(calib.inputs)),
-                                                    options.bias_correction, also_for)
-    settings: dict[str, Any] = {"tool": "nncf", "preset": "performance (symmetric int8)",
-                                "bias_correction": "fast" if options.bias_correction else "off",
-                                "kept_in_float": kept, "accuracy_control": options.accuracy_control}
+        quantized, statistics = nncf_reuse.quantize(
+            ov_model,
+            dataset,
+            len(calib.inputs),
+            ignored,
+            (file_digest(onnx_path), calib.digest, len(calib.inputs)),
+            options.bias_correction,
+            also_for,
+        )
+    settings: dict[str, Any] = {
+        "tool": "nncf",
+        "preset": "performance (symmetric int8)",
+        "bias_correction": "fast" if options.bias_correction else "off",
+        "kept_in_float": kept,
+        "accuracy_control": options.accuracy_control,
+    }
     if ranking is not None:
         settings["sensitivity"] = [vars(r) for r in ranking]
     record = calib.describe() | ({"ranges": statistics} if statistics else {})
@@ -144,8 +186,9 @@ def _likely_next(kept: list[str], ranking: list | None = None) -> list[list[str]
     return [] if whole == kept else [whole]
 
 
-def _quantize_aware(source: ModelSource, options: OpenVinoOptions,
-                    size: tuple[int, int]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def _quantize_aware(
+    source: ModelSource, options: OpenVinoOptions, size: tuple[int, int]
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """int8-qat: NNCF quantization of the torch module, fine-tuned against the float model."""
     import openvino as ov
 
@@ -155,8 +198,7 @@ def _quantize_aware(source: ModelSource, options: OpenVinoOptions,
 
     calib = calibration_set(options.calib, source.contract, options.calib_size, size)
     kept = check_module_groups(source.model, options.keep_fp_groups)
-    ov_model, record = qat_openvino(source.model, calib, epochs=options.qat_epochs, lr=options.qat_lr,
-                                    keep_groups=kept)
+    ov_model, record = qat_openvino(source.model, calib, epochs=options.qat_epochs, lr=options.qat_lr, keep_groups=kept)
     if options.dynamic:
         ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, 3, -1, -1])})
     ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
@@ -181,22 +223,37 @@ def convert(source: ModelSource, options: OpenVinoOptions, out_dir: Path, stem: 
                 ov_model, calibration, quantization = _quantize_aware(source, options, (height, width))
             else:
                 onnx_path = Path(tmp) / "graph.onnx"
-                export_onnx(source.model, onnx_path, OnnxOptions(dynamic=options.dynamic, batch=options.batch,
-                                                                  height=height, width=width), height, width)
+                export_onnx(
+                    source.model,
+                    onnx_path,
+                    OnnxOptions(dynamic=options.dynamic, batch=options.batch, height=height, width=width),
+                    height,
+                    width,
+                )
                 ov_model = ov.convert_model(str(onnx_path))
                 if options.precision == "int8":
-                    ov_model, calibration, quantization = _quantize(ov_model, onnx_path, source, options,
-                                                                    (height, width))
+                    ov_model, calibration, quantization = _quantize(
+                        ov_model, onnx_path, source, options, (height, width)
+                    )
             ov.save_model(ov_model, str(xml), compress_to_fp16=options.precision == "fp16")
         except U2ZooError:
             raise
         except Exception as exc:  # noqa: BLE001 - the converter's own failure
             raise ConversionError(f"OpenVINO conversion failed: {tool_failure(exc)}") from exc
     tools = tool_versions("torch", "onnx", "openvino", "nncf")
-    return build_artifact(source, options, target="openvino", files=[xml, bin_],
-                          inputs=[_spec(p) for p in ov_model.inputs], outputs=[_spec(p) for p in ov_model.outputs],
-                          tools=tools, size=(height, width), started=started, calibration=calibration,
-                          quantization=quantization)
+    return build_artifact(
+        source,
+        options,
+        target="openvino",
+        files=[xml, bin_],
+        inputs=[_spec(p) for p in ov_model.inputs],
+        outputs=[_spec(p) for p in ov_model.outputs],
+        tools=tools,
+        size=(height, width),
+        started=started,
+        calibration=calibration,
+        quantization=quantization,
+    )
 
 
 class OpenVinoRunner(Runner):
@@ -224,10 +281,19 @@ class OpenVinoRunner(Runner):
         return {port.get_any_name(): np.asarray(result[port]) for port in self.compiled.outputs}
 
 
-register(TargetSpec(
-    name="openvino", source="torch", precisions=("fp32", "fp16", "int8", "int8-qat"), dynamic_shapes=True,
-    devices=("cpu",), host_os=None, extra="openvino",
-    requires=("openvino", "nncf", "onnx", "onnxslim", "onnxruntime"),
-    options_type=OpenVinoOptions, convert=convert, runner=OpenVinoRunner,
-    description="OpenVINO IR run by OpenVINO Runtime on CPU (INT8 by NNCF)",
-))
+register(
+    TargetSpec(
+        name="openvino",
+        source="torch",
+        precisions=("fp32", "fp16", "int8", "int8-qat"),
+        dynamic_shapes=True,
+        devices=("cpu",),
+        host_os=None,
+        extra="openvino",
+        requires=("openvino", "nncf", "onnx", "onnxslim", "onnxruntime"),
+        options_type=OpenVinoOptions,
+        convert=convert,
+        runner=OpenVinoRunner,
+        description="OpenVINO IR run by OpenVINO Runtime on CPU (INT8 by NNCF)",
+    )
+)

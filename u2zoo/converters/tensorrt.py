@@ -72,12 +72,18 @@ class TensorRTOptions:
         object.__setattr__(self, "keep_fp_groups", tuple(self.keep_fp_groups))
         qat = self.precision == "int8-qat"
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ConfigError(f"the batch profile needs 1 ≤ min ≤ opt ≤ max, got {self.min_batch}/"
-                              f"{self.opt_batch}/{self.max_batch}")
+            raise ConfigError(
+                f"the batch profile needs 1 ≤ min ≤ opt ≤ max, got {self.min_batch}/{self.opt_batch}/{self.max_batch}"
+            )
         if self.workspace_mb is not None and self.workspace_mb < 1:
             raise ConfigError("--workspace-mb must be ≥ 1")
-        quantizer_options = {"calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp,
-                             "keep_fp_groups": self.keep_fp_groups, "calib_method": self.calib_method != "minmax"}
+        quantizer_options = {
+            "calib": self.calib,
+            "calib_size": self.calib_size,
+            "keep_fp": self.keep_fp,
+            "keep_fp_groups": self.keep_fp_groups,
+            "calib_method": self.calib_method != "minmax",
+        }
         if self.onnx is None:
             if qat and (self.keep_fp or self.calib_method != "minmax"):
                 raise ConfigError("int8-qat keeps named groups only (--keep-fp-groups) and uses min/max ranges")
@@ -85,8 +91,9 @@ class TensorRTOptions:
             check_int8_options("int8" if qat else self.precision, self.calib, self.keep_fp, quantizer_options)
             return
         if qat:
-            raise ConfigError(f"int8-qat runs u2zoo's QAT; a QDQ ONNX made elsewhere is built with --int8 --onnx "
-                              f"{self.onnx}")
+            raise ConfigError(
+                f"int8-qat runs u2zoo's QAT; a QDQ ONNX made elsewhere is built with --int8 --onnx {self.onnx}"
+            )
         used = [name for name, value in quantizer_options.items() if value]
         if used:
             raise ConfigError(f"{', '.join(used)} apply when u2zoo quantizes; --onnx {self.onnx} is built as it is")
@@ -102,38 +109,61 @@ def check_onnx_for_tensorrt(path: Path, precision: str, min_batch: int = 1, max_
     found = onnx_precision(model)
     precision = "int8" if precision == "int8-qat" else precision  # both are Q/DQ graphs
     if precision == "int8" and found != "int8":
-        raise ConfigError(f"--int8 needs an ONNX with Q/DQ nodes; {path.name} has none (it is {found}). Quantize "
-                          f"first: u2zoo convert --target onnx --int8 --int8-scheme tensorrt --dynamic --calib DIR, "
-                          f"or drop --onnx and u2zoo quantizes for you")
+        raise ConfigError(
+            f"--int8 needs an ONNX with Q/DQ nodes; {path.name} has none (it is {found}). Quantize "
+            f"first: u2zoo convert --target onnx --int8 --int8-scheme tensorrt --dynamic --calib DIR, "
+            f"or drop --onnx and u2zoo quantizes for you"
+        )
     if precision != "int8" and found != precision:
-        raise ConfigError(f"{path.name} is a {found} ONNX and a strongly typed TensorRT build keeps the file's "
-                          f"types, so it cannot give {precision}: ask for {found} or pass another ONNX")
+        raise ConfigError(
+            f"{path.name} is a {found} ONNX and a strongly typed TensorRT build keeps the file's "
+            f"types, so it cannot give {precision}: ask for {found} or pass another ONNX"
+        )
     batch = model.graph.input[0].type.tensor_type.shape.dim[0]
     if batch.HasField("dim_value") and (batch.dim_value != min_batch or batch.dim_value != max_batch):
-        raise ConfigError(f"{path.name} has a fixed batch of {batch.dim_value}, outside the profile "
-                          f"{min_batch}..{max_batch}: export it with a dynamic batch, or set --min-batch, "
-                          f"--opt-batch and --max-batch to {batch.dim_value}")
+        raise ConfigError(
+            f"{path.name} has a fixed batch of {batch.dim_value}, outside the profile "
+            f"{min_batch}..{max_batch}: export it with a dynamic batch, or set --min-batch, "
+            f"--opt-batch and --max-batch to {batch.dim_value}"
+        )
     if found == "int8":
         initializers = {init.name: init for init in model.graph.initializer}
         for node in model.graph.node:
             if node.op_type in QDQ_OPS and len(node.input) > 2 and node.input[2] in initializers:
                 zero_point = numpy_helper.to_array(initializers[node.input[2]])
                 if zero_point.dtype != np.int8 or np.any(zero_point != 0):
-                    raise ConfigError(f"{path.name} has {zero_point.dtype} Q/DQ with non-zero zero points "
-                                      f"(node {node.name}); TensorRT needs symmetric int8: quantize with "
-                                      f"--int8-scheme tensorrt")
+                    raise ConfigError(
+                        f"{path.name} has {zero_point.dtype} Q/DQ with non-zero zero points "
+                        f"(node {node.name}); TensorRT needs symmetric int8: quantize with "
+                        f"--int8-scheme tensorrt"
+                    )
 
 
 def onnx_options(options: TensorRTOptions) -> dict[str, Any]:
     """The ONNX artifact a build starts from: dynamic batch, the same precision and calibration."""
-    chosen: dict[str, Any] = {"precision": options.precision, "dynamic": True,
-                              "height": options.height, "width": options.width}
+    chosen: dict[str, Any] = {
+        "precision": options.precision,
+        "dynamic": True,
+        "height": options.height,
+        "width": options.width,
+    }
     if options.precision == "int8":
-        chosen |= {"calib": options.calib, "calib_size": options.calib_size, "calib_method": options.calib_method,
-                   "keep_fp": options.keep_fp, "keep_fp_groups": options.keep_fp_groups, "int8_scheme": "tensorrt"}
+        chosen |= {
+            "calib": options.calib,
+            "calib_size": options.calib_size,
+            "calib_method": options.calib_method,
+            "keep_fp": options.keep_fp,
+            "keep_fp_groups": options.keep_fp_groups,
+            "int8_scheme": "tensorrt",
+        }
     elif options.precision == "int8-qat":  # pt2e QAT already writes symmetric int8 Q/DQ
-        chosen |= {"calib": options.calib, "calib_size": options.calib_size, "keep_fp_groups": options.keep_fp_groups,
-                   "qat_epochs": options.qat_epochs, "qat_lr": options.qat_lr}
+        chosen |= {
+            "calib": options.calib,
+            "calib_size": options.calib_size,
+            "keep_fp_groups": options.keep_fp_groups,
+            "qat_epochs": options.qat_epochs,
+            "qat_lr": options.qat_lr,
+        }
     return chosen
 
 
@@ -146,19 +176,33 @@ def timing_cache_path(options: TensorRTOptions) -> Path:
 
 def _profile_shapes(options: TensorRTOptions, size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
     height, width = size
-    return {name: (batch, 3, height, width) for name, batch in
-            (("min", options.min_batch), ("opt", options.opt_batch), ("max", options.max_batch))}
+    return {
+        name: (batch, 3, height, width)
+        for name, batch in (("min", options.min_batch), ("opt", options.opt_batch), ("max", options.max_batch))
+    }
 
 
-def trtexec_command(onnx_path: Path, engine_path: Path, input_name: str, options: TensorRTOptions,
-                    size: tuple[int, int], timing_cache: Path | None = None) -> str:
+def trtexec_command(
+    onnx_path: Path,
+    engine_path: Path,
+    input_name: str,
+    options: TensorRTOptions,
+    size: tuple[int, int],
+    timing_cache: Path | None = None,
+) -> str:
     """The ``trtexec`` line that builds the same engine (TensorRT ≥ 10, strongly typed)."""
     shapes = _profile_shapes(options, size)
     dims = {k: "x".join(map(str, v)) for k, v in shapes.items()}
-    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", "--stronglyTyped",
-            f"--minShapes={input_name}:{dims['min']}", f"--optShapes={input_name}:{dims['opt']}",
-            f"--maxShapes={input_name}:{dims['max']}",
-            f"--timingCacheFile={timing_cache or timing_cache_path(options)}"]
+    args = [
+        "trtexec",
+        f"--onnx={onnx_path}",
+        f"--saveEngine={engine_path}",
+        "--stronglyTyped",
+        f"--minShapes={input_name}:{dims['min']}",
+        f"--optShapes={input_name}:{dims['opt']}",
+        f"--maxShapes={input_name}:{dims['max']}",
+        f"--timingCacheFile={timing_cache or timing_cache_path(options)}",
+    ]
     if options.workspace_mb:
         args.append(f"--memPoolSize=workspace:{options.workspace_mb}M")
     return shlex.join(args)
@@ -171,11 +215,20 @@ def handoff(parent: Artifact, options: TensorRTOptions, out_dir: Path) -> str:
     engine = out_dir / f"{parent.path.stem.replace('_onnx_', '_tensorrt_')}.engine"
     script = out_dir / f"{engine.stem}.trtexec.sh"
     # paths relative to the script's folder, which the user copies to the device
-    command = trtexec_command(Path(parent.path.name), Path(engine.name), parent.inputs[0].name, options, size,
-                              Path(options.timing_cache or "timing.cache"))
-    atomic_write_text(script, "#!/bin/sh\n# Build the TensorRT engine on the GPU that will run it "
-                              "(an engine is tied to one GPU generation and TensorRT version).\n"
-                              f"cd \"$(dirname \"$0\")\" && {command}\n")
+    command = trtexec_command(
+        Path(parent.path.name),
+        Path(engine.name),
+        parent.inputs[0].name,
+        options,
+        size,
+        Path(options.timing_cache or "timing.cache"),
+    )
+    atomic_write_text(
+        script,
+        "#!/bin/sh\n# Build the TensorRT engine on the GPU that will run it "
+        "(an engine is tied to one GPU generation and TensorRT version).\n"
+        f'cd "$(dirname "$0")" && {command}\n',
+    )
     script.chmod(0o755)
     return f"wrote the TensorRT-ready ONNX {parent.path} and {script} to build the engine on the device"
 
@@ -242,8 +295,10 @@ def engine_mismatch(built: dict[str, Any], here: dict[str, Any]) -> str | None:
     specific to the compute capability and the TensorRT version (major.minor.patch)."""
     problems = []
     if built.get("compute_capability") != here.get("compute_capability"):
-        problems.append(f"built for compute capability {built.get('compute_capability')} ({built.get('gpu')}), "
-                        f"this GPU is {here.get('compute_capability')} ({here.get('gpu')})")
+        problems.append(
+            f"built for compute capability {built.get('compute_capability')} ({built.get('gpu')}), "
+            f"this GPU is {here.get('compute_capability')} ({here.get('gpu')})"
+        )
     if built.get("tensorrt") != here.get("tensorrt"):
         problems.append(f"built with TensorRT {built.get('tensorrt')}, this is TensorRT {here.get('tensorrt')}")
     return "; ".join(problems) or None
@@ -262,12 +317,20 @@ def convert(source: ModelSource, options: TensorRTOptions, out_dir: Path, stem: 
     outputs = [TensorSpec(parent.outputs[0].name, ("batch", 1, *size), "float32")]
     tools = tool_versions("torch", "onnx", "tensorrt")
     built_on = engine_host()
-    artifact = build_artifact(source, options, target="tensorrt", files=[final], inputs=inputs, outputs=outputs,
-                              tools=tools, size=size, started=started,
-                              parent={"target": "onnx", "precision": parent.precision, "sha256": parent.sha256,
-                                      "file": parent.path.name},
-                              calibration=parent.manifest.get("calibration"),
-                              quantization=parent.manifest.get("quantization"))
+    artifact = build_artifact(
+        source,
+        options,
+        target="tensorrt",
+        files=[final],
+        inputs=inputs,
+        outputs=outputs,
+        tools=tools,
+        size=size,
+        started=started,
+        parent={"target": "onnx", "precision": parent.precision, "sha256": parent.sha256, "file": parent.path.name},
+        calibration=parent.manifest.get("calibration"),
+        quantization=parent.manifest.get("quantization"),
+    )
     artifact.manifest["tensorrt"] = built_on | {
         "profile": {k: list(v) for k, v in _profile_shapes(options, size).items()},
         "strongly_typed": True,
@@ -287,8 +350,10 @@ class TensorRTRunner(Runner):
         built = self.artifact.manifest.get("tensorrt", {})
         mismatch = engine_mismatch(built, engine_host())
         if mismatch:
-            raise RuntimeLoadError(f"engine {self.artifact.path.name} cannot run here: {mismatch}; rebuild it on "
-                                   f"this machine with: {built.get('trtexec')}")
+            raise RuntimeLoadError(
+                f"engine {self.artifact.path.name} cannot run here: {mismatch}; rebuild it on "
+                f"this machine with: {built.get('trtexec')}"
+            )
         self.runtime = trt.Runtime(_logger())
         self.engine = self.runtime.deserialize_cuda_engine(self.artifact.path.read_bytes())
         if self.engine is None:
@@ -318,8 +383,9 @@ class TensorRTRunner(Runner):
         batch = next(iter(feeds.values())).shape[0]
         low, high = self.batch_range
         if not low <= batch <= high:
-            raise ConfigError(f"batch {batch} is outside this engine's profile {low}..{high} "
-                              f"(rebuild with --min-batch/--max-batch)")
+            raise ConfigError(
+                f"batch {batch} is outside this engine's profile {low}..{high} (rebuild with --min-batch/--max-batch)"
+            )
         tensors = {}
         for name in self.input_names:
             tensor = torch.from_numpy(np.ascontiguousarray(feeds[name], dtype=np.float32)).cuda()
@@ -339,9 +405,21 @@ class TensorRTRunner(Runner):
         return {name: tensors[name].float().cpu().numpy() for name in self.names if name not in self.input_names}
 
 
-register(TargetSpec(
-    name="tensorrt", source="onnx", precisions=PRECISIONS, dynamic_shapes=True, devices=("cuda",), host_os=None,
-    extra="tensorrt", requires=("tensorrt", "onnx", "onnxruntime"), options_type=TensorRTOptions, convert=convert,
-    runner=TensorRTRunner, description="TensorRT engine (strongly typed; INT8 from Q/DQ ONNX) on an NVIDIA GPU",
-    onnx_options=onnx_options, handoff=handoff,
-))
+register(
+    TargetSpec(
+        name="tensorrt",
+        source="onnx",
+        precisions=PRECISIONS,
+        dynamic_shapes=True,
+        devices=("cuda",),
+        host_os=None,
+        extra="tensorrt",
+        requires=("tensorrt", "onnx", "onnxruntime"),
+        options_type=TensorRTOptions,
+        convert=convert,
+        runner=TensorRTRunner,
+        description="TensorRT engine (strongly typed; INT8 from Q/DQ ONNX) on an NVIDIA GPU",
+        onnx_options=onnx_options,
+        handoff=handoff,
+    )
+)

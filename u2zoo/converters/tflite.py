@@ -62,10 +62,16 @@ class TFLiteOptions:
 
     def __post_init__(self) -> None:
         if self.dynamic:
-            raise ConfigError("tflite builds fixed-shape models: --dynamic is not supported "
-                              "(build one model per input size with --height/--width)")
-        check_int8_options(self.precision, self.calib, self.keep_fp,
-                           {"calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp})
+            raise ConfigError(
+                "tflite builds fixed-shape models: --dynamic is not supported "
+                "(build one model per input size with --height/--width)"
+            )
+        check_int8_options(
+            self.precision,
+            self.calib,
+            self.keep_fp,
+            {"calib": self.calib, "calib_size": self.calib_size, "keep_fp": self.keep_fp},
+        )
         if self.keep_fp_groups and self.precision not in QUANTIZED:
             raise ConfigError(f"keep_fp_groups only apply to --int8 and --dynamic-int8 (this is {self.precision})")
         if self.batch < 1:
@@ -167,8 +173,9 @@ def _quiet_progress_bars():
         yield
 
 
-def quantize_tflite(fp32: Path, out: Path, source: ModelSource, options: TFLiteOptions, size: tuple[int, int],
-                    calib=None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+def quantize_tflite(
+    fp32: Path, out: Path, source: ModelSource, options: TFLiteOptions, size: tuple[int, int], calib=None
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """fp16 / dynamic-int8 / int8 (with ``calib``, a CalibrationSet) from the fp32 .tflite;
     returns the (calibration, quantization) records for the manifest."""
     from ai_edge_quantizer import quantizer, recipe
@@ -190,16 +197,20 @@ def quantize_tflite(fp32: Path, out: Path, source: ModelSource, options: TFLiteO
             q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
             scheme = "dynamic range: int8 per-channel weights, activations quantized at run time"
         for group in kept:
-            q.update_quantization_recipe(regex=group_regex(group), operation_name=TFLOperationName.ALL_SUPPORTED,
-                                         algorithm_key=AlgorithmName.NO_QUANTIZE)
+            q.update_quantization_recipe(
+                regex=group_regex(group),
+                operation_name=TFLOperationName.ALL_SUPPORTED,
+                algorithm_key=AlgorithmName.NO_QUANTIZE,
+            )
         settings = {"tool": "ai-edge-quantizer", "scheme": scheme, "kept_in_float": kept}
         if ranking is not None:
             settings["sensitivity"] = [vars(r) for r in ranking]
     result = None
     if q.need_calibration:
         result, reused = _calibration_result(fp32, calib, options.nhwc)
-        calibration = calib.describe() | {"ranges": "reused from this process's earlier calibration" if reused
-                                          else "measured"}
+        calibration = calib.describe() | {
+            "ranges": "reused from this process's earlier calibration" if reused else "measured"
+        }
     with _quiet_progress_bars():
         q.quantize(result, enable_progress_report=False).export_model(out, overwrite=True)
     if options.precision == "int8":
@@ -234,8 +245,10 @@ def _calibration_result(fp32: Path, calib, nhwc: bool) -> tuple[dict[str, Any], 
         data = calib.litert_data(signature, input_name, channels_last=nhwc)
         with _quiet_progress_bars():
             ranges = q.calibrate(data, num_threads=os.cpu_count() or 1, mode=CalibrationMode.CALIBRATION_PROFILER_BASED)
-        _CALIBRATIONS[key] = {name: {k: np.asarray(v, dtype=np.float32) if k in ("min", "max") else v
-                                     for k, v in qsv.items()} for name, qsv in ranges.items()}
+        _CALIBRATIONS[key] = {
+            name: {k: np.asarray(v, dtype=np.float32) if k in ("min", "max") else v for k, v in qsv.items()}
+            for name, qsv in ranges.items()
+        }
     return copy.deepcopy(_CALIBRATIONS[key]), reused  # the quantizer may write into it
 
 
@@ -251,15 +264,22 @@ def _refuse_empty_ranges(path: Path) -> None:
     Name the layer groups instead, so the user can keep them in float."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interpreter = Interpreter(model_path=str(path),
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    dead = sorted({_group_of(t["name"]) for t in interpreter.get_tensor_details()
-                   if t["dtype"] == np.int8 and len(scales := t["quantization_parameters"]["scales"]) == 1
-                   and scales[0] < 1e-9})
+    interpreter = Interpreter(
+        model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    )
+    dead = sorted(
+        {
+            _group_of(t["name"])
+            for t in interpreter.get_tensor_details()
+            if t["dtype"] == np.int8 and len(scales := t["quantization_parameters"]["scales"]) == 1 and scales[0] < 1e-9
+        }
+    )
     if dead:
-        raise ConversionError(f"INT8 activations of layer group(s) {', '.join(dead)} are constant on the calibration "
-                              f"images (dead layers), which XNNPACK cannot requantize; keep them in float with "
-                              f"--keep-fp-groups {','.join(dead)} or calibrate on more varied images")
+        raise ConversionError(
+            f"INT8 activations of layer group(s) {', '.join(dead)} are constant on the calibration "
+            f"images (dead layers), which XNNPACK cannot requantize; keep them in float with "
+            f"--keep-fp-groups {','.join(dead)} or calibrate on more varied images"
+        )
 
 
 def _io_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -273,8 +293,7 @@ def _io_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
         quant = (float(scale), int(zero_point)) if dtype in ("int8", "uint8", "int16") else None
         return TensorSpec(detail["name"], tuple(int(d) for d in detail["shape"]), dtype, quant)
 
-    return ([spec(d) for d in interpreter.get_input_details()],
-            [spec(d) for d in interpreter.get_output_details()])
+    return ([spec(d) for d in interpreter.get_input_details()], [spec(d) for d in interpreter.get_output_details()])
 
 
 def convert(source: ModelSource, options: TFLiteOptions, out_dir: Path, stem: str) -> Artifact:
@@ -284,8 +303,9 @@ def convert(source: ModelSource, options: TFLiteOptions, out_dir: Path, stem: st
         import ai_edge_quantizer  # noqa: F401
         import litert_torch  # noqa: F401
     except ImportError:
-        raise BackendUnavailable("target 'tflite' needs litert-torch, ai-edge-quantizer and ai-edge-litert",
-                                 extra="tflite") from None
+        raise BackendUnavailable(
+            "target 'tflite' needs litert-torch, ai-edge-quantizer and ai-edge-litert", extra="tflite"
+        ) from None
     size = (options.height or source.contract.pre.size[0], options.width or source.contract.pre.size[1])
     started = time.perf_counter()
     # bad groups or calibration images fail before the slow conversion
@@ -311,13 +331,25 @@ def convert(source: ModelSource, options: TFLiteOptions, out_dir: Path, stem: st
             raise ConversionError(f"ai-edge-quantizer failed: {tool_failure(exc)}") from exc
     if options.nhwc:
         contract = source.contract
-        source = dataclasses.replace(source, contract=dataclasses.replace(
-            contract, pre=dataclasses.replace(contract.pre, layout="NHWC")))
+        source = dataclasses.replace(
+            source, contract=dataclasses.replace(contract, pre=dataclasses.replace(contract.pre, layout="NHWC"))
+        )
     inputs, outputs = _io_specs(path)
     tools = tool_versions("torch", "litert-torch", "ai-edge-quantizer", "ai-edge-litert")
-    return build_artifact(source, options, target="tflite", files=[path], inputs=inputs, outputs=outputs,
-                          tools=tools, size=size, started=started, parent=parent, calibration=calibration,
-                          quantization=quantization)
+    return build_artifact(
+        source,
+        options,
+        target="tflite",
+        files=[path],
+        inputs=inputs,
+        outputs=outputs,
+        tools=tools,
+        size=size,
+        started=started,
+        parent=parent,
+        calibration=calibration,
+        quantization=quantization,
+    )
 
 
 class TFLiteRunner(Runner):
@@ -366,9 +398,19 @@ def _from_tensor(y: np.ndarray, detail: dict) -> np.ndarray:
     return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
-register(TargetSpec(
-    name="tflite", source="torch", precisions=("fp32", "fp16", "dynamic-int8", "int8"), dynamic_shapes=False,
-    devices=("cpu",), host_os=None, extra="tflite", requires=("litert_torch", "ai_edge_quantizer", "ai_edge_litert"),
-    options_type=TFLiteOptions, convert=convert, runner=TFLiteRunner,
-    description="TFLite/LiteRT via litert-torch, quantized by ai-edge-quantizer, run by ai-edge-litert (XNNPACK)",
-))
+register(
+    TargetSpec(
+        name="tflite",
+        source="torch",
+        precisions=("fp32", "fp16", "dynamic-int8", "int8"),
+        dynamic_shapes=False,
+        devices=("cpu",),
+        host_os=None,
+        extra="tflite",
+        requires=("litert_torch", "ai_edge_quantizer", "ai_edge_litert"),
+        options_type=TFLiteOptions,
+        convert=convert,
+        runner=TFLiteRunner,
+        description="TFLite/LiteRT via litert-torch, quantized by ai-edge-quantizer, run by ai-edge-litert (XNNPACK)",
+    )
+)

@@ -23,8 +23,19 @@ class TorchCompileRunner(TorchRunner):
     compile_model = True
 
 
-register(TargetSpec(
-    name="torch-compile", source="torch", precisions=("fp32", "fp16"), dynamic_shapes=True, devices=DEVICES,
-    host_os=None, extra="", requires=("torch",), options_type=TorchOptions, convert=convert,
-    runner=TorchCompileRunner, description="torch.compile (Inductor) of the state dict, CPU or CUDA",
-))
+register(
+    TargetSpec(
+        name="torch-compile",
+        source="torch",
+        precisions=("fp32", "fp16"),
+        dynamic_shapes=True,
+        devices=DEVICES,
+        host_os=None,
+        extra="",
+        requires=("torch",),
+        options_type=TorchOptions,
+        convert=convert,
+        runner=TorchCompileRunner,
+        description="torch.compile (Inductor) of the state dict, CPU or CUDA",
+    )
+)

@@ -39,11 +39,14 @@ class TorchOptions:
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r} (choose from: {', '.join(DEVICES)})")
         if self.precision == "fp16" and self.device != "cuda":
-            raise ConfigError("fp16 PyTorch cells run on --device cuda (CPU half-precision convolutions are "
-                              "emulated); use fp32 on CPU")
+            raise ConfigError(
+                "fp16 PyTorch cells run on --device cuda (CPU half-precision convolutions are "
+                "emulated); use fp32 on CPU"
+            )
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune"):
-            raise ConfigError(f"unknown compile mode {self.compile_mode!r} "
-                              "(choose from: default, reduce-overhead, max-autotune)")
+            raise ConfigError(
+                f"unknown compile mode {self.compile_mode!r} (choose from: default, reduce-overhead, max-autotune)"
+            )
         if not self.dynamic:
             raise ConfigError("PyTorch cells are always dynamic-shape; drop --static")
 
@@ -72,8 +75,17 @@ def save_state_dict(source: ModelSource, options: TorchOptions, out_dir: Path, s
     tools = tool_versions("torch") | {"device": options.device}
     if options.device == "cuda":
         tools |= cuda_device_info()
-    return build_artifact(source, options, target=target, files=[final], inputs=inputs, outputs=outputs,
-                          tools=tools, size=(height, width), started=started)
+    return build_artifact(
+        source,
+        options,
+        target=target,
+        files=[final],
+        inputs=inputs,
+        outputs=outputs,
+        tools=tools,
+        size=(height, width),
+        started=started,
+    )
 
 
 def convert(source: ModelSource, options: TorchOptions, out_dir: Path, stem: str) -> Artifact:
@@ -99,7 +111,9 @@ class TorchRunner(Runner):
         if self.device == "cuda":
             reason = cuda_unavailable_reason()
             if reason:
-                raise RuntimeLoadError(f"{self.artifact.target} artifact {self.artifact.path.name} runs on CUDA: {reason}")
+                raise RuntimeLoadError(
+                    f"{self.artifact.target} artifact {self.artifact.path.name} runs on CUDA: {reason}"
+                )
         if self.threads:
             torch.set_num_threads(self.threads)
         state = torch.load(self.artifact.path, map_location="cpu", weights_only=True)
@@ -122,8 +136,19 @@ class TorchRunner(Runner):
         return {self.output_name: out.float().cpu().numpy()}
 
 
-register(TargetSpec(
-    name="torch", source="torch", precisions=("fp32", "fp16"), dynamic_shapes=True, devices=DEVICES,
-    host_os=None, extra="", requires=("torch",), options_type=TorchOptions, convert=convert,
-    runner=TorchRunner, description="PyTorch eager (state dict), CPU or CUDA",
-))
+register(
+    TargetSpec(
+        name="torch",
+        source="torch",
+        precisions=("fp32", "fp16"),
+        dynamic_shapes=True,
+        devices=DEVICES,
+        host_os=None,
+        extra="",
+        requires=("torch",),
+        options_type=TorchOptions,
+        convert=convert,
+        runner=TorchRunner,
+        description="PyTorch eager (state dict), CPU or CUDA",
+    )
+)

@@ -31,8 +31,15 @@ def check_ratio(ratio: float) -> None:
         raise ConfigError(f"pruning ratio must be in (0, 0.9], not {ratio}")
 
 
-def prune_model(model, ratio: float, *, importance: str = "magnitude", round_to: int | None = None,
-                size: tuple[int, int] = (320, 320), calib_batches: list | None = None) -> dict[str, Any]:
+def prune_model(
+    model,
+    ratio: float,
+    *,
+    importance: str = "magnitude",
+    round_to: int | None = None,
+    size: tuple[int, int] = (320, 320),
+    calib_batches: list | None = None,
+) -> dict[str, Any]:
     """Prune ``model`` in place by ``ratio`` of its channels; returns a record of what changed.
 
     ``taylor`` importance needs ``calib_batches`` (preprocessed image tensors): the loss whose
@@ -58,16 +65,29 @@ def prune_model(model, ratio: float, *, importance: str = "magnitude", round_to:
     example = torch.zeros(1, 3, *size)
     scorer = tp.importance.MagnitudeImportance(p=2) if importance == "magnitude" else tp.importance.TaylorImportance()
     ignored = [getattr(model, name) for name in KEPT_WHOLE if hasattr(model, name)]
-    pruner = tp.pruner.BasePruner(model, example, importance=scorer, pruning_ratio=ratio, ignored_layers=ignored,
-                                  round_to=round_to, output_transform=lambda outputs: sum(o.sum() for o in outputs))
+    pruner = tp.pruner.BasePruner(
+        model,
+        example,
+        importance=scorer,
+        pruning_ratio=ratio,
+        ignored_layers=ignored,
+        round_to=round_to,
+        output_transform=lambda outputs: sum(o.sum() for o in outputs),
+    )
     if importance == "taylor":
         _accumulate_taylor_gradients(model, calib_batches)
     pruner.step()
     model.zero_grad(set_to_none=True)
     model.deploy = was_deploy
     after = sum(p.numel() for p in model.parameters())
-    return {"ratio": ratio, "importance": importance, "round_to": round_to, "params_before": before,
-            "params_after": after, "kept_whole": [n for n in KEPT_WHOLE if hasattr(model, n)]}
+    return {
+        "ratio": ratio,
+        "importance": importance,
+        "round_to": round_to,
+        "params_before": before,
+        "params_after": after,
+        "kept_whole": [n for n in KEPT_WHOLE if hasattr(model, n)],
+    }
 
 
 def _accumulate_taylor_gradients(model, batches: list) -> None:
@@ -106,8 +126,20 @@ def save_pruned(model, arch: str, path: Path, record: dict[str, Any]) -> tuple[P
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, path)
     sidecar = shapes_path_for(path)
-    atomic_write_text(sidecar, json.dumps({"schema": "u2zoo.pruned", "schema_version": 1, "arch": arch,
-                                           "pruning": record, "shapes": channel_shapes(model)}, indent=1) + "\n")
+    atomic_write_text(
+        sidecar,
+        json.dumps(
+            {
+                "schema": "u2zoo.pruned",
+                "schema_version": 1,
+                "arch": arch,
+                "pruning": record,
+                "shapes": channel_shapes(model),
+            },
+            indent=1,
+        )
+        + "\n",
+    )
     return path, sidecar
 
 
@@ -120,16 +152,28 @@ def map_mae(model, reference, inputs) -> float:
     deploy = (model.deploy, reference.deploy)
     model.deploy = reference.deploy = True
     with torch.no_grad():
-        errors = [float((model(torch.from_numpy(x[None])) - reference(torch.from_numpy(x[None]))).abs().mean())
-                  for x in inputs]
+        errors = [
+            float((model(torch.from_numpy(x[None])) - reference(torch.from_numpy(x[None]))).abs().mean())
+            for x in inputs
+        ]
     model.deploy, reference.deploy = deploy
     return float(np.mean(errors))
 
 
-def prune_and_recover(name: str, weights: str | None, ratio: float, out: Path, *, importance: str = "magnitude",
-                      round_to: int | None = None, images: str | None = None, train_config=None,
-                      size: tuple[int, int] | None = None, random_weights: bool = False,
-                      progress: bool = True) -> dict[str, Any]:
+def prune_and_recover(
+    name: str,
+    weights: str | None,
+    ratio: float,
+    out: Path,
+    *,
+    importance: str = "magnitude",
+    round_to: int | None = None,
+    images: str | None = None,
+    train_config=None,
+    size: tuple[int, int] | None = None,
+    random_weights: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Prune, measure the damage against the unpruned model, optionally recover by distillation
     from it (``train_config`` with epochs > 0 and ``images``), and save weights + shapes."""
     import copy
@@ -160,8 +204,7 @@ def prune_and_recover(name: str, weights: str | None, ratio: float, out: Path, *
         from u2zoo.training.trainer import fit
 
         train_set = FolderDataset(images, contract, size=size, augment=Augment(), seed=train_config.seed)
-        history = fit(model, info.arch, train_set, plain, train_config,
-                      teacher_targets(unpruned), progress=progress)
+        history = fit(model, info.arch, train_set, plain, train_config, teacher_targets(unpruned), progress=progress)
         model.load_state_dict(torch.load(Path(train_config.out) / "best.pth", weights_only=True))
         record["recovery"] = {"epochs": len(history), "loss": train_config.loss, "images": str(images)}
         record["mae_vs_unpruned_after_recovery"] = map_mae(model, unpruned, probe)

@@ -84,6 +84,7 @@ def group_macs(model) -> tuple[dict[str, int], int]:
                 macs = output.numel() // output.shape[0] * (mod.in_channels // mod.groups) * kh * kw
                 for path in paths:  # "stage2d" and "stage2d/rebnconv1d" both hold this conv
                     per_group[path] = per_group.get(path, 0) + macs
+
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -120,15 +121,20 @@ def _read_cached(path: Path, weights_key: str, calib_digest: str, warn: bool = T
         data = json.loads(path.read_text(encoding="utf-8"))
         if (data["weights"], data["calibration"], data["backend"]) != (weights_key, calib_digest, RANKING_BACKEND):
             raise ValueError("keys differ")
-        ranking = [RankedGroup(str(r["group"]), float(r["mean_abs"]), float(r["max_abs"]),
-                               tuple(str(o) for o in r["fine_ops"])) for r in data["ranking"]]
+        ranking = [
+            RankedGroup(
+                str(r["group"]), float(r["mean_abs"]), float(r["max_abs"]), tuple(str(o) for o in r["fine_ops"])
+            )
+            for r in data["ranking"]
+        ]
         if not ranking:
             raise ValueError("empty")
         return ranking
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
         if warn:
-            print(f"u2zoo: warning: cached INT8 sensitivity ranking {path} is unreadable: recomputing it",
-                  file=sys.stderr)
+            print(
+                f"u2zoo: warning: cached INT8 sensitivity ranking {path} is unreadable: recomputing it", file=sys.stderr
+            )
         return None
 
 
@@ -139,8 +145,9 @@ def cached_ranking(source, calib) -> list[RankedGroup] | None:
     return _read_cached(_cache_path(weights_key, calib.digest), weights_key, calib.digest, warn=False)
 
 
-def _cached_ranking(source, calib_key: str, measure: Callable[[], list[RankedGroup]]
-                    ) -> tuple[list[RankedGroup], Path, bool]:
+def _cached_ranking(
+    source, calib_key: str, measure: Callable[[], list[RankedGroup]]
+) -> tuple[list[RankedGroup], Path, bool]:
     """The ranking cached for (``source``'s weights, ``calib_key``), or ``measure()`` it and cache
     it; returns it, its cache file and whether it came from there."""
     from u2zoo.artifact import atomic_write_text
@@ -152,18 +159,28 @@ def _cached_ranking(source, calib_key: str, measure: Callable[[], list[RankedGro
         return cached, path, True
     ranking = measure()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"weights": weights_key, "calibration": calib_key,
-                                        "backend": RANKING_BACKEND,
-                                        "ranking": [vars(r) | {"fine_ops": list(r.fine_ops)} for r in ranking]},
-                                       indent=1) + "\n")
+    atomic_write_text(
+        path,
+        json.dumps(
+            {
+                "weights": weights_key,
+                "calibration": calib_key,
+                "backend": RANKING_BACKEND,
+                "ranking": [vars(r) | {"fine_ops": list(r.fine_ops)} for r in ranking],
+            },
+            indent=1,
+        )
+        + "\n",
+    )
     return ranking, path, False
 
 
 ExportGraph = Callable[[Path], str]  # writes the model's ONNX graph to a path; returns its input's name
 
 
-def ranking_for(source, calib, size: tuple[int, int], export_graph: ExportGraph | None = None
-                ) -> tuple[list[RankedGroup], dict[str, Any]]:
+def ranking_for(
+    source, calib, size: tuple[int, int], export_graph: ExportGraph | None = None
+) -> tuple[list[RankedGroup], dict[str, Any]]:
     """The sensitivity ranking of ``source`` on ``calib``: from the cache, or measured and cached.
 
     ``export_graph`` writes the ONNX graph the ranking quantizes (``convert`` passes the ONNX
@@ -173,14 +190,16 @@ def ranking_for(source, calib, size: tuple[int, int], export_graph: ExportGraph 
     one's). The ranking itself does not depend on that, so its cache key leaves it out.
     """
     started = time.perf_counter()
-    ranking, path, cached = _cached_ranking(source, calib.digest,
-                                            lambda: _measure_ranking(source, calib, size, export_graph=export_graph))
+    ranking, path, cached = _cached_ranking(
+        source, calib.digest, lambda: _measure_ranking(source, calib, size, export_graph=export_graph)
+    )
     record = {"backend": RANKING_BACKEND, "cache": str(path), "eval_images": min(8, len(calib.inputs))}
     return ranking, record | {"cached": cached, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def children_ranking_for(source, calib, size: tuple[int, int], group: str,
-                         export_graph: ExportGraph | None = None) -> list[RankedGroup]:
+def children_ranking_for(
+    source, calib, size: tuple[int, int], group: str, export_graph: ExportGraph | None = None
+) -> list[RankedGroup]:
     """The sub-modules of ``group`` (``stage2d/rebnconv1d``, …) ranked the same way, cached the same way.
 
     Measured only for the whole groups of a set that passed the gate: often one of a group's
@@ -189,14 +208,17 @@ def children_ranking_for(source, calib, size: tuple[int, int], group: str,
     children = [f"{group}/{name}" for name, _ in source.model.get_submodule(group).named_children()]
     if not children:
         return []
-    ranking, _, _ = _cached_ranking(source, f"{calib.digest}|children-of:{group}",
-                                    lambda: _measure_ranking(source, calib, size, only=children,
-                                                             export_graph=export_graph))
+    ranking, _, _ = _cached_ranking(
+        source,
+        f"{calib.digest}|children-of:{group}",
+        lambda: _measure_ranking(source, calib, size, only=children, export_graph=export_graph),
+    )
     return ranking
 
 
-def _measure_ranking(source, calib, size: tuple[int, int], only: list[str] | None = None,
-                     export_graph: ExportGraph | None = None) -> list[RankedGroup]:
+def _measure_ranking(
+    source, calib, size: tuple[int, int], only: list[str] | None = None, export_graph: ExportGraph | None = None
+) -> list[RankedGroup]:
     import onnx
 
     from u2zoo.quantization.onnx_int8 import TOP_LEVEL, group_pattern, sensitivity
@@ -215,8 +237,9 @@ def _measure_ranking(source, calib, size: tuple[int, int], only: list[str] | Non
     def fine(group: str) -> tuple[str, ...]:
         if group == TOP_LEVEL:
             return ()
-        return tuple(f"{group}/{op}" for op in FINE_OPS
-                     if any(re.match(group_pattern(f"{group}/{op}"), n) for n in names))
+        return tuple(
+            f"{group}/{op}" for op in FINE_OPS if any(re.match(group_pattern(f"{group}/{op}"), n) for n in names)
+        )
 
     return [RankedGroup(r.group, r.mean_abs, r.max_abs, fine(r.group)) for r in ranked]
 
@@ -238,8 +261,12 @@ class Attempt:
     provisional: bool = False  # passed on the target's stand-in, not built yet (see ``search``)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"keep_fp_groups": list(self.keep_fp_groups), "float_macs": round(self.float_macs, 4),
-               "passed": self.passed, "parity": {k: self.parity.get(k) for k in ("max_abs", "mean_abs", "iou50")}}
+        out = {
+            "keep_fp_groups": list(self.keep_fp_groups),
+            "float_macs": round(self.float_macs, 4),
+            "passed": self.passed,
+            "parity": {k: self.parity.get(k) for k in ("max_abs", "mean_abs", "iou50")},
+        }
         if "screened" in self.parity:  # judged on a stand-in, not built (see convert._screen)
             out["screened"] = self.parity["screened"]
         if "stand_in_iou50" in self.parity:  # built after passing on its stand-in
@@ -260,18 +287,23 @@ class SearchResult:
     stopped: str = ""
 
     def record(self, budget: float) -> dict[str, Any]:
-        return {"status": "passed" if self.chosen else "failed", "budget_float_macs": budget,
-                "ranking": {**self.ranking_record,
-                            "groups": [{"group": r.group, "mean_abs": r.mean_abs, "max_abs": r.max_abs}
-                                       for r in self.ranking]},
-                "steps": [a.to_dict() for a in self.attempts],
-                "kept_in_float": list(self.chosen.keep_fp_groups) if self.chosen else None,
-                "float_macs": round(self.chosen.float_macs, 4) if self.chosen else None,
-                "stopped": self.stopped or None}
+        return {
+            "status": "passed" if self.chosen else "failed",
+            "budget_float_macs": budget,
+            "ranking": {
+                **self.ranking_record,
+                "groups": [{"group": r.group, "mean_abs": r.mean_abs, "max_abs": r.max_abs} for r in self.ranking],
+            },
+            "steps": [a.to_dict() for a in self.attempts],
+            "kept_in_float": list(self.chosen.keep_fp_groups) if self.chosen else None,
+            "float_macs": round(self.chosen.float_macs, 4) if self.chosen else None,
+            "stopped": self.stopped or None,
+        }
 
 
-def plan_steps(ranking: list[RankedGroup], macs: dict[str, int], total: int, budget: float,
-               fine: bool) -> tuple[list[tuple[tuple[str, ...], tuple[str, ...] | None]], str]:
+def plan_steps(
+    ranking: list[RankedGroup], macs: dict[str, int], total: int, budget: float, fine: bool
+) -> tuple[list[tuple[tuple[str, ...], tuple[str, ...] | None]], str]:
     """Candidate float sets in order: (groups, whole-group alternative for fine steps or None).
 
     Each ranked group adds first its element-wise ops (fine targets), then the whole group. A
@@ -295,17 +327,27 @@ def plan_steps(ranking: list[RankedGroup], macs: dict[str, int], total: int, bud
         steps.append((whole, None))
         kept = whole
     if skipped:
-        return steps, (f"every group within the budget was tried; {', '.join(skipped[:3])}"
-                       f"{' and others' if len(skipped) > 3 else ''} would put more than {budget:.0%} "
-                       "of the MACs in float")
+        return steps, (
+            f"every group within the budget was tried; {', '.join(skipped[:3])}"
+            f"{' and others' if len(skipped) > 3 else ''} would put more than {budget:.0%} "
+            "of the MACs in float"
+        )
     return steps, "every group was tried"
 
 
-def search(target: str, ranking: list[RankedGroup], ranking_record: dict[str, Any], macs: dict[str, int],
-           total: int, budget: float, attempt: Callable[[tuple[str, ...], float], Attempt],
-           first: Attempt, latency: Callable[[Any], float],
-           children: Callable[[str], list[RankedGroup]] | None = None,
-           prove: Callable[[Attempt], Attempt] | None = None) -> SearchResult:
+def search(
+    target: str,
+    ranking: list[RankedGroup],
+    ranking_record: dict[str, Any],
+    macs: dict[str, int],
+    total: int,
+    budget: float,
+    attempt: Callable[[tuple[str, ...], float], Attempt],
+    first: Attempt,
+    latency: Callable[[Any], float],
+    children: Callable[[str], list[RankedGroup]] | None = None,
+    prove: Callable[[Attempt], Attempt] | None = None,
+) -> SearchResult:
     """Walk the planned steps after the all-INT8 ``first`` attempt failed; stop at the first pass.
 
     ``attempt(groups, float_macs)`` converts and measures one candidate. A passing fine step is
@@ -318,8 +360,10 @@ def search(target: str, ranking: list[RankedGroup], ranking_record: dict[str, An
     """
     result = SearchResult(None, [first], ranking, ranking_record)
     steps, why_end = plan_steps(ranking, macs, total, budget, target in FINE_TARGETS)
+
     def share(groups: tuple[str, ...]) -> float:
         return sum(macs.get(g, 0) for g in groups) / total  # "stage2d/Add" and the like hold no MACs
+
     tried: set[tuple[str, ...]] = set()
     for groups, whole in steps:
         if groups in tried:
@@ -362,8 +406,13 @@ def _faster(a: Attempt, b: Attempt, latency: Callable[[Any], float]) -> Attempt:
     return min((a, b), key=lambda x: x.p50_ms)
 
 
-def _proven(chosen: Attempt, attempts: list[Attempt], start: int,
-            prove: Callable[[Attempt], Attempt] | None, latency: Callable[[Any], float]) -> Attempt | None:
+def _proven(
+    chosen: Attempt,
+    attempts: list[Attempt],
+    start: int,
+    prove: Callable[[Attempt], Attempt] | None,
+    latency: Callable[[Any], float],
+) -> Attempt | None:
     """Build and prove a provisional ``chosen``; when the runtime rejects it, the other passing
     candidates of this step follow, fewest MACs in float first. Proven attempts replace their
     provisional ones in ``attempts``. None when every one of them failed in the runtime."""
@@ -387,9 +436,16 @@ def _proven(chosen: Attempt, attempts: list[Attempt], start: int,
 NARROW_TRIES = 2  # sub-module candidates per passing group: its top one, then its top two
 
 
-def _narrow_groups(chosen: Attempt, children: Callable[[str], list[RankedGroup]], macs: dict[str, int],
-                   result: SearchResult, attempt: Callable[[tuple[str, ...], float], Attempt],
-                   share: Callable[[tuple[str, ...]], float], latency: Callable[[Any], float], tried: set) -> Attempt:
+def _narrow_groups(
+    chosen: Attempt,
+    children: Callable[[str], list[RankedGroup]],
+    macs: dict[str, int],
+    result: SearchResult,
+    attempt: Callable[[tuple[str, ...], float], Attempt],
+    share: Callable[[tuple[str, ...]], float],
+    latency: Callable[[Any], float],
+    tried: set,
+) -> Attempt:
     """Narrow every whole group of the passing set, the one with most MACs first (it has most to
     give back), within the search's conversion budget."""
     wholes = [g for g in chosen.keep_fp_groups if "/" not in g and macs.get(g, 0) > 0]
@@ -402,12 +458,19 @@ def _narrow_groups(chosen: Attempt, children: Callable[[str], list[RankedGroup]]
     return chosen
 
 
-def _narrow(chosen: Attempt, group: str, ranked_children: list[RankedGroup], result: SearchResult,
-            attempt: Callable[[tuple[str, ...], float], Attempt], share: Callable[[tuple[str, ...]], float],
-            latency: Callable[[Any], float], tried: set) -> Attempt:
+def _narrow(
+    chosen: Attempt,
+    group: str,
+    ranked_children: list[RankedGroup],
+    result: SearchResult,
+    attempt: Callable[[tuple[str, ...], float], Attempt],
+    share: Callable[[tuple[str, ...]], float],
+    latency: Callable[[Any], float],
+    tried: set,
+) -> Attempt:
     """Replace ``group`` in ``chosen`` by its top sub-modules; keep the faster pass."""
     at = chosen.keep_fp_groups.index(group)
-    before, after = chosen.keep_fp_groups[:at], chosen.keep_fp_groups[at + 1:]
+    before, after = chosen.keep_fp_groups[:at], chosen.keep_fp_groups[at + 1 :]
     picked: tuple[str, ...] = ()
     for child in ranked_children[:NARROW_TRIES]:
         if len(result.attempts) >= MAX_ATTEMPTS:
@@ -424,13 +487,16 @@ def _narrow(chosen: Attempt, group: str, ranked_children: list[RankedGroup], res
     return chosen
 
 
-def failure_message(target: str, precision: str, result: SearchResult, budget: float, tolerance: str,
-                    model: str) -> str:
+def failure_message(
+    target: str, precision: str, result: SearchResult, budget: float, tolerance: str, model: str
+) -> str:
     """One line: the best parity reached, what was tried, and what to do next."""
     best = max(result.attempts, key=lambda a: (a.parity.get("iou50") or 0.0, -(a.parity.get("mean_abs") or 1.0)))
     groups = ", ".join(best.keep_fp_groups) or "none"
-    return (f"{target} {precision} artifact failed its gate ({tolerance}) even with layer groups in float: best "
-            f"IoU@0.5 {best.parity.get('iou50', 0):.4f}, mean abs {best.parity.get('mean_abs', float('nan')):.3g} "
-            f"with [{groups}] in float ({best.float_macs:.0%} of MACs); {len(result.attempts)} conversion(s) tried, "
-            f"stopped because {result.stopped}. Next: `u2zoo sensitivity --model {model} --calib DIR` to see the "
-            f"ranking, more calibration images (--calib-size), or a larger --fp-budget (now {budget:g})")
+    return (
+        f"{target} {precision} artifact failed its gate ({tolerance}) even with layer groups in float: best "
+        f"IoU@0.5 {best.parity.get('iou50', 0):.4f}, mean abs {best.parity.get('mean_abs', float('nan')):.3g} "
+        f"with [{groups}] in float ({best.float_macs:.0%} of MACs); {len(result.attempts)} conversion(s) tried, "
+        f"stopped because {result.stopped}. Next: `u2zoo sensitivity --model {model} --calib DIR` to see the "
+        f"ranking, more calibration images (--calib-size), or a larger --fp-budget (now {budget:g})"
+    )

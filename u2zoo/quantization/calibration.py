@@ -46,8 +46,13 @@ class CalibrationSet:
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records."""
-        record = {"source": self.source, "num_images": len(self.files), "shape": list(self.inputs.shape),
-                  "sha256": self.digest, "files": list(self.files)}
+        record = {
+            "source": self.source,
+            "num_images": len(self.files),
+            "shape": list(self.inputs.shape),
+            "sha256": self.digest,
+            "files": list(self.files),
+        }
         if self.sample:
             record["sampled"] = {"seed": self.sample["seed"], "from_images": self.sample["from"]}
         return record
@@ -60,7 +65,7 @@ class CalibrationSet:
     def samples(self) -> Iterator[np.ndarray]:
         """One (1, 3, H, W) batch per image."""
         for i in range(len(self.inputs)):
-            yield self.inputs[i:i + 1]
+            yield self.inputs[i : i + 1]
 
     def ort_reader(self, input_name: str):
         """An ``onnxruntime.quantization.CalibrationDataReader`` over the same batches."""
@@ -111,8 +116,13 @@ SAMPLE_SEED = 0  # the sample is fixed, so two runs on one folder calibrate on t
 _MEMO: dict[tuple, "CalibrationSet"] = {}
 
 
-def calibration_set(folder: str | Path, contract: Contract, size: int | None = None,
-                    shape: tuple[int, int] | None = None, warn: bool = True) -> CalibrationSet:
+def calibration_set(
+    folder: str | Path,
+    contract: Contract,
+    size: int | None = None,
+    shape: tuple[int, int] | None = None,
+    warn: bool = True,
+) -> CalibrationSet:
     """``size`` images of ``folder`` (default 256) through the contract.
 
     A folder with more images than that is sampled with a fixed seed (recorded); one with
@@ -131,23 +141,33 @@ def calibration_set(folder: str | Path, contract: Contract, size: int | None = N
         raise ConfigError("--calib-size must be at least 1")
     wanted = size or DEFAULT_CALIB_SIZE
     if size is not None and size > len(paths) and warn:
-        print(f"u2zoo: warning: --calib-size {size} but {folder} holds {len(paths)} image(s): using those",
-              file=sys.stderr)
+        print(
+            f"u2zoo: warning: --calib-size {size} but {folder} holds {len(paths)} image(s): using those",
+            file=sys.stderr,
+        )
     sampled = len(paths) > wanted
     if sampled:
         paths = sorted(random.Random(SAMPLE_SEED).sample(paths, wanted))
-    key = (str(folder.resolve()), tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in paths),
-           contract.pre, shape)
+    key = (
+        str(folder.resolve()),
+        tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in paths),
+        contract.pre,
+        shape,
+    )
     if key not in _MEMO:
         _remember(key, _read_set(folder, paths, contract, shape, sampled))
     if warn and len(paths) < RECOMMENDED_IMAGES:
-        print(f"u2zoo: warning: {len(paths)} calibration image(s); {RECOMMENDED_IMAGES}+ are recommended "
-              "for stable INT8 ranges", file=sys.stderr)
+        print(
+            f"u2zoo: warning: {len(paths)} calibration image(s); {RECOMMENDED_IMAGES}+ are recommended "
+            "for stable INT8 ranges",
+            file=sys.stderr,
+        )
     return _MEMO[key]
 
 
-def _read_set(folder: Path, paths: list[Path], contract: Contract, shape: tuple[int, int] | None,
-              sampled: bool) -> CalibrationSet:
+def _read_set(
+    folder: Path, paths: list[Path], contract: Contract, shape: tuple[int, int] | None, sampled: bool
+) -> CalibrationSet:
     arrays = []
     for path in paths:
         try:
@@ -155,8 +175,9 @@ def _read_set(folder: Path, paths: list[Path], contract: Contract, shape: tuple[
         except U2ZooError as exc:
             raise ConfigError(f"calibration image unusable: {exc}") from None
     sample = {"seed": SAMPLE_SEED, "from": len(list_images([folder]))} if sampled else None
-    return CalibrationSet(np.stack(arrays), str(folder), tuple(p.name for p in paths), sample,
-                          tuple(str(p.resolve()) for p in paths))
+    return CalibrationSet(
+        np.stack(arrays), str(folder), tuple(p.name for p in paths), sample, tuple(str(p.resolve()) for p in paths)
+    )
 
 
 def _remember(key: tuple, calib: CalibrationSet) -> None:

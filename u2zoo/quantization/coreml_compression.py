@@ -41,8 +41,6 @@ class WeightCompression(Protocol):
     def compression(self) -> str | None: ...  # what compresses the weights, None for plain fp16/fp32
 
 
-
-
 def _fold_batchnorm(module) -> None:
     """Fold every BatchNorm2d into the conv registered just before it, in place.
 
@@ -146,8 +144,9 @@ def _outputs(net, inputs: np.ndarray) -> np.ndarray:
     return run_batched(TorchPredictor(net), inputs)
 
 
-def plan_compression(model, options: WeightCompression, inputs: np.ndarray,
-                     reference: np.ndarray | None = None) -> CompressionPlan:
+def plan_compression(
+    model, options: WeightCompression, inputs: np.ndarray, reference: np.ndarray | None = None
+) -> CompressionPlan:
     """Fold BN, compress every conv weight of more than WEIGHT_THRESHOLD elements exactly as
     Core ML will, and measure the result on ``inputs`` against the float model.
 
@@ -200,8 +199,10 @@ def keep_harmful(plan: CompressionPlan, model, inputs: np.ndarray, reference: np
     by_group = {group: alone(names) for group, names in groups.items()}
     worst = sorted(by_group, key=lambda g: -by_group[g])[:SCANNED_GROUPS]
     by_tensor = {name: alone([name]) for group in worst for name in groups[group]}
-    plan.sensitivity = {"groups": {g: round(e, 5) for g, e in by_group.items()},
-                        "tensors": {n: round(e, 5) for n, e in by_tensor.items()}}
+    plan.sensitivity = {
+        "groups": {g: round(e, 5) for g, e in by_group.items()},
+        "tensors": {n: round(e, 5) for n, e in by_tensor.items()},
+    }
     for name in sorted(by_tensor, key=lambda n: -by_tensor[n])[:MAX_KEPT]:
         plan.kept.append(name)
         plan.parity = compare(reference, _outputs(plan.model(), inputs))
@@ -217,13 +218,23 @@ def compression_error(plan: CompressionPlan, options: WeightCompression, images:
     if options.palettize:
         method = f"{options.palettize}-bit k-means palettes per tensor ({options.precision} model)"
     parity = plan.parity
-    result = {"method": method, "max_abs": parity.max_abs, "mean_abs": parity.mean_abs, "iou50": parity.iou50,
-              "num_images": parity.num_images, "images": [p.name for p in images],
-              "note": "weights only, simulated in torch; fp16 arithmetic is measured by the parity check on macOS"}
+    result = {
+        "method": method,
+        "max_abs": parity.max_abs,
+        "mean_abs": parity.mean_abs,
+        "iou50": parity.iou50,
+        "num_images": parity.num_images,
+        "images": [p.name for p in images],
+        "note": "weights only, simulated in torch; fp16 arithmetic is measured by the parity check on macOS",
+    }
     if options.compression:
-        result |= {"weight_threshold": WEIGHT_THRESHOLD, "compressed": len(plan.compressed) - len(plan.kept),
-                   "kept_in_float": plan.kept, "target": f"IoU@0.5 >= {COMPRESSION_TARGET_IOU:g}",
-                   "within_target": parity.iou50 >= COMPRESSION_TARGET_IOU}
+        result |= {
+            "weight_threshold": WEIGHT_THRESHOLD,
+            "compressed": len(plan.compressed) - len(plan.kept),
+            "kept_in_float": plan.kept,
+            "target": f"IoU@0.5 >= {COMPRESSION_TARGET_IOU:g}",
+            "within_target": parity.iou50 >= COMPRESSION_TARGET_IOU,
+        }
         if plan.sensitivity:
             result["sensitivity_mean_abs"] = plan.sensitivity
     return result

@@ -84,8 +84,15 @@ def advanced_parameters(bias_correction: bool):
     return AdvancedQuantizationParameters(disable_bias_correction=not bias_correction)
 
 
-def quantize(ov_model, dataset, subset_size: int, ignored_scope, cache_key: tuple,
-             bias_correction: bool = False, also_for: tuple = ()) -> tuple[Any, str]:
+def quantize(
+    ov_model,
+    dataset,
+    subset_size: int,
+    ignored_scope,
+    cache_key: tuple,
+    bias_correction: bool = False,
+    also_for: tuple = (),
+) -> tuple[Any, str]:
     """``nncf.quantize(ov_model, dataset, subset_size=…, ignored_scope=…)`` (default preset;
     fast bias correction only when asked), collecting only the statistics this process has not
     collected for ``cache_key`` yet. Returns the quantized model and what happened to the
@@ -111,8 +118,10 @@ def quantize(ov_model, dataset, subset_size: int, ignored_scope, cache_key: tupl
     still = sum(len(points) for points in missing.values())
     if still:
         for scope in also_for:
-            _, extra = _split(_algorithm(subset_size, scope, bias_correction).get_statistic_points(model, graph),
-                              _union(known, missing))
+            _, extra = _split(
+                _algorithm(subset_size, scope, bias_correction).get_statistic_points(model, graph),
+                _union(known, missing),
+            )
             _merge(missing, extra)
         _merge(known, collect_statistics(missing, model, graph, dataset))
     answered, _ = _split(wanted, known)
@@ -122,14 +131,18 @@ def quantize(ov_model, dataset, subset_size: int, ignored_scope, cache_key: tupl
         return quantized, f"reused: all {total} statistic points from this process's earlier calibration"
     if still == total:
         return quantized, f"measured: {total} statistic points"
-    return quantized, f"measured {still} of {total} statistic points; the rest reused from this process's earlier calibration"
+    return (
+        quantized,
+        f"measured {still} of {total} statistic points; the rest reused from this process's earlier calibration",
+    )
 
 
 def _algorithm(subset_size: int, ignored_scope, bias_correction: bool):
     from nncf.quantization.algorithms.post_training.algorithm import PostTrainingQuantization
 
-    return PostTrainingQuantization(subset_size=subset_size, ignored_scope=ignored_scope,
-                                    advanced_parameters=advanced_parameters(bias_correction))
+    return PostTrainingQuantization(
+        subset_size=subset_size, ignored_scope=ignored_scope, advanced_parameters=advanced_parameters(bias_correction)
+    )
 
 
 def _union(first, second):

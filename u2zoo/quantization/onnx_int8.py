@@ -65,8 +65,10 @@ def check_module_groups(model, groups: tuple[str, ...] | list[str]) -> list[str]
     if unknown:
         top = [name for name, _ in model.named_children()] + [TOP_LEVEL]
         hint = did_you_mean(unknown[0], known).split(" (choose")[0]
-        raise ConfigError(f"unknown layer group(s) {', '.join(map(repr, unknown))}{hint} (groups: {', '.join(top)}, "
-                          "or sub-modules such as stage2d/rebnconv1d)")
+        raise ConfigError(
+            f"unknown layer group(s) {', '.join(map(repr, unknown))}{hint} (groups: {', '.join(top)}, "
+            "or sub-modules such as stage2d/rebnconv1d)"
+        )
     return list(dict.fromkeys(groups))
 
 
@@ -87,14 +89,22 @@ def nodes_in_groups(model, groups: list[str]) -> list[str]:
         matched = [n for n in names if re.match(group_pattern(group), n)]
         if not matched:
             hint = did_you_mean(group, layer_groups(model)).split(" (choose")[0]
-            raise ConfigError(f"unknown layer group {group!r}{hint} (groups: {', '.join(layer_groups(model))}, "
-                              "or a sub-path such as stage2d/rebnconv1d)")
+            raise ConfigError(
+                f"unknown layer group {group!r}{hint} (groups: {', '.join(layer_groups(model))}, "
+                "or a sub-path such as stage2d/rebnconv1d)"
+            )
         selected += [n for n in matched if n not in selected]
     return selected
 
 
-def plan_float_groups(fp32_path: Path, calib: CalibrationSet, input_name: str, keep_fp: int,
-                      keep_groups: tuple[str, ...], method: str = "minmax") -> tuple[list[str], list[str], Any]:
+def plan_float_groups(
+    fp32_path: Path,
+    calib: CalibrationSet,
+    input_name: str,
+    keep_fp: int,
+    keep_groups: tuple[str, ...],
+    method: str = "minmax",
+) -> tuple[list[str], list[str], Any]:
     """Which groups stay float: the named ones plus the ``keep_fp`` most sensitive.
 
     Returns (groups, their node names, the sensitivity ranking or None when not measured).
@@ -131,14 +141,25 @@ def _method(name: str):
 
     if name not in CALIBRATION_METHODS:
         raise ConfigError(f"unknown calibration method {name!r} (choose from: {', '.join(CALIBRATION_METHODS)})")
-    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[name]
+    return {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[name]
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calib: CalibrationSet, input_name: str, *,
-                  method: str = "minmax", exclude_nodes: list[str] | None = None,
-                  only_nodes: list[str] | None = None, scheme: str = "u8s8-reduce-range",
-                  cache: Path | None = None) -> dict[str, Any]:
+def quantize_int8(
+    fp32_path: Path,
+    out_path: Path,
+    calib: CalibrationSet,
+    input_name: str,
+    *,
+    method: str = "minmax",
+    exclude_nodes: list[str] | None = None,
+    only_nodes: list[str] | None = None,
+    scheme: str = "u8s8-reduce-range",
+    cache: Path | None = None,
+) -> dict[str, Any]:
     """Static QDQ quantization of ``fp32_path`` into ``out_path``; returns the settings used."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -158,26 +179,38 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: CalibrationSet, input_
             if cache is not None and cache.is_file() and not _readable_ranges(cache):
                 cache.unlink()  # a damaged cache is recomputed, never trusted
             quantize_static(
-                str(prepared), str(out_path), calib.ort_reader(input_name), quant_format=QuantFormat.QDQ,
-                per_channel=True, reduce_range=not s8s8, weight_type=QuantType.QInt8,
+                str(prepared),
+                str(out_path),
+                calib.ort_reader(input_name),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=not s8s8,
+                weight_type=QuantType.QInt8,
                 activation_type=QuantType.QInt8 if s8s8 else QuantType.QUInt8,
-                nodes_to_quantize=only_nodes, nodes_to_exclude=exclude_nodes or None,
-                calibrate_method=calibrate_method, calibration_cache_path=str(cache) if cache else None,
+                nodes_to_quantize=only_nodes,
+                nodes_to_exclude=exclude_nodes or None,
+                calibrate_method=calibrate_method,
+                calibration_cache_path=str(cache) if cache else None,
                 extra_options=extra,
             )
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - the quantizer's own failure, reported as such
             raise ConversionError(f"ONNX Runtime INT8 quantization failed: {tool_failure(exc)}") from exc
-    return {"format": "QDQ", "scheme": scheme,
-            "activations": "int8 symmetric" if s8s8 else "uint8 asymmetric",
-            "weights": "int8 symmetric per-channel" + ("" if s8s8 else ", 7-bit range (reduce_range)"),
-            "calibration_method": method,
-            "why": {"u8s8-reduce-range": "AVX2 without VNNI: U8S8 sums can saturate in 16 bits; reduce_range keeps "
-                                         "them in range on the fast U8S8 kernels",
-                    "s8s8": "AVX2 without VNNI: U8S8 sums can saturate in 16 bits; S8S8 avoids that path",
-                    "tensorrt": "TensorRT explicit quantization: symmetric int8 Q/DQ, float weights behind Q/DQ "
-                                "pairs, one pair per consumer"}[scheme]}
+    return {
+        "format": "QDQ",
+        "scheme": scheme,
+        "activations": "int8 symmetric" if s8s8 else "uint8 asymmetric",
+        "weights": "int8 symmetric per-channel" + ("" if s8s8 else ", 7-bit range (reduce_range)"),
+        "calibration_method": method,
+        "why": {
+            "u8s8-reduce-range": "AVX2 without VNNI: U8S8 sums can saturate in 16 bits; reduce_range keeps "
+            "them in range on the fast U8S8 kernels",
+            "s8s8": "AVX2 without VNNI: U8S8 sums can saturate in 16 bits; S8S8 avoids that path",
+            "tensorrt": "TensorRT explicit quantization: symmetric int8 Q/DQ, float weights behind Q/DQ "
+            "pairs, one pair per consumer",
+        }[scheme],
+    }
 
 
 def _readable_ranges(path: Path) -> bool:
@@ -197,9 +230,15 @@ class GroupSensitivity:
     max_abs: float
 
 
-def sensitivity(fp32_path: Path, calib: CalibrationSet, input_name: str, eval_inputs: np.ndarray,
-                method: str = "minmax", threads: int | None = None,
-                only: list[str] | None = None) -> list[GroupSensitivity]:
+def sensitivity(
+    fp32_path: Path,
+    calib: CalibrationSet,
+    input_name: str,
+    eval_inputs: np.ndarray,
+    method: str = "minmax",
+    threads: int | None = None,
+    only: list[str] | None = None,
+) -> list[GroupSensitivity]:
     """Quantize one layer group at a time (everything else float) and measure the output error.
 
     Ranges are calibrated once and cached, so each group costs one quantization and one pass

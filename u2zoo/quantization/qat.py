@@ -45,8 +45,17 @@ def training_images(calib) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([calib.inputs, calib.inputs[..., ::-1]]).astype(np.float32))
 
 
-def fine_tune(student, teacher, images: np.ndarray, *, epochs: int, lr: float, batch_size: int = 4,
-              seed: int = 0, progress: bool = False) -> list[dict[str, float]]:
+def fine_tune(
+    student,
+    teacher,
+    images: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[dict[str, float]]:
     """Adam on ``student`` (fake-quantized) so its fused map matches ``teacher``'s on ``images``.
 
     Returns the history: after each epoch (and before the first, epoch 0: the post-training
@@ -55,15 +64,21 @@ def fine_tune(student, teacher, images: np.ndarray, *, epochs: int, lr: float, b
     import torch
 
     def in_batches(order):
-        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
     with torch.no_grad():  # the images are fixed, so the teacher runs once
         targets = torch.cat([teacher(torch.from_numpy(images[i])) for i in in_batches(np.arange(len(images)))])
 
     def error() -> float:
         with torch.no_grad():
-            return float(np.mean([float((student(torch.from_numpy(images[i])) - targets[i]).abs().mean())
-                                  for i in in_batches(np.arange(len(images)))]))
+            return float(
+                np.mean(
+                    [
+                        float((student(torch.from_numpy(images[i])) - targets[i]).abs().mean())
+                        for i in in_batches(np.arange(len(images)))
+                    ]
+                )
+            )
 
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
@@ -82,10 +97,19 @@ def fine_tune(student, teacher, images: np.ndarray, *, epochs: int, lr: float, b
     return history
 
 
-def _record(tool: str, epochs: int, lr: float, history: list[dict], keep_groups: list[str] | None,
-            **extra: Any) -> dict[str, Any]:
-    return {"tool": tool, "loss": QAT_LOSS, "epochs": epochs, "lr": lr, "history": history,
-            "teacher": "the float model itself (no labels)", "kept_in_float": keep_groups or [], **extra}
+def _record(
+    tool: str, epochs: int, lr: float, history: list[dict], keep_groups: list[str] | None, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "tool": tool,
+        "loss": QAT_LOSS,
+        "epochs": epochs,
+        "lr": lr,
+        "history": history,
+        "teacher": "the float model itself (no labels)",
+        "kept_in_float": keep_groups or [],
+        **extra,
+    }
 
 
 def _conversion_error(what: str, exc: Exception) -> ConversionError:
@@ -99,8 +123,17 @@ def _group_patterns(groups: list[str]) -> list[str]:
     return [rf"(^|.*[/.]){re.escape(g.replace('/', '.'))}([/.\[].*|$)" for g in groups]
 
 
-def qat_openvino(model, calib, *, epochs: int | None = None, lr: float | None = None, batch_size: int = 4,
-                 keep_groups: list[str] | None = None, seed: int = 0, progress: bool = False) -> tuple[Any, dict]:
+def qat_openvino(
+    model,
+    calib,
+    *,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int = 4,
+    keep_groups: list[str] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[Any, dict]:
     """NNCF-quantize a deploy-mode torch ``model`` on ``calib`` (a CalibrationSet), fine-tune it
     against the float model on the calibration images and their mirror images, and convert to
     an OpenVINO model. ``epochs``/``lr`` default to DEFAULT_QAT_EPOCHS/DEFAULT_QAT_LR."""
@@ -125,8 +158,9 @@ def qat_openvino(model, calib, *, epochs: int | None = None, lr: float | None = 
         raise _conversion_error("NNCF could not quantize the torch model", exc) from exc
     quantized.train()
     freeze_batchnorm(quantized)  # BN statistics stay as calibrated
-    history = fine_tune(quantized, teacher, images, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                        progress=progress)
+    history = fine_tune(
+        quantized, teacher, images, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress
+    )
     quantized.eval()
     try:
         with warnings.catch_warnings():  # the tracer's float-drift notes on fake-quantized graphs
@@ -169,16 +203,30 @@ def symmetric_int8_config():
 
     config = get_default_x86_inductor_quantization_config(is_qat=True)
     activation = dataclasses.replace(
-        config.input_activation, dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_symmetric,
-        observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=MinMaxObserver, eps=2**-12))
+        config.input_activation,
+        dtype=torch.int8,
+        quant_min=-128,
+        quant_max=127,
+        qscheme=torch.per_tensor_symmetric,
+        observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=MinMaxObserver, eps=2**-12),
+    )
     weight = dataclasses.replace(
-        config.weight, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=PerChannelMinMaxObserver,
-                                                                         eps=2**-12))
+        config.weight, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=PerChannelMinMaxObserver, eps=2**-12)
+    )
     return dataclasses.replace(config, input_activation=activation, output_activation=activation, weight=weight)
 
 
-def qat_qdq(model, calib, *, epochs: int | None = None, lr: float | None = None, batch_size: int = 4,
-            keep_groups: list[str] | None = None, seed: int = 0, progress: bool = False) -> tuple[Any, dict]:
+def qat_qdq(
+    model,
+    calib,
+    *,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int = 4,
+    keep_groups: list[str] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[Any, dict]:
     """pt2e QAT of a deploy-mode torch ``model``, trained like :func:`qat_openvino`.
 
     Returns the converted module (quantize/dequantize ops in its graph, dynamic batch and size,
@@ -217,12 +265,19 @@ def qat_qdq(model, calib, *, epochs: int | None = None, lr: float | None = None,
         for sample in calib.samples():
             prepared(torch.from_numpy(sample))
     prepared.apply(disable_observer)  # ranges stay fixed; fine-tuning moves the weights onto the grid
-    history = fine_tune(prepared, teacher, images, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                        progress=progress)
+    history = fine_tune(
+        prepared, teacher, images, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress
+    )
     try:
         converted = convert_pt2e(prepared)
     except Exception as exc:  # noqa: BLE001
         raise _conversion_error("pt2e could not convert the QAT model", exc) from exc
-    record = _record("torchao pt2e (QAT)", epochs, lr, history, keep_groups,
-                     scheme="int8 symmetric activations (zero point 0), per-channel symmetric int8 weights")
+    record = _record(
+        "torchao pt2e (QAT)",
+        epochs,
+        lr,
+        history,
+        keep_groups,
+        scheme="int8 symmetric activations (zero point 0), per-channel symmetric int8 weights",
+    )
     return converted, record

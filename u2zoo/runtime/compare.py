@@ -21,9 +21,11 @@ class Tolerance:
     iou50_min: float | None = None
 
     def describe(self) -> str:
-        parts = [f"max abs ≤ {self.max_abs:g}" if self.max_abs is not None else "",
-                 f"mean abs ≤ {self.mean_abs:g}" if self.mean_abs is not None else "",
-                 f"IoU@0.5 ≥ {self.iou50_min:g}" if self.iou50_min is not None else ""]
+        parts = [
+            f"max abs ≤ {self.max_abs:g}" if self.max_abs is not None else "",
+            f"mean abs ≤ {self.mean_abs:g}" if self.mean_abs is not None else "",
+            f"IoU@0.5 ≥ {self.iou50_min:g}" if self.iou50_min is not None else "",
+        ]
         return ", ".join(p for p in parts if p) or "none"
 
 
@@ -60,9 +62,11 @@ class Parity:
 
     def summary(self) -> str:
         verdict = "ok" if self else "FAILED: " + "; ".join(self.failures)
-        return (f"parity vs torch on {self.num_images} image(s) {list(self.shape[-2:])}: max abs {self.max_abs:.3g}, "
-                f"mean abs {self.mean_abs:.3g}, IoU@0.5 {self.iou50:.4f} — {verdict} "
-                f"(tolerance: {self.tolerance.describe()})")
+        return (
+            f"parity vs torch on {self.num_images} image(s) {list(self.shape[-2:])}: max abs {self.max_abs:.3g}, "
+            f"mean abs {self.mean_abs:.3g}, IoU@0.5 {self.iou50:.4f} — {verdict} "
+            f"(tolerance: {self.tolerance.describe()})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -76,16 +80,24 @@ def compare(reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance =
     reference = np.asarray(reference, dtype=np.float64)
     candidate = np.asarray(candidate, dtype=np.float64)
     if reference.shape != candidate.shape:
-        return Parity(float("inf"), float("inf"), 0.0, reference.shape[0] if reference.ndim else 1,
-                      tuple(candidate.shape), tolerance,
-                      [f"output shape {candidate.shape} differs from reference {reference.shape}"])
+        return Parity(
+            float("inf"),
+            float("inf"),
+            0.0,
+            reference.shape[0] if reference.ndim else 1,
+            tuple(candidate.shape),
+            tolerance,
+            [f"output shape {candidate.shape} differs from reference {reference.shape}"],
+        )
     diff = np.abs(reference - candidate)
     finite = bool(np.isfinite(candidate).all())
     parity = Parity(
         max_abs=float(diff.max()) if finite else float("inf"),
         mean_abs=float(diff.mean()) if finite else float("inf"),
         iou50=float(np.mean([iou_at(r, c) for r, c in zip(reference, candidate)])),
-        num_images=int(reference.shape[0]), shape=tuple(reference.shape), tolerance=tolerance,
+        num_images=int(reference.shape[0]),
+        shape=tuple(reference.shape),
+        tolerance=tolerance,
     )
     if not finite:
         parity.failures.append("output has NaN or Inf")

@@ -171,8 +171,12 @@ def _e_from_counts(tp: np.ndarray | int, fp: np.ndarray | int, num_fg: int, num_
         fn = num_fg - tp
         parts = (tp, fp, fn, pred_bg - fn)
         mean_pred, mean_gt = pred_fg / num_pixels, num_fg / num_pixels
-        demeaned = ((1 - mean_pred, 1 - mean_gt), (1 - mean_pred, 0 - mean_gt),
-                    (0 - mean_pred, 1 - mean_gt), (0 - mean_pred, 0 - mean_gt))
+        demeaned = (
+            (1 - mean_pred, 1 - mean_gt),
+            (1 - mean_pred, 0 - mean_gt),
+            (0 - mean_pred, 1 - mean_gt),
+            (0 - mean_pred, 0 - mean_gt),
+        )
         total = 0
         for size, (p, g) in zip(parts, demeaned):
             align = 2 * (p * g) / (p**2 + g**2 + EPS)
@@ -228,8 +232,12 @@ def _region_similarity(pred: np.ndarray, gt: np.ndarray) -> float:
     area = h * w
     w_lt, w_rt, w_lb = cx * cy / area, cy * (w - cx) / area, (h - cy) * cx / area
     w_rb = 1 - w_lt - w_rt - w_lb
-    return (_ssim(pred[:cy, :cx], gt[:cy, :cx]) * w_lt + _ssim(pred[:cy, cx:], gt[:cy, cx:]) * w_rt
-            + _ssim(pred[cy:, :cx], gt[cy:, :cx]) * w_lb + _ssim(pred[cy:, cx:], gt[cy:, cx:]) * w_rb)
+    return (
+        _ssim(pred[:cy, :cx], gt[:cy, :cx]) * w_lt
+        + _ssim(pred[:cy, cx:], gt[:cy, cx:]) * w_rt
+        + _ssim(pred[cy:, :cx], gt[cy:, :cx]) * w_lb
+        + _ssim(pred[cy:, cx:], gt[cy:, cx:]) * w_rb
+    )
 
 
 def s_measure(pred: np.ndarray, gt: np.ndarray, alpha: float = S_ALPHA) -> float:
@@ -239,8 +247,7 @@ def s_measure(pred: np.ndarray, gt: np.ndarray, alpha: float = S_ALPHA) -> float
         return float(1 - np.mean(pred))
     if fg_ratio == 1:
         return float(np.mean(pred))
-    obj = (_object_similarity(pred[gt]) * fg_ratio
-           + _object_similarity(1 - pred[~gt]) * (1 - fg_ratio))
+    obj = _object_similarity(pred[gt]) * fg_ratio + _object_similarity(1 - pred[~gt]) * (1 - fg_ratio)
     score = alpha * obj + (1 - alpha) * _region_similarity(pred, gt)
     return float(max(0.0, score))
 
@@ -314,12 +321,14 @@ def _dilate_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     height = mask.shape[0]
     reach = min(radius, height - 1)
     halves = {dy: math.isqrt(radius * radius - dy * dy) for dy in range(-reach, reach + 1)}
-    segments = {half: ndimage.maximum_filter1d(mask.view(np.uint8), 2 * half + 1, axis=1, mode="constant").view(bool)
-                for half in set(halves.values())}
+    segments = {
+        half: ndimage.maximum_filter1d(mask.view(np.uint8), 2 * half + 1, axis=1, mode="constant").view(bool)
+        for half in set(halves.values())
+    }
     out = np.zeros_like(mask)
     for dy, half in halves.items():
         # A source pixel on row y marks the segment on row y + dy.
-        out[max(dy, 0):height + min(dy, 0)] |= segments[half][max(-dy, 0):height - max(dy, 0)]
+        out[max(dy, 0) : height + min(dy, 0)] |= segments[half][max(-dy, 0) : height - max(dy, 0)]
     return out
 
 
@@ -387,8 +396,7 @@ class MetricSet:
 
 
 # Per-image scalars that are simply averaged over images.
-_SCALARS = ("mae", "adaptive_f", "s_measure", "e_measure_adaptive", "weighted_f", "iou50", "miou",
-            "boundary_mae")
+_SCALARS = ("mae", "adaptive_f", "s_measure", "e_measure_adaptive", "weighted_f", "iou50", "miou", "boundary_mae")
 
 
 class SaliencyMetrics:
@@ -437,13 +445,21 @@ class SaliencyMetrics:
         means = {name: float(np.mean(values)) for name, values in self._scalars.items()}
         f_curve = np.mean(self._f_curves, axis=0)
         e_curve = np.mean(self._e_curves, axis=0)
-        return MetricSet(max_f=float(f_curve.max()), mean_f=float(f_curve.mean()),
-                         e_measure_max=float(e_curve.max()), e_measure_mean=float(e_curve.mean()),
-                         **means)
+        return MetricSet(
+            max_f=float(f_curve.max()),
+            mean_f=float(f_curve.mean()),
+            e_measure_max=float(e_curve.max()),
+            e_measure_mean=float(e_curve.mean()),
+            **means,
+        )
 
 
-def evaluate(pairs: Iterable[tuple[np.ndarray, np.ndarray]],
-             boundary_band: int = DEFAULT_BOUNDARY_BAND, *, normalize: bool = True) -> MetricSet:
+def evaluate(
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]],
+    boundary_band: int = DEFAULT_BOUNDARY_BAND,
+    *,
+    normalize: bool = True,
+) -> MetricSet:
     """Dataset-level metrics of ``(pred, gt)`` pairs; see :class:`SaliencyMetrics`."""
     metrics = SaliencyMetrics(boundary_band, normalize=normalize)
     for pred, gt in pairs:

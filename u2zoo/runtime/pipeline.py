@@ -34,7 +34,7 @@ def run_batched(predictor: Predictor, inputs: np.ndarray, chunk: int | None = No
     step = predictor.fixed_batch or limit
     outputs = []
     for start in range(0, len(inputs), step):
-        chunk = inputs[start:start + step]
+        chunk = inputs[start : start + step]
         pad = step - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])

@@ -31,8 +31,9 @@ class Latency:
         return asdict(self) | {"fps": self.fps}
 
 
-def measure_latency(predictor, batch: np.ndarray, runs: int = 20, warmup: int = 3,
-                    threads: int | None = None) -> Latency:
+def measure_latency(
+    predictor, batch: np.ndarray, runs: int = 20, warmup: int = 3, threads: int | None = None
+) -> Latency:
     """Time ``predictor.predict(batch)`` ``runs`` times after ``warmup`` untimed calls."""
     if runs < 1 or warmup < 0:
         raise ValueError("runs must be ≥ 1 and warmup ≥ 0")
@@ -43,8 +44,16 @@ def measure_latency(predictor, batch: np.ndarray, runs: int = 20, warmup: int = 
         predictor.predict(batch)
         samples.append(predictor.last_latency_s * 1000.0)
     values = np.asarray(samples)
-    return Latency(runs, warmup, int(batch.shape[0]), threads, float(np.median(values)),
-                   float(np.percentile(values, 90)), float(values.mean()), float(values.min()))
+    return Latency(
+        runs,
+        warmup,
+        int(batch.shape[0]),
+        threads,
+        float(np.median(values)),
+        float(np.percentile(values, 90)),
+        float(values.mean()),
+        float(values.min()),
+    )
 
 
 def reset_peak_rss() -> bool:

@@ -26,41 +26,67 @@ def add_weights_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_contract_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--contract", choices=VARIANTS, help="pre/post resize variant: official (the default: it scored better on DUTS-TR val/) or "
-                   "antialiased (Lanczos in and out, as rembg; better on photos much larger than 320 px)")
+    p.add_argument(
+        "--contract",
+        choices=VARIANTS,
+        help="pre/post resize variant: official (the default: it scored better on DUTS-TR val/) or "
+        "antialiased (Lanczos in and out, as rembg; better on photos much larger than 320 px)",
+    )
 
 
 def add_model_arguments(p: argparse.ArgumentParser, batch: bool = True) -> None:
-    p.add_argument("--model", help="architecture or weights name (torch reference); default: the best "
-                                   "shipped saliency model (printed)")
+    p.add_argument(
+        "--model",
+        help="architecture or weights name (torch reference); default: the best shipped saliency model (printed)",
+    )
     p.add_argument("--artifact", help="a converted artifact (runs in its own runtime with its own contract)")
     add_weights_args(p)
     add_contract_arg(p)
     p.add_argument("--threads", type=int, help="intra-op threads")
     if batch:
-        p.add_argument("--batch", default="1", help="images per engine call: N, or auto (from free memory); "
-                                                    "N > 1 needs a dynamic-batch artifact (default 1)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse larger images before decoding them (default {DEFAULT_MAX_PIXELS:,})")
+        p.add_argument(
+            "--batch",
+            default="1",
+            help="images per engine call: N, or auto (from free memory); "
+            "N > 1 needs a dynamic-batch artifact (default 1)",
+        )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse larger images before decoding them (default {DEFAULT_MAX_PIXELS:,})",
+    )
 
 
 def add_output_arguments(p: argparse.ArgumentParser, default: str = "mask") -> None:
     p.add_argument("--outputs", default=default, help=f"comma-separated: {', '.join(KINDS)} (default {default})")
     p.add_argument("--cutout", action="store_true", help="also write RGBA cut-outs (adds cutout to --outputs)")
-    p.add_argument("--bg-colour", "--bg-color", dest="bg_colour",
-                   help="composite background: #RRGGBB, R,G,B or a name")
+    p.add_argument("--bg-colour", "--bg-color", dest="bg_colour", help="composite background: #RRGGBB, R,G,B or a name")
     p.add_argument("--bg-image", help="composite background image (scaled to cover, centre-cropped)")
     p.add_argument("--crf", action="store_true", help="refine the map with a dense CRF on the image (u2zoo[crf])")
     p.add_argument("--crf-iterations", type=int, default=CrfOptions.iterations, help="CRF mean-field iterations")
-    p.add_argument("--alpha-matting", action="store_true",
-                   help="soft edges by closed-form matting on a trimap (u2zoo[matting])")
-    p.add_argument("--fg-threshold", type=int, default=MattingOptions.fg_threshold,
-                   help=f"matting: map value (0-255) from which a pixel is sure foreground "
-                        f"(default {MattingOptions.fg_threshold})")
-    p.add_argument("--bg-threshold", type=int, default=MattingOptions.bg_threshold,
-                   help=f"matting: map value up to which a pixel is sure background (default {MattingOptions.bg_threshold})")
-    p.add_argument("--erode", type=int, default=MattingOptions.erode,
-                   help=f"matting: shrink the sure regions by N px where they meet (default {MattingOptions.erode})")
+    p.add_argument(
+        "--alpha-matting", action="store_true", help="soft edges by closed-form matting on a trimap (u2zoo[matting])"
+    )
+    p.add_argument(
+        "--fg-threshold",
+        type=int,
+        default=MattingOptions.fg_threshold,
+        help=f"matting: map value (0-255) from which a pixel is sure foreground "
+        f"(default {MattingOptions.fg_threshold})",
+    )
+    p.add_argument(
+        "--bg-threshold",
+        type=int,
+        default=MattingOptions.bg_threshold,
+        help=f"matting: map value up to which a pixel is sure background (default {MattingOptions.bg_threshold})",
+    )
+    p.add_argument(
+        "--erode",
+        type=int,
+        default=MattingOptions.erode,
+        help=f"matting: shrink the sure regions by N px where they meet (default {MattingOptions.erode})",
+    )
 
 
 def output_options(args: argparse.Namespace) -> OutputOptions:
@@ -93,8 +119,10 @@ def open_predictor(args: argparse.Namespace):
     if args.artifact and args.model:
         raise U2ZooError("give one of --model NAME or --artifact FILE, not both")
     if args.artifact and getattr(args, "contract", None):
-        raise ConfigError("--contract is for --model: an artifact carries its own contract "
-                          "(convert it again with --contract to change it)")
+        raise ConfigError(
+            "--contract is for --model: an artifact carries its own contract "
+            "(convert it again with --contract to change it)"
+        )
     if not args.artifact and not args.model:
         from u2zoo.zoo.default_model import choose_default
 
@@ -114,8 +142,14 @@ def open_predictor(args: argparse.Namespace):
     from u2zoo.zoo.reference import TorchPredictor
     from u2zoo.zoo.weights import load_model
 
-    model, info, contract = load_model(args.model, args.weights, args.weights_sha256, args.random_weights,
-                                       progress=not getattr(args, "quiet", False), contract_variant=args.contract)
+    model, info, contract = load_model(
+        args.model,
+        args.weights,
+        args.weights_sha256,
+        args.random_weights,
+        progress=not getattr(args, "quiet", False),
+        contract_variant=args.contract,
+    )
     if info.source == "random":
         print("NOTE: random weights: the masks are meaningless")
     return nullcontext(TorchPredictor(model, threads=args.threads)), contract

@@ -34,7 +34,9 @@ def _fit(image: Image.Image, height: int) -> Image.Image:
     return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
-def sheet_row(photo: Image.Image, mask: Image.Image, cutout: Image.Image, height: int = ROW_HEIGHT) -> list[Image.Image]:
+def sheet_row(
+    photo: Image.Image, mask: Image.Image, cutout: Image.Image, height: int = ROW_HEIGHT
+) -> list[Image.Image]:
     """The three cells of one row, at ``height``: photo, mask (grey), cut-out on a checkerboard."""
     photo_cell = _fit(photo.convert("RGB"), height)
     mask_cell = _fit(mask.convert("L"), height).convert("RGB")
@@ -73,8 +75,10 @@ def write_contact_sheet(photos: list[Path], masks_dir: Path, dest: Path, title: 
     rows = []
     for photo in photos:
         upright = Image.fromarray(to_uint8(load_rgb(photo)), mode="RGB")  # as its mask was made: EXIF applied
-        with Image.open(masks_dir / f"{photo.stem}.png") as mask, \
-                Image.open(masks_dir / f"{photo.stem}_cutout.png") as cutout:
+        with (
+            Image.open(masks_dir / f"{photo.stem}.png") as mask,
+            Image.open(masks_dir / f"{photo.stem}_cutout.png") as cutout,
+        ):
             rows.append(sheet_row(upright, mask, cutout))
     buffer = io.BytesIO()
     render_sheet(rows, title).save(buffer, format="PNG", optimize=True)

@@ -41,9 +41,11 @@ def check_portrait_contract(segmenter: Segmenter, what: str) -> None:
     A saliency model would give a negative mask, so it is refused, not quietly re-purposed."""
     pre, post = segmenter.contract.pre, segmenter.contract.post
     if not (pre.face_crop and post.invert):
-        raise ConfigError(f"{what} is not a portrait-drawing model (its contract has no face crop and no inverted "
-                          "output); use u2net_portrait (`--model u2net_portrait --weights u2net_portrait.pth`) or an "
-                          "artifact converted from it")
+        raise ConfigError(
+            f"{what} is not a portrait-drawing model (its contract has no face crop and no inverted "
+            "output); use u2net_portrait (`--model u2net_portrait --weights u2net_portrait.pth`) or an "
+            "artifact converted from it"
+        )
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,9 @@ class Blend:
 
     def __post_init__(self) -> None:
         if self.sigma < 0 or not 0 <= self.alpha <= 1:
-            raise ConfigError(f"--blend-sigma must be ≥ 0 and --blend-alpha in [0, 1], got {self.sigma} and {self.alpha}")
+            raise ConfigError(
+                f"--blend-sigma must be ≥ 0 and --blend-alpha in [0, 1], got {self.sigma} and {self.alpha}"
+            )
 
     def apply(self, photo: np.ndarray, drawing: np.ndarray) -> np.ndarray:
         from scipy.ndimage import gaussian_filter
@@ -65,9 +69,16 @@ class Blend:
         return self.alpha * blurred + (1 - self.alpha) * drawing[..., None]
 
 
-def draw_files(segmenter: Segmenter, inputs: list[str | Path], out_dir: Path, aligner=None,
-               save_crop: bool = False, max_pixels: int | None = None, progress: bool = True,
-               blend: Blend | None = None) -> DrawingReport:
+def draw_files(
+    segmenter: Segmenter,
+    inputs: list[str | Path],
+    out_dir: Path,
+    aligner=None,
+    save_crop: bool = False,
+    max_pixels: int | None = None,
+    progress: bool = True,
+    blend: Blend | None = None,
+) -> DrawingReport:
     """One 512×512 drawing per readable photo (``stem.png``); its face crop
     (``stem_face.png``) and the official blurred-photo composite (``stem_composite.png``) if asked."""
     from tqdm import tqdm
@@ -113,15 +124,22 @@ def add_portrait_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("inputs", nargs="+", help="photos or folders of photos")
     add_model_arguments(p, batch=False)
-    p.add_argument("--align", action="store_true", help="level the eyes first (dlib 68-point landmarks; "
-                                                        "u2zoo[landmarks] and --landmarks-model)")
+    p.add_argument(
+        "--align",
+        action="store_true",
+        help="level the eyes first (dlib 68-point landmarks; u2zoo[landmarks] and --landmarks-model)",
+    )
     p.add_argument("--landmarks-model", help="dlib's shape_predictor_68_face_landmarks.dat (for --align)")
     p.add_argument("--save-crop", action="store_true", help="also write the 512×512 face crop the network saw")
-    p.add_argument("--blend", action="store_true", help="also write the official composite: the crop blurred, "
-                                                        "mixed with the drawing (stem_composite.png)")
+    p.add_argument(
+        "--blend",
+        action="store_true",
+        help="also write the official composite: the crop blurred, mixed with the drawing (stem_composite.png)",
+    )
     p.add_argument("--blend-sigma", type=float, default=Blend.sigma, help=f"blur in px (default {Blend.sigma:g})")
-    p.add_argument("--blend-alpha", type=float, default=Blend.alpha,
-                   help=f"weight of the blurred photo (default {Blend.alpha:g})")
+    p.add_argument(
+        "--blend-alpha", type=float, default=Blend.alpha, help=f"weight of the blurred photo (default {Blend.alpha:g})"
+    )
     p.add_argument("--out", required=True, help="output folder")
 
 
@@ -145,18 +163,20 @@ def cmd_portrait(args: argparse.Namespace) -> int:
     with open_segmenter(args) as segmenter:
         what = args.artifact or args.model
         check_portrait_contract(segmenter, what)
-        report = draw_files(segmenter, args.inputs, out, aligner, args.save_crop, args.max_pixels,
-                            progress=not args.quiet, blend=blend)
+        report = draw_files(
+            segmenter, args.inputs, out, aligner, args.save_crop, args.max_pixels, progress=not args.quiet, blend=blend
+        )
     for path, reason in report.failed:
         print(f"u2zoo: skipped {shown(path)}: {reason}", file=sys.stderr)
     for path, note in report.notes:
         print(f"u2zoo: note: {shown(path)}: {note}", file=sys.stderr)
     for path in report.no_face:
-        print(f"u2zoo: note: no face found in {shown(path)}: drew the whole photo, resized to 512×512",
-              file=sys.stderr)
+        print(f"u2zoo: note: no face found in {shown(path)}: drew the whole photo, resized to 512×512", file=sys.stderr)
     for path, degrees in report.aligned.items():
         print(f"aligned {shown(path.name)}: rotated {degrees:+.1f}° to level the eyes")
-    print(f"drew {report.drawn} portrait(s) with {what} into {shown(out)} ({report.drawn - len(report.no_face)} face "
-          f"crop(s), {len(report.no_face)} whole photo(s)) in {report.seconds:.1f} s; "
-          f"{len(report.failed)} input(s) failed")
+    print(
+        f"drew {report.drawn} portrait(s) with {what} into {shown(out)} ({report.drawn - len(report.no_face)} face "
+        f"crop(s), {len(report.no_face)} whole photo(s)) in {report.seconds:.1f} s; "
+        f"{len(report.failed)} input(s) failed"
+    )
     return 1 if report.failed else 0

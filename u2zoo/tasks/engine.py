@@ -60,13 +60,14 @@ class Segmenter:
         """One map per image, at that image's own size; images may differ in size."""
         maps: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
+            chunk = images[start : start + self.batch_size]
             inputs = np.stack([preprocess(image, self.contract.pre, self.size) for image in chunk])
             started = time.perf_counter()
             predictions = run_batched(self.predictor, inputs)
             self.engine_seconds += time.perf_counter() - started
-            maps.extend(postprocess(pred, image.shape[:2], self.contract.post)
-                        for pred, image in zip(predictions, chunk))
+            maps.extend(
+                postprocess(pred, image.shape[:2], self.contract.post) for pred, image in zip(predictions, chunk)
+            )
         return maps
 
 
@@ -76,9 +77,11 @@ def check_batch_size(predictor: Predictor, batch_size: int) -> None:
         raise ConfigError(f"--batch must be at least 1, got {batch_size}")
     fixed = predictor.fixed_batch
     if fixed is not None and batch_size not in (1, fixed):
-        raise ConfigError(f"this artifact has a static batch of {fixed}; --batch {batch_size} needs a "
-                          "dynamic-batch artifact (convert with --dynamic) or --batch "
-                          f"{fixed}")
+        raise ConfigError(
+            f"this artifact has a static batch of {fixed}; --batch {batch_size} needs a "
+            "dynamic-batch artifact (convert with --dynamic) or --batch "
+            f"{fixed}"
+        )
     limit = getattr(predictor, "max_batch", None)
     if limit is not None and batch_size > limit:
         raise ConfigError(f"--batch {batch_size} is over this artifact's largest batch ({limit})")
@@ -138,13 +141,16 @@ class AutoBatch:
     available_bytes: int
 
     def describe(self) -> str:
-        return (f"--batch auto: {self.batch_size} (≤ {self.per_image_bytes / 2**20:.0f} MB of activations per image, "
-                f"{self.available_bytes / 2**30:.1f} GB available, planning on {AUTO_MEMORY_SHARE:.0%}, cap "
-                f"{AUTO_BATCH_CAP})")
+        return (
+            f"--batch auto: {self.batch_size} (≤ {self.per_image_bytes / 2**20:.0f} MB of activations per image, "
+            f"{self.available_bytes / 2**30:.1f} GB available, planning on {AUTO_MEMORY_SHARE:.0%}, cap "
+            f"{AUTO_BATCH_CAP})"
+        )
 
 
-def auto_batch_size(predictor: Predictor, contract: Contract, arch: str, device: str = "cpu",
-                    available: int | None = None) -> AutoBatch:
+def auto_batch_size(
+    predictor: Predictor, contract: Contract, arch: str, device: str = "cpu", available: int | None = None
+) -> AutoBatch:
     """The batch ``--batch auto`` picks: a static artifact's own batch, else as many images as
     fit in half the available memory by the activation bound, within the artifact's limit."""
     per_image = activation_bytes_per_image(arch, network_size(predictor, contract))

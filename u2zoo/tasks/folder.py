@@ -40,8 +40,7 @@ class FolderReport:
         return self.processed / self.seconds if self.seconds > 0 else float("nan")
 
 
-def collect_inputs(inputs: list[str | Path], out_dir: Path | None = None
-                   ) -> tuple[list[tuple[Path, Path]], list[Path]]:
+def collect_inputs(inputs: list[str | Path], out_dir: Path | None = None) -> tuple[list[tuple[Path, Path]], list[Path]]:
     """(image path, output stem) pairs and the non-image files found in folders.
 
     A file named directly is always tried (its decoder decides); in folders only image
@@ -58,7 +57,7 @@ def collect_inputs(inputs: list[str | Path], out_dir: Path | None = None
                 relative = path.relative_to(root)
                 if any(part.startswith(".") for part in relative.parts):
                     continue
-                if skipped is not None and relative.parts[:len(skipped)] == skipped:
+                if skipped is not None and relative.parts[: len(skipped)] == skipped:
                     continue
                 if path.suffix.lower() in IMAGE_SUFFIXES:
                     images.append((path, relative.with_suffix("")))
@@ -78,17 +77,21 @@ def _inside(out_dir: Path | None, root: Path) -> tuple[str, ...] | None:
         return None
     out, root = out_dir.resolve(), root.resolve()
     if out == root:
-        raise ConfigError(f"--out {shown(out_dir)} is an input folder: its outputs would be taken for inputs "
-                          "next time; write them to another folder (one inside the input folder is skipped)")
+        raise ConfigError(
+            f"--out {shown(out_dir)} is an input folder: its outputs would be taken for inputs "
+            "next time; write them to another folder (one inside the input folder is skipped)"
+        )
     return out.relative_to(root).parts if out.is_relative_to(root) else None
 
 
-def unique_stems(images: list[tuple[Path, Path]], suffixes: list[str]
-                 ) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
+def unique_stems(
+    images: list[tuple[Path, Path]], suffixes: list[str]
+) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
     """Inputs whose outputs (``stem + suffix``) would share a name, ignoring case as some file
     systems do, keep their extension in the stem (``x.jpg`` → ``x_jpg``): no output silently
     overwrites another, and a note says so for each. Outputs still identical (the same file
     name in two input folders) are a ConfigError, before anything runs."""
+
     def clashes(pairs: list[tuple[Path, Path]], fold: bool) -> set[int]:
         owners: dict[str, list[int]] = defaultdict(list)
         for index, (_, stem) in enumerate(pairs):
@@ -100,15 +103,24 @@ def unique_stems(images: list[tuple[Path, Path]], suffixes: list[str]
     clashing = clashes(images, fold=True)
     if not clashing:
         return images, []
-    renamed = [(path, stem.with_name(f"{stem.name}_{path.suffix.lstrip('.')}") if i in clashing else stem)
-               for i, (path, stem) in enumerate(images)]
+    renamed = [
+        (path, stem.with_name(f"{stem.name}_{path.suffix.lstrip('.')}") if i in clashing else stem)
+        for i, (path, stem) in enumerate(images)
+    ]
     still = sorted(clashes(renamed, fold=False))
     if still:
         names = ", ".join(shown(images[i][0]) for i in still[:6]) + (", …" if len(still) > 6 else "")
-        raise ConfigError(f"{len(still)} inputs would write the same output files: {names}; "
-                          "rename them or run them separately")
-    notes = [(renamed[i][0], f"another input has the same name, so its outputs keep the extension: "
-                             f"{shown(renamed[i][1].name)}{suffixes[0]}.png") for i in sorted(clashing)]
+        raise ConfigError(
+            f"{len(still)} inputs would write the same output files: {names}; rename them or run them separately"
+        )
+    notes = [
+        (
+            renamed[i][0],
+            f"another input has the same name, so its outputs keep the extension: "
+            f"{shown(renamed[i][1].name)}{suffixes[0]}.png",
+        )
+        for i in sorted(clashing)
+    ]
     return renamed, notes
 
 
@@ -127,9 +139,15 @@ def save_png(image: Image.Image, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def process_files(segmenter: Segmenter, inputs: list[str | Path], out_dir: Path,
-                  options: OutputOptions | None = None, resume: bool = False,
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: bool = True) -> FolderReport:
+def process_files(
+    segmenter: Segmenter,
+    inputs: list[str | Path],
+    out_dir: Path,
+    options: OutputOptions | None = None,
+    resume: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> FolderReport:
     """Run every readable image through ``segmenter``, ``segmenter.batch_size`` per engine call."""
     from tqdm import tqdm
 
@@ -165,8 +183,13 @@ def process_files(segmenter: Segmenter, inputs: list[str | Path], out_dir: Path,
     return report
 
 
-def _run(segmenter: Segmenter, pending: list[tuple[Path, Path, np.ndarray]], out_dir: Path,
-         options: OutputOptions, report: FolderReport) -> None:
+def _run(
+    segmenter: Segmenter,
+    pending: list[tuple[Path, Path, np.ndarray]],
+    out_dir: Path,
+    options: OutputOptions,
+    report: FolderReport,
+) -> None:
     maps = segmenter.maps([image for _, _, image in pending])
     for (path, stem, image), prob in zip(pending, maps):
         rendered = render(image, prob, options)

@@ -15,8 +15,15 @@ from u2zoo.errors import ConfigError
 from u2zoo.tasks.refine import CrfOptions, MattingOptions, alpha_matting, dense_crf, import_crf, import_matting
 from u2zoo.zoo.contract import resize_plane, to_uint8
 
-_NAMED_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
-                  "red": (255, 0, 0), "gray": (128, 128, 128), "grey": (128, 128, 128)}
+_NAMED_COLOURS = {
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "red": (255, 0, 0),
+    "gray": (128, 128, 128),
+    "grey": (128, 128, 128),
+}
 KINDS = ("mask", "cutout", "composite")
 SUFFIXES = {"mask": "", "cutout": "_cutout", "composite": "_composite"}  # stem.png, stem_cutout.png, …
 
@@ -28,7 +35,7 @@ def parse_colour(text: str) -> tuple[int, int, int]:
         return _NAMED_COLOURS[value]
     if re.fullmatch(r"#?[0-9a-f]{6}", value):
         value = value.lstrip("#")
-        return tuple(int(value[i:i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
+        return tuple(int(value[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
     parts = value.split(",")
     if len(parts) == 3 and all(p.strip().isdigit() and int(p) <= 255 for p in parts):
         return tuple(int(p) for p in parts)  # type: ignore[return-value]
@@ -89,7 +96,7 @@ def fit_background(background: np.ndarray, height: int, width: int) -> np.ndarra
     sh, sw = max(height, round(bh * scale)), max(width, round(bw * scale))
     scaled = np.stack([resize_plane(background[..., c], sh, sw) for c in range(3)], -1)
     top, left = (sh - height) // 2, (sw - width) // 2
-    return scaled[top:top + height, left:left + width]
+    return scaled[top : top + height, left : left + width]
 
 
 def composite(image: np.ndarray, alpha: np.ndarray, options: OutputOptions) -> np.ndarray:
@@ -114,4 +121,3 @@ def render(image: np.ndarray, prob: np.ndarray, options: OutputOptions) -> Rende
     if "composite" in options.kinds:
         images["composite"] = Image.fromarray(to_uint8(composite(image, alpha, options)), mode="RGB")
     return Rendered(alpha, images, notes)
-

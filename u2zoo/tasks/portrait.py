@@ -77,8 +77,7 @@ def _cv2() -> Any:
     try:
         import cv2
     except ImportError:
-        raise BackendUnavailable("OpenCV is not installed; the portrait face crop needs it",
-                                 extra="portrait") from None
+        raise BackendUnavailable("OpenCV is not installed; the portrait face crop needs it", extra="portrait") from None
     return cv2
 
 
@@ -124,8 +123,9 @@ class FaceDetector:
             loaded = self._cascade.load(str(path))
         except cv2.error as exc:
             reason = one_line(getattr(exc, "err", None) or exc)
-            raise ConfigError(f"cannot load face detector cascade {path}: not a valid OpenCV cascade file "
-                              f"({reason})") from None
+            raise ConfigError(
+                f"cannot load face detector cascade {path}: not a valid OpenCV cascade file ({reason})"
+            ) from None
         if not loaded or self._cascade.empty():
             raise ConfigError(f"cannot load face detector cascade {path}: not a valid OpenCV cascade file")
         self.path = path
@@ -169,9 +169,10 @@ def face_region(image: np.ndarray, face: FaceBox) -> np.ndarray:
     # the part of the grown box outside the photo becomes white padding
     pad_left, pad_right = max(0, -left), max(0, right - width)
     pad_top, pad_bottom = max(0, -top), max(0, bottom - height)
-    inside = pixels[max(top, 0):min(bottom, height), max(left, 0):min(right, width)]
-    region = np.pad(inside, ((pad_top, pad_bottom), (pad_left, pad_right), (0, 0)),
-                    mode="constant", constant_values=WHITE)
+    inside = pixels[max(top, 0) : min(bottom, height), max(left, 0) : min(right, width)]
+    region = np.pad(
+        inside, ((pad_top, pad_bottom), (pad_left, pad_right), (0, 0)), mode="constant", constant_values=WHITE
+    )
 
     # pad the short side so the face is not squashed by the square resize
     hf, wf = region.shape[:2]
@@ -204,8 +205,9 @@ def crop_face(image: np.ndarray, face: FaceBox | None, size: int = 512) -> np.nd
     return resized.astype(np.float32) / 255.0
 
 
-def align_by_eyes(image: np.ndarray, left_eye: tuple[float, float],
-                  right_eye: tuple[float, float]) -> tuple[np.ndarray, float]:
+def align_by_eyes(
+    image: np.ndarray, left_eye: tuple[float, float], right_eye: tuple[float, float]
+) -> tuple[np.ndarray, float]:
     """Rotate the whole image about the eyes' midpoint so the eyes end level.
 
     ``left_eye`` / ``right_eye`` are (x, y) pixel positions of the eye on the image's left
@@ -232,8 +234,14 @@ def align_by_eyes(image: np.ndarray, left_eye: tuple[float, float],
     matrix = cv2.getRotationMatrix2D(centre, angle, 1.0)
     white = 255.0 if array.dtype == np.uint8 else 1.0
     channels = 1 if array.ndim == 2 else array.shape[2]
-    rotated = cv2.warpAffine(array, matrix, (array.shape[1], array.shape[0]), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_CONSTANT, borderValue=(white,) * min(channels, 4))
+    rotated = cv2.warpAffine(
+        array,
+        matrix,
+        (array.shape[1], array.shape[0]),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(white,) * min(channels, 4),
+    )
     if rotated.ndim == 2 and array.ndim == 3:  # OpenCV drops a trailing single channel
         rotated = rotated[..., None]
     return rotated, angle
@@ -252,17 +260,18 @@ class LandmarkAligner:
         try:
             import dlib
         except ImportError:
-            raise BackendUnavailable("face alignment needs dlib, which is not installed",
-                                     extra="landmarks") from None
+            raise BackendUnavailable("face alignment needs dlib, which is not installed", extra="landmarks") from None
         path = Path(model_path)
         if not path.is_file():
-            raise ConfigError(f"landmark model not found: {path} (face alignment needs dlib's "
-                              f"68-point model {LANDMARK_MODEL})")
+            raise ConfigError(
+                f"landmark model not found: {path} (face alignment needs dlib's 68-point model {LANDMARK_MODEL})"
+            )
         try:
             self._predictor = dlib.shape_predictor(str(path))
         except RuntimeError as exc:
-            raise ConfigError(f"cannot load landmark model {path} (expected dlib's {LANDMARK_MODEL}): "
-                              f"{one_line(exc)}") from None
+            raise ConfigError(
+                f"cannot load landmark model {path} (expected dlib's {LANDMARK_MODEL}): {one_line(exc)}"
+            ) from None
         self._dlib = dlib
         self.path = path
 
@@ -271,8 +280,9 @@ class LandmarkAligner:
         rect = self._dlib.rectangle(int(face.x), int(face.y), int(face.x + face.w), int(face.y + face.h))
         shape = self._predictor(to_uint8_rgb(image), rect)
         if shape.num_parts != 68:
-            raise ConfigError(f"landmark model {self.path} gives {shape.num_parts} points, not 68 "
-                              f"(expected dlib's {LANDMARK_MODEL})")
+            raise ConfigError(
+                f"landmark model {self.path} gives {shape.num_parts} points, not 68 (expected dlib's {LANDMARK_MODEL})"
+            )
         points = np.array([(shape.part(i).x, shape.part(i).y) for i in range(36, 48)], dtype=np.float64)
         left, right = points[:6].mean(axis=0), points[6:].mean(axis=0)
         return (float(left[0]), float(left[1])), (float(right[0]), float(right[1]))
@@ -284,8 +294,9 @@ class LandmarkAligner:
         return align_by_eyes(image, left, right)
 
 
-def prepare_portrait(image: np.ndarray, detector: FaceDetector, size: int = 512,
-                     aligner: LandmarkAligner | None = None) -> PortraitInput:
+def prepare_portrait(
+    image: np.ndarray, detector: FaceDetector, size: int = 512, aligner: LandmarkAligner | None = None
+) -> PortraitInput:
     """Photo (H, W, 3) float in [0, 1] → the portrait network's input and how it was cropped.
 
     With an ``aligner``: detect, level the eyes, then detect again on the rotated photo (the

@@ -65,8 +65,12 @@ def dense_crf(image: np.ndarray, prob: np.ndarray, options: CrfOptions = CrfOpti
     crf = dcrf.DenseCRF2D(width, height, 2)
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.stack([1 - p, p]))))
     crf.addPairwiseGaussian(sxy=options.smooth_sxy, compat=options.smooth_compat)
-    crf.addPairwiseBilateral(sxy=options.bilateral_sxy, srgb=options.bilateral_srgb,
-                             rgbim=np.ascontiguousarray(to_uint8(image)), compat=options.bilateral_compat)
+    crf.addPairwiseBilateral(
+        sxy=options.bilateral_sxy,
+        srgb=options.bilateral_srgb,
+        rgbim=np.ascontiguousarray(to_uint8(image)),
+        compat=options.bilateral_compat,
+    )
     marginals = np.asarray(crf.inference(options.iterations), dtype=np.float32).reshape(2, height, width)
     return marginals[1]
 
@@ -89,8 +93,10 @@ class MattingOptions:
 
     def __post_init__(self) -> None:
         if not 0 <= self.bg_threshold < self.fg_threshold <= 255:
-            raise ConfigError("matting thresholds need 0 ≤ --bg-threshold < --fg-threshold ≤ 255, got "
-                              f"{self.bg_threshold} and {self.fg_threshold}")
+            raise ConfigError(
+                "matting thresholds need 0 ≤ --bg-threshold < --fg-threshold ≤ 255, got "
+                f"{self.bg_threshold} and {self.fg_threshold}"
+            )
         if self.erode < 0 or self.max_side < 16:
             raise ConfigError("--erode must be ≥ 0 and the matting size ≥ 16 px")
 
@@ -129,8 +135,11 @@ def alpha_matting(image: np.ndarray, prob: np.ndarray, options: MattingOptions =
     small_map = resize_plane(prob, small_h, small_w)
     tri = trimap(small_map, options)
     if not (tri == 1).any() or not (tri == 0).any():
-        return MattingResult(prob, "matting skipped: the trimap has no sure foreground or no sure background "
-                                   "(try other --fg-threshold/--bg-threshold/--erode)")
+        return MattingResult(
+            prob,
+            "matting skipped: the trimap has no sure foreground or no sure background "
+            "(try other --fg-threshold/--bg-threshold/--erode)",
+        )
     if not (tri == 0.5).any():
         return MattingResult(prob, "matting skipped: no unknown region between the thresholds")
     with contextlib.redirect_stdout(io.StringIO()):  # pymatting prints solver warnings to stdout

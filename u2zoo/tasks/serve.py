@@ -104,13 +104,18 @@ class PixelBudget:
     @contextmanager
     def reserve(self, pixels: int) -> Iterator[None]:
         if self.limit is not None and pixels > self.limit:
-            raise HttpError(413, f"the image's {pixels / 1e6:g} MP are over the server's whole pixel budget of "
-                                 f"{self.limit / 1e6:g} MP (--pixel-budget)")
+            raise HttpError(
+                413,
+                f"the image's {pixels / 1e6:g} MP are over the server's whole pixel budget of "
+                f"{self.limit / 1e6:g} MP (--pixel-budget)",
+            )
         with self._room:
-            if not self._room.wait_for(lambda: self.limit is None or self.in_use + pixels <= self.limit,
-                                       self.wait_s):
-                raise HttpError(503, f"busy: {self.in_use / 1e6:g} of {self.limit / 1e6:g} MP of images in work; "
-                                     "try again shortly", {"Retry-After": str(max(1, round(self.wait_s)))})
+            if not self._room.wait_for(lambda: self.limit is None or self.in_use + pixels <= self.limit, self.wait_s):
+                raise HttpError(
+                    503,
+                    f"busy: {self.in_use / 1e6:g} of {self.limit / 1e6:g} MP of images in work; try again shortly",
+                    {"Retry-After": str(max(1, round(self.wait_s)))},
+                )
             self.in_use += pixels
             self.peak = max(self.peak, self.in_use)
         try:
@@ -127,10 +132,19 @@ class SegmentServer(ThreadingHTTPServer):
     daemon_threads = True  # a hung client never keeps the process alive
     request_queue_size = 64  # the default backlog of 5 drops connections under a burst
 
-    def __init__(self, address: tuple[str, int], segmenter: Segmenter, options: OutputOptions,
-                 max_bytes: int, max_pixels: int | None, label: str, log_requests: bool = False,
-                 pixel_budget: int | None = None, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-                 budget_wait_s: float = BUDGET_WAIT_S):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        segmenter: Segmenter,
+        options: OutputOptions,
+        max_bytes: int,
+        max_pixels: int | None,
+        label: str,
+        log_requests: bool = False,
+        pixel_budget: int | None = None,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+        budget_wait_s: float = BUDGET_WAIT_S,
+    ):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.segmenter = segmenter
@@ -164,11 +178,19 @@ class SegmentServer(ThreadingHTTPServer):
         artifact = getattr(self.segmenter.predictor, "artifact", None)
         with self._counts_lock:
             requests, errors = self.requests, self.errors
-        return {"status": "ok", "target": artifact.target if artifact is not None else "torch",
-                "artifact": self.label, "sha256": artifact.sha256 if artifact is not None else None,
-                "pid": os.getpid(), "rss_mb": rss_mb(), "requests": requests, "errors": errors,
-                "pixel_budget": self.budget.limit, "pixels_in_use": self.budget.in_use,
-                "pixels_peak": self.budget.peak}
+        return {
+            "status": "ok",
+            "target": artifact.target if artifact is not None else "torch",
+            "artifact": self.label,
+            "sha256": artifact.sha256 if artifact is not None else None,
+            "pid": os.getpid(),
+            "rss_mb": rss_mb(),
+            "requests": requests,
+            "errors": errors,
+            "pixel_budget": self.budget.limit,
+            "pixels_in_use": self.budget.in_use,
+            "pixels_peak": self.budget.peak,
+        }
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hangs up or stalls is routine: no traceback (one line with
@@ -193,10 +215,14 @@ class SegmentServer(ThreadingHTTPServer):
         try:
             if "bg" in params:
                 changes.update(background_colour=parse_colour(params["bg"][-1]), background_image=None)
-            elif kind == "composite" and self.options.background_colour is None \
-                    and self.options.background_image is None:
-                raise HttpError(400, "a composite needs a background: add &bg=%23RRGGBB (or start the server "
-                                     "with --bg-colour or --bg-image)")
+            elif (
+                kind == "composite" and self.options.background_colour is None and self.options.background_image is None
+            ):
+                raise HttpError(
+                    400,
+                    "a composite needs a background: add &bg=%23RRGGBB (or start the server "
+                    "with --bg-colour or --bg-image)",
+                )
             return kind, dataclasses.replace(self.options, **changes)
         except ConfigError as exc:
             raise HttpError(400, str(exc)) from None
@@ -277,8 +303,10 @@ class PredictHandler(BaseHTTPRequestHandler):
         return parsed
 
     def _timeout_message(self) -> str:
-        return (f"request timeout: headers and body must arrive within {self.server.request_timeout_s:g} s, "
-                f"with no pause over {self.timeout:g} s")
+        return (
+            f"request timeout: headers and body must arrive within {self.server.request_timeout_s:g} s, "
+            f"with no pause over {self.timeout:g} s"
+        )
 
     def do_GET(self) -> None:
         self._handle()
@@ -337,8 +365,9 @@ class PredictHandler(BaseHTTPRequestHandler):
         if length is None:
             raise HttpError(411, "a Content-Length header is required")
         if length > self.server.max_bytes:
-            raise HttpError(413, f"body of {length:,} bytes is over the limit of {self.server.max_bytes:,} "
-                                 "(--max-bytes)")
+            raise HttpError(
+                413, f"body of {length:,} bytes is over the limit of {self.server.max_bytes:,} (--max-bytes)"
+            )
         return length
 
     def _image_bytes(self) -> bytes:
@@ -394,8 +423,9 @@ class PredictHandler(BaseHTTPRequestHandler):
 
     def _unread_body(self) -> bool:
         headers = getattr(self, "headers", None)
-        declared = headers is not None and (headers.get("Content-Length", "0").strip() not in ("", "0")
-                                            or "Transfer-Encoding" in headers)
+        declared = headers is not None and (
+            headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in headers
+        )
         return declared and not self._body_read
 
     def finish(self) -> None:
@@ -462,11 +492,19 @@ def multipart_file(content_type: str, body: bytes) -> bytes:
     raise HttpError(400, "the multipart form has no field named 'file'")
 
 
-def make_server(segmenter: Segmenter, options: OutputOptions | None = None, host: str = "127.0.0.1",
-                port: int = 0, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                label: str | None = None, log_requests: bool = False, pixel_budget: int | None = None,
-                request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-                budget_wait_s: float = BUDGET_WAIT_S) -> SegmentServer:
+def make_server(
+    segmenter: Segmenter,
+    options: OutputOptions | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    label: str | None = None,
+    log_requests: bool = False,
+    pixel_budget: int | None = None,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    budget_wait_s: float = BUDGET_WAIT_S,
+) -> SegmentServer:
     """A bound, not yet running server (call ``serve_forever``); port 0 picks a free port,
     ``server.url`` says which. ``pixel_budget`` defaults to two images at ``max_pixels``
     (none when that is unlimited)."""
@@ -482,8 +520,18 @@ def make_server(segmenter: Segmenter, options: OutputOptions | None = None, host
         artifact = getattr(segmenter.predictor, "artifact", None)
         label = Path(artifact.path).name if artifact is not None else "model"
     try:
-        return SegmentServer((host, port), segmenter, options or OutputOptions(), max_bytes, max_pixels, label,
-                             log_requests, pixel_budget, request_timeout_s, budget_wait_s)
+        return SegmentServer(
+            (host, port),
+            segmenter,
+            options or OutputOptions(),
+            max_bytes,
+            max_pixels,
+            label,
+            log_requests,
+            pixel_budget,
+            request_timeout_s,
+            budget_wait_s,
+        )
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
@@ -496,15 +544,26 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_output_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
-                   help=f"refuse request bodies larger than this, unread (default {DEFAULT_MAX_BYTES:,} = 20 MiB)")
-    p.add_argument("--pixel-budget", type=int,
-                   help="most image pixels in work at once, all requests together (~27 bytes each); a request "
-                        f"that does not fit waits up to {BUDGET_WAIT_S:g} s, then gets 503 "
-                        "(default 2 × --max-pixels)")
-    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
-                   help="seconds a request's headers and body may take to arrive, all together; then 408 "
-                        f"(default {DEFAULT_REQUEST_TIMEOUT_S:g})")
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help=f"refuse request bodies larger than this, unread (default {DEFAULT_MAX_BYTES:,} = 20 MiB)",
+    )
+    p.add_argument(
+        "--pixel-budget",
+        type=int,
+        help="most image pixels in work at once, all requests together (~27 bytes each); a request "
+        f"that does not fit waits up to {BUDGET_WAIT_S:g} s, then gets 503 "
+        "(default 2 × --max-pixels)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        help="seconds a request's headers and body may take to arrive, all together; then 408 "
+        f"(default {DEFAULT_REQUEST_TIMEOUT_S:g})",
+    )
     p.add_argument("--log-requests", action="store_true", help="log every request on stderr")
 
 
@@ -515,8 +574,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = output_options(args)
     with open_segmenter(args, 1) as segmenter:
         label = Path(args.artifact).name if args.artifact else args.model  # a default model is known only now
-        server = make_server(segmenter, options, args.host, args.port, args.max_bytes, args.max_pixels, label,
-                             args.log_requests, args.pixel_budget, args.request_timeout)
+        server = make_server(
+            segmenter,
+            options,
+            args.host,
+            args.port,
+            args.max_bytes,
+            args.max_pixels,
+            label,
+            args.log_requests,
+            args.pixel_budget,
+            args.request_timeout,
+        )
         print(f"serving {label} on {server.url} (POST /predict, GET /health)", flush=True)
         # `docker stop`, systemd: SIGTERM stops as Ctrl-C does. SIGINT is set explicitly too: a
         # process started from a non-interactive shell's background job inherits it ignored.
@@ -534,4 +603,3 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
-

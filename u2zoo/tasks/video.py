@@ -70,13 +70,16 @@ def import_av() -> Any:
 
 # ---------------------------------------------------------------- codecs and output names
 
+
 def encoder_for(container: str, kind: str) -> tuple[str, str, dict[str, str]]:
     """(codec, pixel format, codec options) for one output kind in one container."""
     av = import_av()
     if container == "mp4":
         if kind == "cutout":
-            raise ConfigError("an .mp4 (H.264) video has no alpha channel, so it cannot hold a cut-out: "
-                              "write cut-outs to .mov, .mkv or .webm (--format mov)")
+            raise ConfigError(
+                "an .mp4 (H.264) video has no alpha channel, so it cannot hold a cut-out: "
+                "write cut-outs to .mov, .mkv or .webm (--format mov)"
+            )
         if "libx264" in av.codecs_available:
             return "libx264", "yuv420p", {"crf": "18"}  # near-transparent quality; masks compress well anyway
         return "mpeg4", "yuv420p", {"b": "8M"}  # its default 200 kb/s smears mask edges
@@ -98,8 +101,9 @@ def container_of(path: Path) -> str | None:
     return suffix if suffix in CONTAINERS else None
 
 
-def plan_outputs(inputs: list[Path], out: Path, kinds: tuple[str, ...],
-                 fmt: str | None = None) -> list[tuple[Path, dict[str, Path]]]:
+def plan_outputs(
+    inputs: list[Path], out: Path, kinds: tuple[str, ...], fmt: str | None = None
+) -> list[tuple[Path, dict[str, Path]]]:
     """(input, {kind: output path}) for every input, checking every (container, kind) pair.
 
     ``out`` is one file when there is one input and it has a video suffix (with several
@@ -122,8 +126,12 @@ def plan_outputs(inputs: list[Path], out: Path, kinds: tuple[str, ...],
         plans.append((inputs[0], targets))
     else:
         for source in inputs:
-            plans.append((source, {kind: out / f"{source.stem}{SUFFIXES[kind]}.{fmt or DEFAULT_CONTAINER[kind]}"
-                                   for kind in kinds}))
+            plans.append(
+                (
+                    source,
+                    {kind: out / f"{source.stem}{SUFFIXES[kind]}.{fmt or DEFAULT_CONTAINER[kind]}" for kind in kinds},
+                )
+            )
     seen: dict[Path, Path] = {}
     sources = {source.resolve() for source in inputs}
     for source, targets in plans:
@@ -133,13 +141,16 @@ def plan_outputs(inputs: list[Path], out: Path, kinds: tuple[str, ...],
             if key in sources:
                 raise ConfigError(f"the output {target} would overwrite an input")
             if key in seen:
-                raise ConfigError(f"{seen[key]} and {source} would both write {target}: "
-                                  "give them different names or run them separately")
+                raise ConfigError(
+                    f"{seen[key]} and {source} would both write {target}: "
+                    "give them different names or run them separately"
+                )
             seen[key] = source
     return plans
 
 
 # ---------------------------------------------------------------- reading
+
 
 def frame_rate(stream: Any) -> Fraction:
     """The input's average frame rate, kept by the output (a VFR input comes out constant)."""
@@ -180,11 +191,14 @@ def check_complete(source: Path, decoded: int, expected: int | None) -> None:
     if decoded == 0:
         raise VideoError(f"{source}: no frame could be decoded")
     if expected and expected - decoded > max(1, expected // 100):  # rounding of duration × rate
-        raise VideoError(f"{source} is truncated: it ends after {decoded} of the {expected} frames its header "
-                         "promises; no output kept")
+        raise VideoError(
+            f"{source} is truncated: it ends after {decoded} of the {expected} frames its header "
+            "promises; no output kept"
+        )
 
 
 # ---------------------------------------------------------------- writing
+
 
 class VideoWriter:
     """One output video, encoded to a hidden temp file beside ``target`` and renamed by
@@ -195,8 +209,10 @@ class VideoWriter:
         container = container_of(target)
         codec, pix_fmt, codec_options = encoder_for(container or "", kind)
         if pix_fmt.startswith("yuv") and (width % 2 or height % 2) and codec != "libvpx-vp9":
-            raise VideoError(f"cannot write {target}: the frames are {width}×{height} and {codec} in .{container} "
-                             "needs an even width and height; write .mkv or .mov")
+            raise VideoError(
+                f"cannot write {target}: the frames are {width}×{height} and {codec} in .{container} "
+                "needs an even width and height; write .mkv or .mov"
+            )
         self.target = target
         self.tmp = target.with_name(f".{target.name}.tmp")
         self.count = 0
@@ -243,6 +259,7 @@ class VideoWriter:
 
 # ---------------------------------------------------------------- the pipeline
 
+
 class Smoother:
     """Exponential moving average of the maps, m_t = A·m_{t−1} + (1−A)·raw_t: damps the
     frame-to-frame flicker of a per-image model. A = 0 is off."""
@@ -286,9 +303,15 @@ class VideoReport:
         return [path for result in self.done for path in result.outputs]
 
 
-def process_video(segmenter: Segmenter, source: Path, targets: dict[str, Path],
-                  options: OutputOptions | None = None, smooth: float = 0.0,
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: bool = False) -> VideoResult:
+def process_video(
+    segmenter: Segmenter,
+    source: Path,
+    targets: dict[str, Path],
+    options: OutputOptions | None = None,
+    smooth: float = 0.0,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    progress: bool = False,
+) -> VideoResult:
     """Decode ``source``, segment its frames in batches, encode one video per kind in
     ``targets``. Raises VideoError if the video is unusable; whatever the error, no output
     file or temp file is left behind."""
@@ -309,8 +332,10 @@ def process_video(segmenter: Segmenter, source: Path, targets: dict[str, Path],
         stream.thread_type = "AUTO"
         width, height = stream.codec_context.width, stream.codec_context.height
         if max_pixels and width * height > max_pixels:
-            raise VideoError(f"{source} is {width}×{height} = {width * height:,} pixels per frame, over the "
-                             f"limit of {max_pixels:,} (raise it with --max-pixels)")
+            raise VideoError(
+                f"{source} is {width}×{height} = {width * height:,} pixels per frame, over the "
+                f"limit of {max_pixels:,} (raise it with --max-pixels)"
+            )
         rate = frame_rate(stream)
         expected = expected_frames(container, stream, rate)
         writers: dict[str, VideoWriter] = {}
@@ -348,8 +373,9 @@ def process_video(segmenter: Segmenter, source: Path, targets: dict[str, Path],
             for writer in writers.values():
                 writer.abort()
             raise
-    return VideoResult(source, [w.target for w in writers.values()], decoded,
-                       time.perf_counter() - started, sorted(notes))
+    return VideoResult(
+        source, [w.target for w in writers.values()], decoded, time.perf_counter() - started, sorted(notes)
+    )
 
 
 def _decode(av: Any, container: Any, stream: Any, source: Path):
@@ -363,8 +389,9 @@ def _decode(av: Any, container: Any, stream: Any, source: Path):
             yield np.rot90(pixels, quarter_turns).astype(np.float32) / 255.0
             count += 1
     except (av.error.FFmpegError, OSError) as exc:
-        raise VideoError(f"{source} is corrupt or truncated: decoding failed after {count} frame(s) "
-                         f"({_reason(exc)}); no output kept") from None
+        raise VideoError(
+            f"{source} is corrupt or truncated: decoding failed after {count} frame(s) ({_reason(exc)}); no output kept"
+        ) from None
 
 
 def _reason(exc: Exception) -> str:
@@ -372,10 +399,16 @@ def _reason(exc: Exception) -> str:
     return getattr(exc, "strerror", None) or str(exc)
 
 
-def process_videos(segmenter: Segmenter, plans: list[tuple[Path, dict[str, Path]]],
-                   options: OutputOptions, smooth: float = 0.0, resume: bool = False,
-                   max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: bool = False,
-                   on_done: Callable[[VideoResult], None] | None = None) -> VideoReport:
+def process_videos(
+    segmenter: Segmenter,
+    plans: list[tuple[Path, dict[str, Path]]],
+    options: OutputOptions,
+    smooth: float = 0.0,
+    resume: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    progress: bool = False,
+    on_done: Callable[[VideoResult], None] | None = None,
+) -> VideoReport:
     """Every planned video in turn; a bad one is reported and skipped, the rest go on."""
     report = VideoReport()
     for source, targets in plans:
@@ -395,6 +428,7 @@ def process_videos(segmenter: Segmenter, plans: list[tuple[Path, dict[str, Path]
 
 # ---------------------------------------------------------------- the CLI verb
 
+
 def add_video_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `u2zoo video`."""
     from u2zoo.tasks.cli_args import add_model_arguments, add_output_arguments
@@ -402,12 +436,18 @@ def add_video_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help="video files (audio is not copied)")
     add_model_arguments(p)
     add_output_arguments(p)
-    p.add_argument("--out", required=True,
-                   help="output file (one input, a .mp4/.mov/.mkv/.webm name) or folder")
-    p.add_argument("--format", help="container for outputs in a folder: mp4, mov, mkv or webm "
-                                    "(default: mp4 for masks and composites, mov for cut-outs)")
-    p.add_argument("--smooth", type=float, default=0.0,
-                   help="temporal smoothing A in [0, 1): map_t = A·map_t-1 + (1-A)·raw_t (default 0 = off)")
+    p.add_argument("--out", required=True, help="output file (one input, a .mp4/.mov/.mkv/.webm name) or folder")
+    p.add_argument(
+        "--format",
+        help="container for outputs in a folder: mp4, mov, mkv or webm "
+        "(default: mp4 for masks and composites, mov for cut-outs)",
+    )
+    p.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        help="temporal smoothing A in [0, 1): map_t = A·map_t-1 + (1-A)·raw_t (default 0 = off)",
+    )
     p.add_argument("--resume", action="store_true", help="skip inputs whose outputs all exist")
 
 
@@ -430,21 +470,25 @@ def cmd_video(args: argparse.Namespace) -> int:
         ensure_writable_dir(folder)
 
     def show(result: VideoResult) -> None:
-        print(f"{shown(result.source)}: {result.frames} frame(s) in {result.seconds:.2f} s = "
-              f"{result.frames_per_s:.2f} frames/s end to end → {', '.join(map(shown, result.outputs))}")
+        print(
+            f"{shown(result.source)}: {result.frames} frame(s) in {result.seconds:.2f} s = "
+            f"{result.frames_per_s:.2f} frames/s end to end → {', '.join(map(shown, result.outputs))}"
+        )
         for note in result.notes:
             print(f"u2zoo: note: {shown(result.source)}: {note}", file=sys.stderr)
 
     with open_segmenter(args, args.batch) as segmenter:
-        report = process_videos(segmenter, plans, options, args.smooth, args.resume, args.max_pixels,
-                                progress=not args.quiet, on_done=show)
+        report = process_videos(
+            segmenter, plans, options, args.smooth, args.resume, args.max_pixels, progress=not args.quiet, on_done=show
+        )
     for source, reason in report.failed:
         print(f"u2zoo: skipped {shown(source)}: {reason}", file=sys.stderr)
     frames = sum(r.frames for r in report.done)
     seconds = sum(r.seconds for r in report.done)
     speed = f" = {frames / seconds:.2f} frames/s" if seconds > 0 else ""
     resumed = f", {len(report.resumed)} already done (--resume)" if args.resume else ""
-    print(f"wrote {len(report.written)} video(s); {frames} frame(s) in {seconds:.2f} s{speed} at batch "
-          f"{segmenter.batch_size}; {len(report.failed)} input(s) failed{resumed}")
+    print(
+        f"wrote {len(report.written)} video(s); {frames} frame(s) in {seconds:.2f} s{speed} at batch "
+        f"{segmenter.batch_size}; {len(report.failed)} input(s) failed{resumed}"
+    )
     return 1 if report.failed else 0
-

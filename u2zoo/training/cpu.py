@@ -81,7 +81,13 @@ def host_record(bf16: bool, bf16_reason: str) -> dict[str, Any]:
     """What a run's record says about the machine it trained on."""
     import torch
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": str(torch.__version__), "cpu_capability": torch_cpu_capability(),
-            "bf16_autocast": bf16, "bf16_reason": bf16_reason,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": str(torch.__version__),
+        "cpu_capability": torch_cpu_capability(),
+        "bf16_autocast": bf16,
+        "bf16_reason": bf16_reason,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

@@ -42,11 +42,15 @@ def pair_masks(images: list[Path], masks_dir: Path) -> list[Path]:
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} of {len(images)} image(s) have no mask in {masks_dir} with the same stem "
-                         f"(e.g. {', '.join(missing[:3])})")
+            parts.append(
+                f"{len(missing)} of {len(images)} image(s) have no mask in {masks_dir} with the same stem "
+                f"(e.g. {', '.join(missing[:3])})"
+            )
         if extra:
-            parts.append(f"masks without an image: {', '.join(extra[:3])}{' …' if len(extra) > 3 else ''} "
-                         f"({len(extra)} in {masks_dir})")
+            parts.append(
+                f"masks without an image: {', '.join(extra[:3])}{' …' if len(extra) > 3 else ''} "
+                f"({len(extra)} in {masks_dir})"
+            )
         raise ConfigError("; ".join(parts))
     return [masks[p.stem] for p in images]
 
@@ -64,8 +68,10 @@ def check_disjoint(train: list[Path], val: list[Path]) -> None:
         train_digests = {digest(p) for p in train}
         shared = sorted(p.name for p in val if digest(p) in train_digests)
     if shared:
-        raise ConfigError(f"{len(shared)} validation image(s) are also in the training set (e.g. "
-                          f"{', '.join(shared[:3])}): refused, a score on training images is not a validation figure")
+        raise ConfigError(
+            f"{len(shared)} validation image(s) are also in the training set (e.g. "
+            f"{', '.join(shared[:3])}): refused, a score on training images is not a validation figure"
+        )
 
 
 def _random_crop_box(rng: np.random.Generator, height: int, width: int, aug: Augment) -> tuple[int, int, int, int]:
@@ -80,12 +86,13 @@ def _random_crop_box(rng: np.random.Generator, height: int, width: int, aug: Aug
     return 0, 0, height, width
 
 
-def augment_pair(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator,
-                 aug: Augment) -> tuple[np.ndarray, np.ndarray | None]:
+def augment_pair(
+    image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, aug: Augment
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Geometric changes on both, photometric ones on the image only."""
     top, left, h, w = _random_crop_box(rng, *image.shape[:2], aug)
-    image = image[top:top + h, left:left + w]
-    mask = None if mask is None else mask[top:top + h, left:left + w]
+    image = image[top : top + h, left : left + w]
+    mask = None if mask is None else mask[top : top + h, left : left + w]
     if aug.hflip and rng.random() < 0.5:
         image = image[:, ::-1]
         mask = None if mask is None else mask[:, ::-1]
@@ -118,9 +125,17 @@ class FolderDataset:
     ``skipped`` (name, reason); a set where nothing decodes is an error.
     """
 
-    def __init__(self, images_dir: str | Path, contract: Contract, *, masks_dir: str | Path | None = None,
-                 size: tuple[int, int] | None = None, augment: Augment | None = None, seed: int = 0,
-                 soft_masks: bool = False):
+    def __init__(
+        self,
+        images_dir: str | Path,
+        contract: Contract,
+        *,
+        masks_dir: str | Path | None = None,
+        size: tuple[int, int] | None = None,
+        augment: Augment | None = None,
+        seed: int = 0,
+        soft_masks: bool = False,
+    ):
         from u2zoo.errors import U2ZooError
 
         images_dir = Path(images_dir)
@@ -159,8 +174,10 @@ class FolderDataset:
             self.paths.append(path)
             self.images.append(np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8))
         if not self.paths:
-            raise ConfigError(f"none of the {len(paths)} image(s) in {images_dir} could be read "
-                              f"(e.g. {self.skipped[0][0]}: {self.skipped[0][1]})")
+            raise ConfigError(
+                f"none of the {len(paths)} image(s) in {images_dir} could be read "
+                f"(e.g. {self.skipped[0][0]}: {self.skipped[0][1]})"
+            )
 
     @property
     def resized_masks(self) -> int:
@@ -170,11 +187,17 @@ class FolderDataset:
         """One line on what was skipped or changed while reading the set."""
         parts = [f"{len(self.paths)} image(s)"]
         if self.skipped:
-            parts.append(f"{len(self.skipped)} skipped, unreadable: " + ", ".join(n for n, _ in self.skipped[:5])
-                         + (" …" if len(self.skipped) > 5 else ""))
+            parts.append(
+                f"{len(self.skipped)} skipped, unreadable: "
+                + ", ".join(n for n, _ in self.skipped[:5])
+                + (" …" if len(self.skipped) > 5 else "")
+            )
         if self.resized_names:
-            parts.append(f"{len(self.resized_names)} mask(s) of another size resized to their image (bilinear): "
-                         + ", ".join(self.resized_names[:5]) + (" …" if len(self.resized_names) > 5 else ""))
+            parts.append(
+                f"{len(self.resized_names)} mask(s) of another size resized to their image (bilinear): "
+                + ", ".join(self.resized_names[:5])
+                + (" …" if len(self.resized_names) > 5 else "")
+            )
         return "; ".join(parts)
 
     def attach_teacher(self, cache, batch: int = 8) -> None:
@@ -184,8 +207,9 @@ class FolderDataset:
 
         keys = [image_key(p) for p in self.paths]
         originals = [load_rgb(p) if not cache.path(k).is_file() else None for p, k in zip(self.paths, keys)]
-        self.teacher_maps = [np.clip(np.rint(m * 255.0), 0, 255).astype(np.uint8)
-                             for m in cache.get_many(keys, originals, batch)]
+        self.teacher_maps = [
+            np.clip(np.rint(m * 255.0), 0, 255).astype(np.uint8) for m in cache.get_many(keys, originals, batch)
+        ]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -205,12 +229,16 @@ class FolderDataset:
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             image, stacked = augment_pair(image, stacked, rng, self.augment)
-        sample: dict[str, Any] = {"image": preprocess(image, self.contract.pre, self.size),
-                                  "name": self.paths[index].name}
+        sample: dict[str, Any] = {
+            "image": preprocess(image, self.contract.pre, self.size),
+            "name": self.paths[index].name,
+        }
         if stacked is None:
             return sample
-        resized = [resize_plane(np.ascontiguousarray(stacked[..., i]), self.size[0], self.size[1])
-                   for i in range(stacked.shape[-1])]
+        resized = [
+            resize_plane(np.ascontiguousarray(stacked[..., i]), self.size[0], self.size[1])
+            for i in range(stacked.shape[-1])
+        ]
         if self.masks is not None:
             plane = resized.pop(0)
             plane = np.clip(plane, 0.0, 1.0) if self.soft_masks else (plane >= 0.5).astype(np.float32)

@@ -33,8 +33,9 @@ class ValSet:
         return len(self.names)
 
 
-def load_val(images_dir: str | Path, masks_dir: str | Path, contract: Contract = SALIENCY,
-             limit: int | None = None) -> ValSet:
+def load_val(
+    images_dir: str | Path, masks_dir: str | Path, contract: Contract = SALIENCY, limit: int | None = None
+) -> ValSet:
     """The first ``limit`` images of ``images_dir`` (sorted) with their masks, preprocessed once."""
     paths = list_images([Path(images_dir)])
     if limit:
@@ -64,7 +65,7 @@ def predict_maps(model, inputs: np.ndarray, batch: int = 10, channels_last: bool
     outs = []
     with torch.no_grad():
         for start in range(0, len(inputs), batch):
-            x = torch.from_numpy(inputs[start:start + batch])
+            x = torch.from_numpy(inputs[start : start + batch])
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             out = model(x)
@@ -84,8 +85,12 @@ def score_maps(maps: np.ndarray, val: ValSet, contract: Contract = SALIENCY) -> 
         curves.append(_f_from_counts(tp, fp, np.count_nonzero(truth)))
         errors.append(mae(pred, truth))
         ious.append(iou(pred, truth)[0])
-    return {"mae": float(np.mean(errors)), "max_f": float(np.mean(curves, axis=0).max()),
-            "iou50": float(np.mean(ious)), "images": len(errors)}
+    return {
+        "mae": float(np.mean(errors)),
+        "max_f": float(np.mean(curves, axis=0).max()),
+        "iou50": float(np.mean(ious)),
+        "images": len(errors),
+    }
 
 
 def deploy_scores(model, val: ValSet, contract: Contract = SALIENCY, batch: int = 10) -> dict[str, float]:

@@ -34,10 +34,18 @@ def teacher_targets(teacher) -> Any:
     return target
 
 
-def distill(teacher_name: str, student_arch: str, images: str | Path, config: TrainConfig, *,
-            teacher_weights: str | None = None, val_images: str | Path | None = None,
-            size: tuple[int, int] | None = None, student_weights: str | None = None,
-            progress: bool = True) -> list[dict[str, Any]]:
+def distill(
+    teacher_name: str,
+    student_arch: str,
+    images: str | Path,
+    config: TrainConfig,
+    *,
+    teacher_weights: str | None = None,
+    val_images: str | Path | None = None,
+    size: tuple[int, int] | None = None,
+    student_weights: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Train ``student_arch`` on the teacher's maps of ``images``; returns the history."""
     import torch
 
@@ -47,8 +55,10 @@ def distill(teacher_name: str, student_arch: str, images: str | Path, config: Tr
     teacher, teacher_info, contract = load_model(teacher_name, teacher_weights, deploy=False, progress=progress)
     student_contract = _contract_of(student_arch)
     if student_contract.to_dict() != contract.to_dict():
-        raise ConfigError(f"teacher {teacher_name!r} and student {student_arch!r} have different pre/post-processing "
-                          "contracts; distillation needs the same inputs and outputs")
+        raise ConfigError(
+            f"teacher {teacher_name!r} and student {student_arch!r} have different pre/post-processing "
+            "contracts; distillation needs the same inputs and outputs"
+        )
     arch, _ = resolve_model_name(student_arch)
     if student_weights:  # verified, weights_only loading with one-line errors, like every checkpoint
         student, _, _ = load_model(student_arch, student_weights, deploy=False, progress=progress)
@@ -61,8 +71,9 @@ def distill(teacher_name: str, student_arch: str, images: str | Path, config: Tr
     if val_set is not None:
         check_disjoint(train_set.paths, val_set.paths)
     extra = {"teacher": {"name": teacher_name, "weights": teacher_info.to_dict()}, "contract": contract.to_dict()}
-    return fit(student, arch, train_set, val_set, config, teacher_targets(teacher), progress=progress,
-               extra_state=extra)
+    return fit(
+        student, arch, train_set, val_set, config, teacher_targets(teacher), progress=progress, extra_state=extra
+    )
 
 
 def _contract_of(name: str):

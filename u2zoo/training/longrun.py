@@ -129,8 +129,15 @@ class TrainPairs:
         return len(self.paths)
 
 
-def make_sample(image: np.ndarray, mask: np.ndarray, teacher_map: np.ndarray | None, size: int,
-                rng: np.random.Generator, crop_scale: tuple[float, float], pre) -> tuple[np.ndarray, ...]:
+def make_sample(
+    image: np.ndarray,
+    mask: np.ndarray,
+    teacher_map: np.ndarray | None,
+    size: int,
+    rng: np.random.Generator,
+    crop_scale: tuple[float, float],
+    pre,
+) -> tuple[np.ndarray, ...]:
     """Random resized crop + flip on image/mask/teacher map, photometric jitter on the image,
     then the contract's pre-processing at size×size."""
     from u2zoo.training.data import Augment, _random_crop_box
@@ -140,10 +147,10 @@ def make_sample(image: np.ndarray, mask: np.ndarray, teacher_map: np.ndarray | N
     h, w = image.shape[:2]
     top, left, ch, cw = _random_crop_box(rng, h, w, aug)
     flip = rng.random() < 0.5
-    img = image[top:top + ch, left:left + cw].astype(np.float32) / 255.0
-    msk = mask[top:top + ch, left:left + cw].astype(np.float32) / 255.0
+    img = image[top : top + ch, left : left + cw].astype(np.float32) / 255.0
+    msk = mask[top : top + ch, left : left + cw].astype(np.float32) / 255.0
     if teacher_map is not None:
-        tm = resize_plane(teacher_map, h, w)[top:top + ch, left:left + cw]
+        tm = resize_plane(teacher_map, h, w)[top : top + ch, left : left + cw]
     if flip:
         img, msk = img[:, ::-1], msk[:, ::-1]
         if teacher_map is not None:
@@ -181,12 +188,15 @@ def build_student(cfg: RunConfig, out: Path, teacher=None):
         errors = factorize_from_teacher(teacher, model)
         record = {"init": "teacher-svd", "kernel_rel_error_mean": float(np.mean(list(errors.values())))}
         if cfg.init_refine_images:
-            paths = list_images([Path(cfg.data) / "train" / "images"])[:cfg.init_refine_images]
+            paths = list_images([Path(cfg.data) / "train" / "images"])[: cfg.init_refine_images]
             size = (cfg.init_refine_size, cfg.init_refine_size)
             calib = torch.from_numpy(np.stack([preprocess(load_rgb(p), SALIENCY.pre, size) for p in paths]))
             refined = refine_pointwise(teacher, model, calib)
-            record |= {"refine_images": len(paths), "refine_size": cfg.init_refine_size,
-                       "refine_rel_error_mean": float(np.mean(list(refined.values())))}
+            record |= {
+                "refine_images": len(paths),
+                "refine_size": cfg.init_refine_size,
+                "refine_rel_error_mean": float(np.mean(list(refined.values()))),
+            }
         return model, record
     apply_state_dict(model, {k: v.float() for k, v in read_state_dict(cfg.init).items()}, cfg.arch, cfg.init)
     return model, {"init": cfg.init}
@@ -227,10 +237,15 @@ def run(cfg: RunConfig, resume: bool = True) -> None:
     val_names = {p.stem for p in (data / "val" / "images").iterdir()}
     overlap = sorted(val_names & {p.stem for p in pairs.paths})
     if overlap:
-        raise ConfigError(f"{len(overlap)} validation image(s) also in the training set (e.g. {', '.join(overlap[:3])}): "
-                          "refused, a score on training images is not a validation figure")
-    log(out, f"data: {len(pairs)} train pairs ({len(pairs.skipped)} skipped: {', '.join(pairs.skipped[:5])}; "
-             f"{len(pairs.resized)} masks resized to their image, bilinear: {', '.join(pairs.resized[:5])})")
+        raise ConfigError(
+            f"{len(overlap)} validation image(s) also in the training set (e.g. {', '.join(overlap[:3])}): "
+            "refused, a score on training images is not a validation figure"
+        )
+    log(
+        out,
+        f"data: {len(pairs)} train pairs ({len(pairs.skipped)} skipped: {', '.join(pairs.skipped[:5])}; "
+        f"{len(pairs.resized)} masks resized to their image, bilinear: {', '.join(pairs.resized[:5])})",
+    )
     val = load_val(data / "val" / "images", data / "val" / "masks", SALIENCY, limit=cfg.val_limit)
 
     teacher_weights = cfg.teacher_weights
@@ -240,9 +255,13 @@ def run(cfg: RunConfig, resume: bool = True) -> None:
         teacher = teacher.to(memory_format=torch.channels_last)
     cache = None
     if cfg.teacher_weight > 0:
-        cache = TeacherCache(cfg.cache or (out.parent / "teacher_cache"), teacher_info.sha256 or "random",
-                             (cfg.teacher_resolution,) * 2, torch_teacher_runner(teacher, bf16, cfg.channels_last),
-                             SALIENCY)
+        cache = TeacherCache(
+            cfg.cache or (out.parent / "teacher_cache"),
+            teacher_info.sha256 or "random",
+            (cfg.teacher_resolution,) * 2,
+            torch_teacher_runner(teacher, bf16, cfg.channels_last),
+            SALIENCY,
+        )
         keys = [image_key(p) for p in pairs.paths]
 
     last = out / "last.pt"
@@ -278,45 +297,89 @@ def run(cfg: RunConfig, resume: bool = True) -> None:
         step, samples_seen, epoch, position = (int(state[k]) for k in ("step", "samples", "epoch", "position"))
         history, best, wall_before = list(state["history"]), float(state["best_mae"]), float(state["wall_s"])
         torch.set_rng_state(state["torch_rng"])
-        log(out, f"resumed {last} at step {step}/{steps_total}, {samples_seen} samples, epoch {epoch} "
-                 f"position {position}, best val MAE {best:.4f}")
+        log(
+            out,
+            f"resumed {last} at step {step}/{steps_total}, {samples_seen} samples, epoch {epoch} "
+            f"position {position}, best val MAE {best:.4f}",
+        )
     else:
         scores = deploy_scores(model, val)
         history.append({"step": 0, "samples": 0, "val": scores, "wall_s": 0.0})
         best = scores["mae"]
         _atomic_torch_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "best.pth")
-        log(out, f"init {json.dumps(init_record)}: deploy-path val[{len(val)}] MAE {scores['mae']:.4f} "
-                 f"max F {scores['max_f']:.4f} IoU {scores['iou50']:.4f}")
+        log(
+            out,
+            f"init {json.dumps(init_record)}: deploy-path val[{len(val)}] MAE {scores['mae']:.4f} "
+            f"max F {scores['max_f']:.4f} IoU {scores['iou50']:.4f}",
+        )
         torch.manual_seed(cfg.seed)
     host = host_record(bf16, bf16_reason)
-    (out / "run.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "host": host, "init": init_record,
-                                              "teacher": teacher_info.to_dict(), "phases": phases,
-                                              "steps_total": steps_total, "train_pairs": len(pairs),
-                                              "skipped": pairs.skipped, "val_images": len(val)}, indent=1))
-    log(out, f"contract {cfg.contract}; host: {host['cpu']}, bf16 autocast {bf16} ({bf16_reason}), channels_last {cfg.channels_last}; "
-             f"{steps_total} steps of {cfg.batch_size}, phases {phases}")
+    (out / "run.json").write_text(
+        json.dumps(
+            {
+                "config": dataclasses.asdict(cfg),
+                "host": host,
+                "init": init_record,
+                "teacher": teacher_info.to_dict(),
+                "phases": phases,
+                "steps_total": steps_total,
+                "train_pairs": len(pairs),
+                "skipped": pairs.skipped,
+                "val_images": len(val),
+            },
+            indent=1,
+        )
+    )
+    log(
+        out,
+        f"contract {cfg.contract}; host: {host['cpu']}, bf16 autocast {bf16} ({bf16_reason}), channels_last {cfg.channels_last}; "
+        f"{steps_total} steps of {cfg.batch_size}, phases {phases}",
+    )
 
     def save(reason: str) -> None:
-        _atomic_torch_save({"arch": cfg.arch, "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "step": step, "samples": samples_seen, "epoch": epoch, "position": position,
-                            "history": history, "best_mae": best, "torch_rng": torch.get_rng_state(),
-                            "wall_s": wall_before + time.time() - session_start, "config": dataclasses.asdict(cfg)
-                            | {"crop_scale": list(cfg.crop_scale)}, "init": init_record}, last)
+        _atomic_torch_save(
+            {
+                "arch": cfg.arch,
+                "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "samples": samples_seen,
+                "epoch": epoch,
+                "position": position,
+                "history": history,
+                "best_mae": best,
+                "torch_rng": torch.get_rng_state(),
+                "wall_s": wall_before + time.time() - session_start,
+                "config": dataclasses.asdict(cfg) | {"crop_scale": list(cfg.crop_scale)},
+                "init": init_record,
+            },
+            last,
+        )
         (out / "history.json").write_text(json.dumps(history, indent=1))
 
     def evaluate() -> None:
         nonlocal best
         scores = deploy_scores(model, val)
-        record = {"step": step, "samples": samples_seen, "val": scores, "wall_s": wall_before + time.time() - session_start}
+        record = {
+            "step": step,
+            "samples": samples_seen,
+            "val": scores,
+            "wall_s": wall_before + time.time() - session_start,
+        }
         history.append(record)
         mark = ""
         if becomes_best(scores, best, history[0]["val"], cfg.select):
             best = scores["mae"]
-            _atomic_torch_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "best.pth")
+            _atomic_torch_save(
+                {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "best.pth"
+            )
             mark = " (best)"
-        log(out, f"val[{len(val)}] step {step} samples {samples_seen} size {size}: deploy-path MAE {scores['mae']:.4f} "
-                 f"max F {scores['max_f']:.4f} IoU {scores['iou50']:.4f}{mark}")
+        log(
+            out,
+            f"val[{len(val)}] step {step} samples {samples_seen} size {size}: deploy-path MAE {scores['mae']:.4f} "
+            f"max F {scores['max_f']:.4f} IoU {scores['iou50']:.4f}{mark}",
+        )
 
     session_start = time.time()
     last_ckpt = last_eval = time.time()
@@ -324,6 +387,7 @@ def run(cfg: RunConfig, resume: bool = True) -> None:
     model.train()
     if cfg.freeze_bn:
         from u2zoo.zoo.layers import freeze_batchnorm
+
         freeze_batchnorm(model)
     size = phases[0][0]
     while step < steps_total:
@@ -338,7 +402,7 @@ def run(cfg: RunConfig, resume: bool = True) -> None:
         if position >= len(order):
             epoch, position = epoch + 1, 0
             continue
-        idx = order[position:position + cfg.batch_size]
+        idx = order[position : position + cfg.batch_size]
         xs, ms, ts = [], [], []
         tmaps = cache.get_many([keys[i] for i in idx], [pairs.images[i] for i in idx]) if cache else [None] * len(idx)
         for i, tmap in zip(idx, tmaps):
@@ -368,8 +432,11 @@ def run(cfg: RunConfig, resume: bool = True) -> None:
             rate = window_n / (time.time() - window_t)
             eta = (cfg.samples - samples_seen) / max(rate, 1e-9)
             extra = f", teacher maps computed {cache.computed} cached-hits {cache.hits}" if cache else ""
-            log(out, f"step {step}/{steps_total} epoch {epoch} size {size} loss {float(value.detach()):.4f} "
-                     f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.2f} samples/s ETA {eta / 60:.0f} min{extra}")
+            log(
+                out,
+                f"step {step}/{steps_total} epoch {epoch} size {size} loss {float(value.detach()):.4f} "
+                f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.2f} samples/s ETA {eta / 60:.0f} min{extra}",
+            )
             window_t, window_n = time.time(), 0
         if time.time() - last_eval > cfg.eval_minutes * 60:
             evaluate()
@@ -383,8 +450,11 @@ def run(cfg: RunConfig, resume: bool = True) -> None:
             window_t, window_n = time.time(), 0
     evaluate()
     save("end")
-    log(out, f"done: {samples_seen} samples, {step} steps, best val[{len(val)}] MAE {best:.4f}, "
-             f"wall {(wall_before + time.time() - session_start) / 60:.1f} min")
+    log(
+        out,
+        f"done: {samples_seen} samples, {step} steps, best val[{len(val)}] MAE {best:.4f}, "
+        f"wall {(wall_before + time.time() - session_start) / 60:.1f} min",
+    )
 
 
 def becomes_best(scores: dict[str, float], best_mae: float, start: dict[str, float], select: str) -> bool:

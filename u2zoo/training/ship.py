@@ -32,18 +32,28 @@ from u2zoo.zoo.weights import file_digest
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "duts-tr"
 
 
-def ship_weights(best: str | Path, dest: str | Path, recipe: dict[str, Any],
-                 history: str | Path | None = None, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+def ship_weights(
+    best: str | Path,
+    dest: str | Path,
+    recipe: dict[str, Any],
+    history: str | Path | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write ``dest`` (fp16 state dict) and ``dest.json`` (recipe, history, metrics); return the record."""
     import torch
 
     state = torch.load(best, map_location="cpu", weights_only=True)
     dest = Path(dest)
     atomic_write_bytes(dest, fp16_bytes(state))
-    record = {"file": dest.name, "sha256": file_digest(dest), "bytes": dest.stat().st_size,
-              "num_params": sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k),
-              "recipe": recipe, "metrics": metrics or {},
-              "history": json.loads(Path(history).read_text()) if history else []}
+    record = {
+        "file": dest.name,
+        "sha256": file_digest(dest),
+        "bytes": dest.stat().st_size,
+        "num_params": sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k),
+        "recipe": recipe,
+        "metrics": metrics or {},
+        "history": json.loads(Path(history).read_text()) if history else [],
+    }
     atomic_write_text(dest.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
     return record
 
@@ -110,8 +120,13 @@ def _run_record(candidate: Path) -> dict[str, Any]:
     record: dict[str, Any] = {"run": str(folder)}
     if (folder / "run.json").is_file():
         run = json.loads((folder / "run.json").read_text())
-        record |= {"config": run.get("config"), "host": run.get("host"), "init": run.get("init"),
-                   "teacher": run.get("teacher"), "train_pairs": run.get("train_pairs")}
+        record |= {
+            "config": run.get("config"),
+            "host": run.get("host"),
+            "init": run.get("init"),
+            "teacher": run.get("teacher"),
+            "train_pairs": run.get("train_pairs"),
+        }
     last = folder / "last.pt"
     if last.is_file():
         try:
@@ -123,8 +138,11 @@ def _run_record(candidate: Path) -> dict[str, Any]:
         if "wall_s" in state:
             record["wall_s"] = round(float(state["wall_s"]), 1)
         if "step" not in state and history:  # trainer.fit's per-epoch checkpoint
-            record |= {"epochs": len(history), "steps": sum(h.get("steps", 0) for h in history),
-                       "wall_s": round(sum(h.get("seconds", 0) for h in history), 1)}
+            record |= {
+                "epochs": len(history),
+                "steps": sum(h.get("steps", 0) for h in history),
+                "wall_s": round(sum(h.get("seconds", 0) for h in history), 1),
+            }
         if "host" in state:
             record["host"] = state["host"]
         record["history"] = history
@@ -141,17 +159,26 @@ def _describe_best(record: dict[str, Any], history: list[dict[str, Any]]) -> Non
         return
     best = min(scored, key=lambda h: h["val"]["mae"])
     record["run_end"] = {k: record.pop(k) for k in ("epoch", "step", "samples", "wall_s") if k in record}
-    record |= {"step": best["step"], "picked": f"lowest val MAE of the run ({best['val']['mae']:.4f} on "
-                                               f"{best['val'].get('images', '?')} images)"}
+    record |= {
+        "step": best["step"],
+        "picked": f"lowest val MAE of the run ({best['val']['mae']:.4f} on {best['val'].get('images', '?')} images)",
+    }
     if "samples" in best:
         record["samples"] = best["samples"]
     if "wall_s" in best:
         record["wall_s"] = round(float(best["wall_s"]), 1)
 
 
-def ship_if_better(candidate: str | Path, dest: str | Path, data: str | Path = DEFAULT_DATA, split: str = "val",
-                   arch: str = "u2net-lite", dry_run: bool = False, limit: int | None = None,
-                   log=print) -> dict[str, Any]:
+def ship_if_better(
+    candidate: str | Path,
+    dest: str | Path,
+    data: str | Path = DEFAULT_DATA,
+    split: str = "val",
+    arch: str = "u2net-lite",
+    dry_run: bool = False,
+    limit: int | None = None,
+    log=print,
+) -> dict[str, Any]:
     """Score ``candidate`` and the weights at ``dest`` on ``data/split``; replace ``dest`` only if
     the candidate has the lower MAE and the higher max F. Returns the record written (or that
     would be written with ``dry_run``); a candidate that is not better raises ConfigError."""
@@ -169,9 +196,12 @@ def ship_if_better(candidate: str | Path, dest: str | Path, data: str | Path = D
     new_state = {k: v.float() if v.is_floating_point() else v for k, v in _load_state(candidate).items()}
     new = score_state(new_state, arch, val, contract)
     old = score_state(_load_state(dest), arch, val, contract) if dest.is_file() else None
-    line = (f"candidate {candidate.name}: MAE {new['mae']:.4f}, max F {new['max_f']:.4f}; bundled {dest.name}: "
-            + (f"MAE {old['mae']:.4f}, max F {old['max_f']:.4f}" if old else "none") + f" ({data_name}, {len(val)} "
-            f"images, official contract)")
+    line = (
+        f"candidate {candidate.name}: MAE {new['mae']:.4f}, max F {new['max_f']:.4f}; bundled {dest.name}: "
+        + (f"MAE {old['mae']:.4f}, max F {old['max_f']:.4f}" if old else "none")
+        + f" ({data_name}, {len(val)} "
+        f"images, official contract)"
+    )
     if old is not None and not (new["mae"] < old["mae"] and new["max_f"] > old["max_f"]):
         raise ConfigError(f"refused to ship: {line}: the candidate must have the lower MAE and the higher max F")
     log(f"better: {line}")
@@ -181,22 +211,35 @@ def ship_if_better(candidate: str | Path, dest: str | Path, data: str | Path = D
     sha = hashlib.sha256(payload).hexdigest()
 
     def entry(scores: dict[str, Any], weights_sha: str | None) -> dict[str, Any]:
-        return {"mae": scores["mae"], "max_f": scores["max_f"], "iou50": scores["iou50"], "images": scores["images"],
-                "data": data_name, "contract": "official", "weights_sha256": weights_sha}
+        return {
+            "mae": scores["mae"],
+            "max_f": scores["max_f"],
+            "iou50": scores["iou50"],
+            "images": scores["images"],
+            "data": data_name,
+            "contract": "official",
+            "weights_sha256": weights_sha,
+        }
 
-    counts = {s: len([p for p in (data / s / "images").iterdir()]) for s in ("train", "val")
-              if (data / s / "images").is_dir()}
+    counts = {
+        s: len([p for p in (data / s / "images").iterdir()]) for s in ("train", "val") if (data / s / "images").is_dir()
+    }
     run = _run_record(candidate)
     history = run.pop("history", [])
     record = {
-        "file": dest.name, "sha256": sha, "bytes": len(payload), "arch": arch,
+        "file": dest.name,
+        "sha256": sha,
+        "bytes": len(payload),
+        "arch": arch,
         "num_params": count_params(_model(arch)),
         "metrics": {"val": entry(new, sha)},
         "previous": {"val": entry(old, file_digest(dest))} if old else None,
         "data": {"set": data.name, "split": f"{split}/", "train_split": "train/", "counts": counts},
         "training": {k: run.get(k) for k in TRAINING_KEYS if k in run},
-        "device": run.get("host"), "recipe": {k: run.get(k) for k in ("config", "init", "teacher", "train_pairs")},
-        "contract": contract.to_dict(), "scored_in_s": round(time.time() - started, 1),
+        "device": run.get("host"),
+        "recipe": {k: run.get(k) for k in ("config", "init", "teacher", "train_pairs")},
+        "contract": contract.to_dict(),
+        "scored_in_s": round(time.time() - started, 1),
         "shipped": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "history": history,
     }
@@ -214,8 +257,10 @@ def _model(arch: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m u2zoo.training.ship",
-                                     description="replace the bundled weights only with better ones (scored on val/)")
+    parser = argparse.ArgumentParser(
+        prog="python -m u2zoo.training.ship",
+        description="replace the bundled weights only with better ones (scored on val/)",
+    )
     parser.add_argument("candidate", help="best.pth (state dict) or last.pt of a training run")
     parser.add_argument("--arch", default="u2net-lite")
     parser.add_argument("--dest", help="the bundled weights file (default: the package's u2net-lite weights)")
@@ -223,8 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val")
     parser.add_argument("--dry-run", action="store_true", help="score and compare, write nothing")
     args = parser.parse_args(argv)
-    dest = Path(args.dest) if args.dest else Path(__file__).resolve().parents[1] / "zoo" / "bundled" / \
-        "u2net_lite_distilled_fp16.pth"
+    dest = (
+        Path(args.dest)
+        if args.dest
+        else Path(__file__).resolve().parents[1] / "zoo" / "bundled" / "u2net_lite_distilled_fp16.pth"
+    )
     try:
         record = ship_if_better(args.candidate, dest, args.data, args.split, args.arch, args.dry_run)
     except U2ZooError as exc:

@@ -32,8 +32,14 @@ def image_key(path: str | Path) -> str:
 class TeacherCache:
     """Soft maps of one teacher at one resolution; ``computed`` counts teacher forward passes."""
 
-    def __init__(self, root: str | Path, teacher_sha256: str, resolution: tuple[int, int],
-                 run_teacher: Callable[[np.ndarray], np.ndarray], contract: Contract):
+    def __init__(
+        self,
+        root: str | Path,
+        teacher_sha256: str,
+        resolution: tuple[int, int],
+        run_teacher: Callable[[np.ndarray], np.ndarray],
+        contract: Contract,
+    ):
         self.folder = Path(root) / teacher_sha256[:16] / f"{resolution[0]}x{resolution[1]}"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.resolution, self.run_teacher, self.contract = resolution, run_teacher, contract
@@ -55,7 +61,7 @@ class TeacherCache:
             else:
                 missing.append(i)
         for start in range(0, len(missing), batch):
-            chunk = missing[start:start + batch]
+            chunk = missing[start : start + batch]
             inputs = np.stack([preprocess(_as_float(images[i]), self.contract.pre, self.resolution) for i in chunk])
             maps = self.run_teacher(inputs)  # (n, h, w) float in [0, 1]
             for i, plane in zip(chunk, maps):
@@ -79,7 +85,9 @@ def _png(plane: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def torch_teacher_runner(teacher, bf16: bool = False, channels_last: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+def torch_teacher_runner(
+    teacher, bf16: bool = False, channels_last: bool = False
+) -> Callable[[np.ndarray], np.ndarray]:
     """inputs (n, 3, h, w) → the teacher's fused map d0 (n, h, w), eval mode, no gradients."""
     import torch
 

@@ -29,7 +29,9 @@ def _folded(unit: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     weight = conv.weight.detach().double()
     bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
     scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
-    return weight * scale[:, None, None, None], (bias - bn.running_mean.detach().double()) * scale + bn.bias.detach().double()
+    return weight * scale[:, None, None, None], (
+        bias - bn.running_mean.detach().double()
+    ) * scale + bn.bias.detach().double()
 
 
 def _identity_bn(bn: nn.BatchNorm2d) -> None:
@@ -48,8 +50,9 @@ def factor_unit(teacher_unit: nn.Module, student_unit: nn.Module) -> float:
     dw, pw = student_unit.conv_dw, student_unit.conv_pw
     m = dw.out_channels // dw.in_channels
     if dw.in_channels != in_ch or pw.out_channels != out_ch or dw.groups != in_ch:
-        raise ConfigError(f"student unit ({dw.in_channels}→{pw.out_channels}) does not match the teacher's "
-                          f"({in_ch}→{out_ch})")
+        raise ConfigError(
+            f"student unit ({dw.in_channels}→{pw.out_channels}) does not match the teacher's ({in_ch}→{out_ch})"
+        )
     dw_weight = torch.zeros(in_ch * m, 1, 3, 3, dtype=torch.float64)
     pw_weight = torch.zeros(out_ch, in_ch * m, dtype=torch.float64)
     approx = torch.zeros_like(weight)
@@ -57,10 +60,11 @@ def factor_unit(teacher_unit: nn.Module, student_unit: nn.Module) -> float:
         matrix = weight[:, c].reshape(out_ch, 9)
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         k = min(m, s.numel())
-        dw_weight[c * m:c * m + k, 0] = vh[:k].reshape(k, 3, 3)
-        pw_weight[:, c * m:c * m + k] = u[:, :k] * s[:k]
-        approx[:, c] = (pw_weight[:, c * m:(c + 1) * m] @ dw_weight[c * m:(c + 1) * m, 0].reshape(m, 9)).reshape(
-            out_ch, 3, 3)
+        dw_weight[c * m : c * m + k, 0] = vh[:k].reshape(k, 3, 3)
+        pw_weight[:, c * m : c * m + k] = u[:, :k] * s[:k]
+        approx[:, c] = (pw_weight[:, c * m : (c + 1) * m] @ dw_weight[c * m : (c + 1) * m, 0].reshape(m, 9)).reshape(
+            out_ch, 3, 3
+        )
     with torch.no_grad():
         dw.weight.copy_(dw_weight.float())
         pw.weight.copy_(pw_weight.float()[:, :, None, None])
@@ -93,8 +97,9 @@ def factorize_from_teacher(teacher: nn.Module, student: nn.Module) -> dict[str, 
     return errors
 
 
-def refine_pointwise(teacher: nn.Module, student: nn.Module, images: torch.Tensor, ridge: float = 1e-3,
-                     max_pixels: int = 30_000) -> dict[str, float]:
+def refine_pointwise(
+    teacher: nn.Module, student: nn.Module, images: torch.Tensor, ridge: float = 1e-3, max_pixels: int = 30_000
+) -> dict[str, float]:
     """Re-fit each student pointwise conv by least squares against the teacher unit's folded
     output (pre-activation), feeding the student its own activations; returns the relative
     error of every unit after the fit.
@@ -110,8 +115,10 @@ def refine_pointwise(teacher: nn.Module, student: nn.Module, images: torch.Tenso
     teacher_inputs: dict[str, torch.Tensor] = {}
     handles = []
     for name, unit in teacher_units.items():
+
         def record(_m, inputs, name=name):
             teacher_inputs[name] = inputs[0].detach()
+
         handles.append(unit.register_forward_pre_hook(record))
     with torch.no_grad():
         teacher(images)
@@ -121,8 +128,13 @@ def refine_pointwise(teacher: nn.Module, student: nn.Module, images: torch.Tenso
 
     def fit(name: str, unit: nn.Module, student_input: torch.Tensor) -> None:
         weight, bias = _folded(teacher_units[name])
-        target = nn.functional.conv2d(teacher_inputs.pop(name), weight.float(), bias.float(),
-                                      padding=unit.conv_dw.padding, dilation=unit.conv_dw.dilation)
+        target = nn.functional.conv2d(
+            teacher_inputs.pop(name),
+            weight.float(),
+            bias.float(),
+            padding=unit.conv_dw.padding,
+            dilation=unit.conv_dw.dilation,
+        )
         features = unit.conv_dw(student_input)
         f = features.shape[1]
         x = features.permute(0, 2, 3, 1).reshape(-1, f)
@@ -141,8 +153,10 @@ def refine_pointwise(teacher: nn.Module, student: nn.Module, images: torch.Tenso
 
     handles = []
     for name, unit in student_units:
+
         def refit(module, inputs, name=name):
             fit(name, module, inputs[0].detach())
+
         handles.append(unit.register_forward_pre_hook(refit))
     try:
         with torch.no_grad():

@@ -214,8 +214,16 @@ def evaluate(model, loader, target_fn: TargetFn, loss: CompositeLoss, device: st
     return {"val_loss": float(np.mean(losses)), "val_mae": float(np.mean(errors)), "val_max_f": metrics.result().max_f}
 
 
-def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: TargetFn,
-        progress: bool = True, extra_state: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def fit(
+    model,
+    arch: str,
+    train_set,
+    val_set,
+    config: TrainConfig,
+    target_fn: TargetFn,
+    progress: bool = True,
+    extra_state: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """Train ``model`` (training mode: seven maps) and write checkpoints, history and curves."""
     import torch
     from torch.utils.data import DataLoader, DistributedSampler
@@ -244,10 +252,19 @@ def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: Ta
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device == "cuda" else None)
     sampler = DistributedSampler(train_set, seed=config.seed) if world > 1 else None
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=config.workers, drop_last=len(train_set) > config.batch_size, generator=generator)
+    loader = DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=config.workers,
+        drop_last=len(train_set) > config.batch_size,
+        generator=generator,
+    )
     val_loader = DataLoader(val_set, batch_size=config.batch_size) if val_set is not None else None
-    steps_per_epoch = len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
+    steps_per_epoch = (
+        len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer_type = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_type(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -260,13 +277,25 @@ def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: Ta
     history: list[dict[str, Any]] = []
     start_epoch, best = 0, math.inf
     if rank == 0:
-        atomic_write_text(out / "run.json", json.dumps({"config": dataclasses.asdict(config), "host": host,
-                                                        "train_images": len(train_set),
-                                                        "val_images": len(val_set) if val_set is not None else 0},
-                                                       indent=1) + "\n")
+        atomic_write_text(
+            out / "run.json",
+            json.dumps(
+                {
+                    "config": dataclasses.asdict(config),
+                    "host": host,
+                    "train_images": len(train_set),
+                    "val_images": len(val_set) if val_set is not None else 0,
+                },
+                indent=1,
+            )
+            + "\n",
+        )
         if progress:
-            print(f"training on {device}: {host['cpu']}; bf16 autocast {'on' if use_bf16 else 'off'} ({bf16_reason}); "
-                  f"channels_last {'on' if config.channels_last else 'off'}", flush=True)
+            print(
+                f"training on {device}: {host['cpu']}; bf16 autocast {'on' if use_bf16 else 'off'} ({bf16_reason}); "
+                f"channels_last {'on' if config.channels_last else 'off'}",
+                flush=True,
+            )
     if config.resume:
         state = load_checkpoint(config.resume, arch)
         model.load_state_dict(state["model"])
@@ -286,8 +315,13 @@ def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: Ta
         if config.freeze_bn:
             freeze_batchnorm(model)
         running, terms, seen = [], {}, 0
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not progress or rank != 0, leave=False)
+        bar = tqdm(
+            loader,
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not progress or rank != 0,
+            leave=False,
+        )
         for step, batch in enumerate(bar):
             if step >= steps_per_epoch:
                 break
@@ -314,14 +348,22 @@ def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: Ta
             for name, term in loss.last.items():
                 terms.setdefault(name, []).append(term)
             rate = seen / max(time.perf_counter() - started, 1e-9)
-            left = (steps_per_epoch - step - 1) * config.batch_size * world + \
-                (config.epochs - epoch - 1) * steps_per_epoch * config.batch_size * world
-            bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}", sps=f"{rate * world:.1f}", eta=_minutes(left / (rate * world)))
+            left = (steps_per_epoch - step - 1) * config.batch_size * world + (
+                config.epochs - epoch - 1
+            ) * steps_per_epoch * config.batch_size * world
+            bar.set_postfix(
+                loss=f"{np.mean(running[-20:]):.4f}", sps=f"{rate * world:.1f}", eta=_minutes(left / (rate * world))
+            )
         train_seconds = time.perf_counter() - started
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(running)),
-                                  "terms": {k: float(np.mean(v)) for k, v in terms.items()},
-                                  "lr": float(scheduler.get_last_lr()[0]), "steps": len(running),
-                                  "samples": seen * world, "samples_per_s": round(seen * world / max(train_seconds, 1e-9), 3)}
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(running)),
+            "terms": {k: float(np.mean(v)) for k, v in terms.items()},
+            "lr": float(scheduler.get_last_lr()[0]),
+            "steps": len(running),
+            "samples": seen * world,
+            "samples_per_s": round(seen * world / max(train_seconds, 1e-9), 3),
+        }
         if val_loader is not None and rank == 0:
             record |= evaluate(model, val_loader, target_fn, loss, device)
         record["seconds"] = round(time.perf_counter() - started, 1)
@@ -331,8 +373,9 @@ def fit(model, arch: str, train_set, val_set, config: TrainConfig, target_fn: Ta
             score = record.get("val_mae", record["train_loss"])
             if score <= best:
                 best = score
-                _atomic_torch_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                                   out / "best.pth")
+                _atomic_torch_save(
+                    {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "best.pth"
+                )
             if progress:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float))
                 eta = _minutes(record["seconds"] * (config.epochs - epoch - 1))
@@ -344,11 +387,26 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def _save(model, arch: str, optimizer, scheduler, epoch: int, history: list[dict[str, Any]], config: TrainConfig,
-          out: Path, extra_state: dict[str, Any] | None) -> None:
-    state = {"arch": arch, "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-             "history": history, "config": dataclasses.asdict(config)} | (extra_state or {})
+def _save(
+    model,
+    arch: str,
+    optimizer,
+    scheduler,
+    epoch: int,
+    history: list[dict[str, Any]],
+    config: TrainConfig,
+    out: Path,
+    extra_state: dict[str, Any] | None,
+) -> None:
+    state = {
+        "arch": arch,
+        "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "history": history,
+        "config": dataclasses.asdict(config),
+    } | (extra_state or {})
     _atomic_torch_save(state, out / "last.pt")
     atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
     plot_history(history, out / "curves.png")

@@ -26,12 +26,30 @@ from u2zoo.zoo.layers import DSREBNCONV, REBNCONV, RSU4, RSU4F, RSU5, RSU6, RSU7
 StageWidths = tuple[tuple[int, int, int], ...]
 
 U2NET_WIDTHS: StageWidths = (
-    (3, 32, 64), (64, 32, 128), (128, 64, 256), (256, 128, 512), (512, 256, 512), (512, 256, 512),
-    (1024, 256, 512), (1024, 128, 256), (512, 64, 128), (256, 32, 64), (128, 16, 64),
+    (3, 32, 64),
+    (64, 32, 128),
+    (128, 64, 256),
+    (256, 128, 512),
+    (512, 256, 512),
+    (512, 256, 512),
+    (1024, 256, 512),
+    (1024, 128, 256),
+    (512, 64, 128),
+    (256, 32, 64),
+    (128, 16, 64),
 )
 U2NETP_WIDTHS: StageWidths = (
-    (3, 16, 64), (64, 16, 64), (64, 16, 64), (64, 16, 64), (64, 16, 64), (64, 16, 64),
-    (128, 16, 64), (128, 16, 64), (128, 16, 64), (128, 16, 64), (128, 16, 64),
+    (3, 16, 64),
+    (64, 16, 64),
+    (64, 16, 64),
+    (64, 16, 64),
+    (64, 16, 64),
+    (64, 16, 64),
+    (128, 16, 64),
+    (128, 16, 64),
+    (128, 16, 64),
+    (128, 16, 64),
+    (128, 16, 64),
 )
 # U2NET-lite: depthwise-separable convs, parameters where compute is cheap. Run time is set by
 # the full- and half-resolution stages (stage1/2, stage1d/2d), parameters by the 1/8–1/32
@@ -40,13 +58,31 @@ U2NETP_WIDTHS: StageWidths = (
 # 71 ms vs U2NETP's 152 ms; U2NET's widths with depthwise-separable convs gave 122 ms.
 # 4,722,568 parameters, 3.9 GMACs (U2NETP: 1.13M, 19.8 GMACs).
 U2NET_LITE_WIDTHS: StageWidths = (
-    (3, 8, 16), (16, 16, 32), (32, 32, 128), (128, 128, 512), (512, 256, 512), (512, 256, 512),
-    (1024, 256, 448), (960, 128, 256), (384, 64, 128), (160, 32, 64), (80, 16, 16),
+    (3, 8, 16),
+    (16, 16, 32),
+    (32, 32, 128),
+    (128, 128, 512),
+    (512, 256, 512),
+    (512, 256, 512),
+    (1024, 256, 448),
+    (960, 128, 256),
+    (384, 64, 128),
+    (160, 32, 64),
+    (80, 16, 16),
 )
 # A few thousand parameters: for fast unit tests of every code path, not for accuracy.
 TINY_WIDTHS: StageWidths = (
-    (3, 4, 8), (8, 4, 8), (8, 4, 8), (8, 4, 8), (8, 4, 8), (8, 4, 8),
-    (16, 4, 8), (16, 4, 8), (16, 4, 8), (16, 4, 8), (16, 4, 8),
+    (3, 4, 8),
+    (8, 4, 8),
+    (8, 4, 8),
+    (8, 4, 8),
+    (8, 4, 8),
+    (8, 4, 8),
+    (16, 4, 8),
+    (16, 4, 8),
+    (16, 4, 8),
+    (16, 4, 8),
+    (16, 4, 8),
 )
 
 _ENCODER_BLOCKS = (RSU7, RSU6, RSU5, RSU4, RSU4F, RSU4F)
@@ -56,8 +92,9 @@ _DECODER_BLOCKS = (RSU4F, RSU4, RSU5, RSU6, RSU7)
 class U2NetBase(nn.Module):
     """The shared U²-Net topology; subclasses only choose widths and the conv unit."""
 
-    def __init__(self, widths: StageWidths, in_ch: int = 3, out_ch: int = 1,
-                 conv: ConvFactory = REBNCONV, deploy: bool = False):
+    def __init__(
+        self, widths: StageWidths, in_ch: int = 3, out_ch: int = 1, conv: ConvFactory = REBNCONV, deploy: bool = False
+    ):
         super().__init__()
         if widths[0][0] != in_ch:
             widths = ((in_ch, *widths[0][1:]), *widths[1:])

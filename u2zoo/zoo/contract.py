@@ -42,8 +42,12 @@ from u2zoo.errors import ConfigError
 # or a forged manifest, refused before anything is allocated.
 MAX_SIDE = 4096
 
-_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-            "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+_FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 def _sequence(value: Any, length: int) -> bool:
@@ -84,13 +88,18 @@ class Preprocess:
         """Refuse values every runtime would choke on or silently turn into blank masks (a size
         of 0 or 10⁵, a NaN mean, a zero std), whether they come from code or a manifest."""
         if not (_sequence(self.size, 2) and all(_whole(v) and 1 <= v <= MAX_SIDE for v in self.size)):
-            raise ConfigError(f"contract size must be [height, width], whole numbers from 1 to {MAX_SIDE}, "
-                              f"got {_shown(self.size)}")
+            raise ConfigError(
+                f"contract size must be [height, width], whole numbers from 1 to {MAX_SIDE}, got {_shown(self.size)}"
+            )
         for name, values, above_zero in (("mean", self.mean, False), ("std", self.std, True)):
-            if not (_sequence(values, 3) and all(_real(v) and math.isfinite(v) and (v > 0 or not above_zero)
-                                                 for v in values)):
-                raise ConfigError(f"contract {name} must be 3 finite numbers{' above 0' if above_zero else ''} "
-                                  f"(one per RGB channel), got {_shown(values)}")
+            if not (
+                _sequence(values, 3)
+                and all(_real(v) and math.isfinite(v) and (v > 0 or not above_zero) for v in values)
+            ):
+                raise ConfigError(
+                    f"contract {name} must be 3 finite numbers{' above 0' if above_zero else ''} "
+                    f"(one per RGB channel), got {_shown(values)}"
+                )
 
 
 @dataclass(frozen=True)
@@ -136,11 +145,17 @@ def with_variant(contract: Contract, variant: str) -> Contract:
     if variant not in VARIANTS:
         from u2zoo.errors import did_you_mean
 
-        raise ConfigError(f"unknown contract variant {variant!r}{did_you_mean(variant, VARIANTS)} "
-                          f"(choose from: {', '.join(VARIANTS)})")
+        raise ConfigError(
+            f"unknown contract variant {variant!r}{did_you_mean(variant, VARIANTS)} "
+            f"(choose from: {', '.join(VARIANTS)})"
+        )
     pre_filter, antialias, post_filter = VARIANTS[variant]
-    return replace(contract, pre=replace(contract.pre, resize_filter=pre_filter, antialias=antialias),
-                   post=replace(contract.post, resize_filter=post_filter), variant=variant)
+    return replace(
+        contract,
+        pre=replace(contract.pre, resize_filter=pre_filter, antialias=antialias),
+        post=replace(contract.post, resize_filter=post_filter),
+        variant=variant,
+    )
 
 
 # The default variant for saliency-type weights: the one that scored better against ground
@@ -159,8 +174,7 @@ def _linear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, n
     return low, np.minimum(low + 1, size_in - 1), (coords - low).astype(np.float32)
 
 
-def _resize_plane(plane: np.ndarray, height: int, width: int, filter_name: str,
-                  antialias: bool = True) -> np.ndarray:
+def _resize_plane(plane: np.ndarray, height: int, width: int, filter_name: str, antialias: bool = True) -> np.ndarray:
     if filter_name not in _FILTERS:
         raise ConfigError(f"unknown resize filter {filter_name!r} (choose from: {', '.join(_FILTERS)})")
     if plane.shape == (height, width):
@@ -187,8 +201,9 @@ def preprocess(image: np.ndarray, pre: Preprocess, size: tuple[int, int] | None 
     what the weights were trained for.
     """
     height, width = size or pre.size
-    resized = np.stack([_resize_plane(image[..., c], height, width, pre.resize_filter, pre.antialias)
-                        for c in range(3)], -1)
+    resized = np.stack(
+        [_resize_plane(image[..., c], height, width, pre.resize_filter, pre.antialias) for c in range(3)], -1
+    )
     # Lanczos and bicubic overshoot at edges; an 8-bit resize would clamp there, so do we
     # (bilinear never leaves the input's range, so the official path is unchanged)
     resized = np.clip(resized, 0.0, 1.0)

@@ -53,9 +53,11 @@ def choose_default(record_path: Path | None = None) -> DefaultChoice:
         return DefaultChoice(FALLBACK, f"{CANDIDATE} ratchet record has no val/ score")
     if record.get("sha256") != REGISTRY[CANDIDATE].sha256:
         return DefaultChoice(FALLBACK, f"{CANDIDATE} ratchet record scores other weights than the shipped ones")
-    misses = ([f"val MAE {mae:.3f} > {LITE_MAX_MAE}"] if mae > LITE_MAX_MAE else []) + \
-             ([f"val max F {max_f:.3f} < {LITE_MIN_MAX_F}"] if max_f < LITE_MIN_MAX_F else [])
+    misses = ([f"val MAE {mae:.3f} > {LITE_MAX_MAE}"] if mae > LITE_MAX_MAE else []) + (
+        [f"val max F {max_f:.3f} < {LITE_MIN_MAX_F}"] if max_f < LITE_MIN_MAX_F else []
+    )
     if misses:
         return DefaultChoice(FALLBACK, f"{CANDIDATE} " + ", ".join(misses))
-    return DefaultChoice(CANDIDATE, f"{CANDIDATE} val MAE {mae:.3f} ≤ {LITE_MAX_MAE}, "
-                                    f"max F {max_f:.3f} ≥ {LITE_MIN_MAX_F}")
+    return DefaultChoice(
+        CANDIDATE, f"{CANDIDATE} val MAE {mae:.3f} ≤ {LITE_MAX_MAE}, max F {max_f:.3f} ≥ {LITE_MIN_MAX_F}"
+    )

@@ -56,8 +56,10 @@ def _decode(source, what: str, max_pixels: int | None) -> np.ndarray:
     try:
         with Image.open(source) as img:
             if max_pixels and img.width * img.height > max_pixels:
-                raise ImageTooLarge(f"{what} is {img.width}×{img.height} = {img.width * img.height / 1e6:.0f} MP, over "
-                                    f"the limit of {max_pixels / 1e6:g} MP (raise it with --max-pixels)")
+                raise ImageTooLarge(
+                    f"{what} is {img.width}×{img.height} = {img.width * img.height / 1e6:.0f} MP, over "
+                    f"the limit of {max_pixels / 1e6:g} MP (raise it with --max-pixels)"
+                )
             ImageOps.exif_transpose(img, in_place=True)  # loads it, upright
             return pil_to_rgb(img)
     except UnidentifiedImageError:

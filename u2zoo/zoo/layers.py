@@ -149,8 +149,9 @@ class DSMREBNCONV(nn.Module):
 
     def __init__(self, in_ch: int = 3, out_ch: int = 3, dirate: int = 1, multiplier: int = 3):
         super().__init__()
-        self.conv_dw = nn.Conv2d(in_ch, in_ch * multiplier, 3, padding=dirate, dilation=dirate, groups=in_ch,
-                                 bias=False)
+        self.conv_dw = nn.Conv2d(
+            in_ch, in_ch * multiplier, 3, padding=dirate, dilation=dirate, groups=in_ch, bias=False
+        )
         self.conv_pw = nn.Conv2d(in_ch * multiplier, out_ch, 1)
         self.bn_s1 = nn.BatchNorm2d(out_ch)
         self.relu_s1 = nn.ReLU(inplace=True)

@@ -43,8 +43,16 @@ def rebuild_pruned(arch: str, shapes: dict[str, dict[str, int]], build: Callable
         if old is None:
             raise WeightsError(f"pruned shapes name {name!r}, which {arch} does not have")
         if isinstance(old, nn.Conv2d):
-            new = nn.Conv2d(shape["in"], shape["out"], old.kernel_size, old.stride, old.padding, old.dilation,
-                            shape["groups"], old.bias is not None)
+            new = nn.Conv2d(
+                shape["in"],
+                shape["out"],
+                old.kernel_size,
+                old.stride,
+                old.padding,
+                old.dilation,
+                shape["groups"],
+                old.bias is not None,
+            )
         elif isinstance(old, nn.BatchNorm2d):
             new = nn.BatchNorm2d(shape["features"])
         else:

@@ -66,47 +66,78 @@ REGISTRY: dict[str, WeightsEntry] = {
     e.name: e
     for e in (
         WeightsEntry(
-            "u2net", "u2net", "u2net.pth", "saliency",
+            "u2net",
+            "u2net",
+            "u2net.pth",
+            "saliency",
             urls=(_GDRIVE + "1ao1ovG1Qtx4b7EoskHXmi2E9rp5CHLcZ",),
-            md5="347c3d51b01528e5c6c071e3cff1cb55", num_params=44_009_869, contract=SALIENCY,
+            md5="347c3d51b01528e5c6c071e3cff1cb55",
+            num_params=44_009_869,
+            contract=SALIENCY,
             notes="md5 as published by the rembg/backgroundremover loaders; Google Drive may answer "
-                  "with a confirmation page, which the hash check rejects",
+            "with a confirmation page, which the hash check rejects",
         ),
         WeightsEntry(
-            "u2netp", "u2netp", "u2netp.pth", "saliency",
+            "u2netp",
+            "u2netp",
+            "u2netp.pth",
+            "saliency",
             urls=(_GDRIVE + "1rbSTGKAE-MTxBYHd-51l2hMOQPT_7EPy",),
-            md5="e4f636406ca4e2af789941e7f139ee2e", num_params=1_131_181, contract=SALIENCY,
+            md5="e4f636406ca4e2af789941e7f139ee2e",
+            num_params=1_131_181,
+            contract=SALIENCY,
         ),
         WeightsEntry(
-            "u2netp.fp16_bnfolded", "u2netp", "u2netp_fp16_bnfolded.pth", "saliency",
+            "u2netp.fp16_bnfolded",
+            "u2netp",
+            "u2netp_fp16_bnfolded.pth",
+            "saliency",
             sha256="5eb1b2a6523cfcadcf178307e4bef80ca00026a59c14d019d5eed265baa8547b",
-            file_size=4_844_827, num_params=1_131_181, contract=SALIENCY, bundled=True,
+            file_size=4_844_827,
+            num_params=1_131_181,
+            contract=SALIENCY,
+            bundled=True,
             origin="official U2NETP (Qin et al. 2020, Apache-2.0) via rembg's u2netp.onnx: conv weights rounded "
-                   "to fp16, BatchNorm folded into the convs (BN layers identity)",
+            "to fp16, BatchNorm folded into the convs (BN layers identity)",
             notes="shipped in the package with its licence and attribution (U2NETP_LICENSE.txt, "
-                  "U2NETP_ATTRIBUTION.md beside it); mean MAE 0.005 against the official u2netp outputs",
+            "U2NETP_ATTRIBUTION.md beside it); mean MAE 0.005 against the official u2netp outputs",
         ),
         WeightsEntry(
-            "u2net-lite", "u2net-lite", "u2net_lite_distilled_fp16.pth", "saliency",
+            "u2net-lite",
+            "u2net-lite",
+            "u2net_lite_distilled_fp16.pth",
+            "saliency",
             sha256="e9f8f57473e065a3f3d34da56240f6999b0c975940ee423af9be3135ae793113",
-            file_size=9_771_043, num_params=4_722_568, contract=SALIENCY, bundled=True,
+            file_size=9_771_043,
+            num_params=4_722_568,
+            contract=SALIENCY,
+            bundled=True,
             origin="u2zoo: trained on DUTS-TR train/ on 2 CPU cores from the earlier distilled weights: 6,400 samples "
-                   "(ground truth + the real U2NETP's soft maps), then 12,000, 18,000 and 6,500 more (ground truth only, "
-                   "BCE + Dice, 320 px, lr 1e-4 cosine); fp16 state dict, shipped through the ratchet",
+            "(ground truth + the real U2NETP's soft maps), then 12,000, 18,000 and 6,500 more (ground truth only, "
+            "BCE + Dice, 320 px, lr 1e-4 cosine); fp16 state dict, shipped through the ratchet",
             notes="shipped in the package; recipe, history and val/ scores in u2net_lite_distilled_fp16.json beside "
-                  "it. Held-out DUTS-TR val/: MAE 0.106, max F 0.856 — short of its ship targets, so not the default",
+            "it. Held-out DUTS-TR val/: MAE 0.106, max F 0.856 — short of its ship targets, so not the default",
         ),
         WeightsEntry(
-            "u2net_human_seg", "u2net", "u2net_human_seg.pth", "human-seg",
+            "u2net_human_seg",
+            "u2net",
+            "u2net_human_seg.pth",
+            "human-seg",
             urls=(_GDRIVE + "1-Yg0cxgrNhHP-016FPdp902BR-kSsA4P",),
-            md5="09fb4e49b7f785c9f855baf94916840a", num_params=44_009_869, contract=SALIENCY,
+            md5="09fb4e49b7f785c9f855baf94916840a",
+            num_params=44_009_869,
+            contract=SALIENCY,
         ),
         WeightsEntry(
-            "u2net_portrait", "u2net", "u2net_portrait.pth", "portrait-drawing",
+            "u2net_portrait",
+            "u2net",
+            "u2net_portrait.pth",
+            "portrait-drawing",
             urls=(_GDRIVE + "1IG3HdpcRiDoWNookbncQjeaPN28t90yW",),
-            num_params=44_009_869, contract=PORTRAIT,
+            num_params=44_009_869,
+            contract=PORTRAIT,
             notes="upstream publishes no hash, so it is never downloaded unverified: download it "
-                  "yourself and pass --weights PATH",
+            "yourself and pass --weights PATH",
         ),
     )
 }
@@ -152,8 +183,14 @@ def _check_hashes(path: Path, sha256: str | None, md5: str | None, what: str) ->
     return actual_sha
 
 
-def download(url: str, dest: Path, sha256: str | None = None, md5: str | None = None,
-             progress: bool = True, size: int | None = None) -> Path:
+def download(
+    url: str,
+    dest: Path,
+    sha256: str | None = None,
+    md5: str | None = None,
+    progress: bool = True,
+    size: int | None = None,
+) -> Path:
     """Fetch ``url`` to ``dest`` under a lock; verified before the rename, never after.
 
     A download with no known hash is refused: unverified bytes are never used. With a known
@@ -179,18 +216,21 @@ def download(url: str, dest: Path, sha256: str | None = None, md5: str | None = 
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
                 total = int(resp.headers.get("Content-Length") or 0) or None
                 if size and total and total > size:
-                    raise WeightsError(f"download failed: {url}: the server announces {total:,} bytes, "
-                                       f"more than the expected {size:,}")
+                    raise WeightsError(
+                        f"download failed: {url}: the server announces {total:,} bytes, more than the expected {size:,}"
+                    )
                 from tqdm import tqdm
 
-                with tqdm(total=total or size, unit="B", unit_scale=True, desc=dest.name, disable=not progress,
-                          leave=False) as bar:
+                with tqdm(
+                    total=total or size, unit="B", unit_scale=True, desc=dest.name, disable=not progress, leave=False
+                ) as bar:
                     written = 0
                     for chunk in iter(lambda: resp.read(1 << 20), b""):
                         written += len(chunk)
                         if size and written > size:
-                            raise WeightsError(f"download failed: {url}: more than the expected {size:,} bytes "
-                                               "were sent; stopped")
+                            raise WeightsError(
+                                f"download failed: {url}: more than the expected {size:,} bytes were sent; stopped"
+                            )
                         out.write(chunk)
                         bar.update(len(chunk))
             _check_hashes(Path(tmp_name), sha256, md5, url)
@@ -251,8 +291,10 @@ def _verified_bundled(entry: WeightsEntry) -> Path:
         raise WeightsError(f"the shipped weights file {path} is missing: {reinstall}")
     actual = file_digest(path)
     if actual != entry.sha256:
-        raise WeightsError(f"the shipped weights file {path} is damaged or was changed (sha256 {actual[:16]}…, "
-                           f"expected {entry.sha256[:16]}…): {reinstall}")
+        raise WeightsError(
+            f"the shipped weights file {path} is damaged or was changed (sha256 {actual[:16]}…, "
+            f"expected {entry.sha256[:16]}…): {reinstall}"
+        )
     return path
 
 
@@ -282,8 +324,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         named = re.search(r"GLOBAL ([\w.]+)", str(exc))
         code = named.group(1) if named else _pickled_global(path)
         if code:
-            raise WeightsError(f"{path}: refused: the checkpoint holds pickled code or objects ({code}), "
-                               "not just tensors (loaded with weights_only=True)") from None
+            raise WeightsError(
+                f"{path}: refused: the checkpoint holds pickled code or objects ({code}), "
+                "not just tensors (loaded with weights_only=True)"
+            ) from None
         raise WeightsError(f"{path}: corrupt checkpoint: not a valid torch pickle") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -295,8 +339,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for name, tensor in obj.items():  # NaN/inf weights load fine and give blank masks: refuse them here
         if tensor.is_floating_point() and not (finite := torch.isfinite(tensor)).all():
             bad = int((~finite).sum())
-            raise WeightsError(f"{path}: refused: tensor {name!r} holds {bad} non-finite value{'s' * (bad > 1)} "
-                               "(NaN or inf), so the model's output would be meaningless")
+            raise WeightsError(
+                f"{path}: refused: tensor {name!r} holds {bad} non-finite value{'s' * (bad > 1)} "
+                "(NaN or inf), so the model's output would be meaningless"
+            )
     return obj
 
 
@@ -337,12 +383,17 @@ def apply_state_dict(model: U2NetBase, state: dict[str, torch.Tensor], arch: str
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    reshaped = [f"{k} {tuple(state[k].shape)}≠{tuple(v.shape)}" for k, v in expected.items()
-                if k in state and state[k].shape != v.shape]
+    reshaped = [
+        f"{k} {tuple(state[k].shape)}≠{tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or reshaped:
-        parts = [f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("of other shape", reshaped))
-                 if items]
+        parts = [
+            f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("of other shape", reshaped))
+            if items
+        ]
         raise WeightsError(f"{source} does not fit architecture {arch!r}: keys " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
 
@@ -361,9 +412,15 @@ def resolve_model_name(name: str) -> tuple[str, WeightsEntry | None]:
     raise ConfigError(f"unknown model {name!r}{did_you_mean(name, [*ARCHS, *REGISTRY])}")
 
 
-def load_model(name: str, weights: str | None = None, weights_sha256: str | None = None,
-               random_weights: bool = False, deploy: bool = True, progress: bool = True,
-               contract_variant: str | None = None) -> tuple[U2NetBase, WeightsInfo, Contract]:
+def load_model(
+    name: str,
+    weights: str | None = None,
+    weights_sha256: str | None = None,
+    random_weights: bool = False,
+    deploy: bool = True,
+    progress: bool = True,
+    contract_variant: str | None = None,
+) -> tuple[U2NetBase, WeightsInfo, Contract]:
     """Build the model ``name`` and load its weights; return it with provenance and contract.
 
     ``weights`` is a path or URL overriding the registry; ``random_weights`` must be asked for
@@ -374,8 +431,9 @@ def load_model(name: str, weights: str | None = None, weights_sha256: str | None
     return model, info, with_variant(contract, contract_variant) if contract_variant else contract
 
 
-def _load_model(name: str, weights: str | None, weights_sha256: str | None, random_weights: bool,
-                deploy: bool, progress: bool) -> tuple[U2NetBase, WeightsInfo, Contract]:
+def _load_model(
+    name: str, weights: str | None, weights_sha256: str | None, random_weights: bool, deploy: bool, progress: bool
+) -> tuple[U2NetBase, WeightsInfo, Contract]:
     arch, entry = resolve_model_name(name)
     contract = entry.contract if entry else SALIENCY
     if random_weights:
@@ -402,8 +460,9 @@ def _load_model(name: str, weights: str | None, weights_sha256: str | None, rand
         if weights_sha256:
             _check_hashes(path, weights_sha256, None, str(path))
     elif entry is None:
-        raise WeightsError(f"no registered weights for {arch!r}: pass --weights PATH, or --random-weights "
-                           "for an untrained model")
+        raise WeightsError(
+            f"no registered weights for {arch!r}: pass --weights PATH, or --random-weights for an untrained model"
+        )
     else:
         path = fetch(entry, progress=progress)
     sha = file_digest(path)
