@@ -19,7 +19,7 @@ import numpy as np
 
 from u2zoo.artifact import Artifact
 from u2zoo.converters import ModelSource, get_target
-from u2zoo.converters.base import ensure_writable_dir
+from u2zoo.converters.base import ensure_writable_dir, network_size_for
 from u2zoo.errors import BackendUnavailable, ConfigError, ParityError
 from u2zoo.quantization.auto_fp import AUTO_PRECISIONS, DEFAULT_BUDGET, Attempt, check_options
 from u2zoo.quantization.auto_fp import applies as auto_fp_applies
@@ -274,7 +274,7 @@ def _screen(
         return None
     with third_party_quiet():
         stand_in = spec.screen(source, opts)
-    inputs = preprocess_files(images, source.contract, _network_hw(opts, source))
+    inputs = preprocess_files(images, source.contract, network_size_for(opts, source))
     parity = compare(run_batched(TorchPredictor(source.model), inputs), run_batched(stand_in, inputs), tolerance)
     record = parity.to_dict() | {"images": [p.name for p in images]}
     if parity:
@@ -297,13 +297,6 @@ def _all_int8(first: Artifact, seconds: float) -> Attempt:
     return Attempt((), 0.0, parity["status"] == "ok", parity, seconds=seconds)
 
 
-def _network_hw(opts: Any, source: ModelSource) -> tuple[int, int]:
-    return (
-        getattr(opts, "height", None) or source.contract.pre.size[0],
-        getattr(opts, "width", None) or source.contract.pre.size[1],
-    )
-
-
 def _float_fallback(
     spec,
     opts: Any,
@@ -322,10 +315,10 @@ def _float_fallback(
     from u2zoo.quantization.calibration import calibration_set
     from u2zoo.runtime.timing import measure_latency
 
-    size = _network_hw(opts, source)
+    size = network_size_for(opts, source)
     calib = calibration_set(opts.calib, source.contract, opts.calib_size, size, warn=False)
-    graph = _ranking_graph_exporter(spec.name, opts, source, size)
-    ranking, ranking_record = ranking_for(source, calib, size, graph)
+    export_graph = _ranking_graph_exporter(spec.name, opts, source, size)
+    ranking, ranking_record = ranking_for(source, calib, size, export_graph)
     macs, total = group_macs(source.model)
     counter = iter(range(1, 10_000))
 
@@ -384,7 +377,7 @@ def _float_fallback(
         attempt,
         first,
         latency,
-        children=lambda group: children_ranking_for(source, calib, size, group, graph),
+        children=lambda group: children_ranking_for(source, calib, size, group, export_graph),
         prove=prove,
     )
     precision = getattr(opts, "precision", "int8")
@@ -429,7 +422,7 @@ def _warn_calibration_overlap(opts: Any, source: ModelSource, images: list[Path]
     calib_path = Path(opts.calib)
     if calib_path.suffix == ".npz":
         return
-    calib = calibration_set(calib_path, source.contract, opts.calib_size, _network_hw(opts, source), warn=False)
+    calib = calibration_set(calib_path, source.contract, opts.calib_size, network_size_for(opts, source), warn=False)
     shared = calib.overlap(images)
     if shared:
         print(

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
-from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, register
+from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, network_size_for, register
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, RuntimeLoadError, tool_failure
 from u2zoo.gpu import cuda_device_info, cuda_unavailable_reason, timed
 
@@ -95,8 +95,7 @@ def convert(source: ModelSource, options: AotiOptions, out_dir: Path, stem: str)
 
     import torch
 
-    height = options.height or source.contract.pre.size[0]
-    width = options.width or source.contract.pre.size[1]
+    height, width = network_size_for(options, source)
     if options.device == "cuda":
         reason = cuda_unavailable_reason()
         if reason:

@@ -238,6 +238,13 @@ def check_qat_options(qat: bool, epochs: int | None, lr: float | None) -> None:
         raise ConfigError("QAT needs ≥ 1 epoch and a positive learning rate")
 
 
+def network_size_for(options: Any, source: ModelSource) -> tuple[int, int]:
+    """The (height, width) an artifact is built and judged at: the options' ``height``/``width``
+    where set, else the contract's input size."""
+    height, width = source.contract.pre.size
+    return (getattr(options, "height", None) or height, getattr(options, "width", None) or width)
+
+
 def contract_at_size(contract: Contract, size: tuple[int, int]) -> Contract:
     """The contract as a static artifact built for ``size`` (height, width) applies it."""
     if tuple(contract.pre.size) == tuple(size):

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
-from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, register
+from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, network_size_for, register
 from u2zoo.converters.coreml_options import _ALL_UNITS, INPUT_NAME, OUTPUT_NAME, PRECISIONS, CoreMLOptions
 from u2zoo.converters.coreml_package import _describe, _import_coremltools, _quiet, validate_package
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, one_line, tool_failure
@@ -189,8 +189,7 @@ def convert(source: ModelSource, options: CoreMLOptions, out_dir: Path, stem: st
         require_sklearn()
     if not hasattr(ct.target, options.deployment_target):
         raise ConfigError(f"coremltools {ct.__version__} does not know deployment target {options.deployment_target!r}")
-    height = options.height or source.contract.pre.size[0]
-    width = options.width or source.contract.pre.size[1]
+    height, width = network_size_for(options, source)
     size, shape = (height, width), (1, 3, height, width)
     if options.image_input and not stem.endswith("_image"):
         stem += "_image"  # an image-input package must not overwrite the tensor-input one

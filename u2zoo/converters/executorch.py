@@ -28,7 +28,15 @@ from typing import Any
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
-from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
+from u2zoo.converters.base import (
+    ModelSource,
+    Runner,
+    TargetSpec,
+    build_artifact,
+    check_int8_options,
+    network_size_for,
+    register,
+)
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, tool_failure
 from u2zoo.quantization.onnx_int8 import TOP_LEVEL, check_module_groups
 
@@ -295,7 +303,7 @@ def screen(source: ModelSource, options: ExecuTorchOptions) -> QuantizedTorchMod
     most of a fallback step's time once calibration is reused; kept for ``convert``."""
     import torch
 
-    size = _program_size(source, options)
+    size = network_size_for(options, source)
     kept = check_module_groups(source.model, options.keep_fp_groups)
     example = (torch.zeros(options.batch, 3, *size),)
     with warnings.catch_warnings():
@@ -303,11 +311,6 @@ def screen(source: ModelSource, options: ExecuTorchOptions) -> QuantizedTorchMod
         built = _quantize(source.model.eval(), example, source, options, kept, size)
     _SCREENED[source.model] = (_screen_key(options, kept, size), built)
     return QuantizedTorchModule(built[0], options.batch, size)
-
-
-def _program_size(source: ModelSource, options: ExecuTorchOptions) -> tuple[int, int]:
-    """The program's fixed (height, width): the options', else the contract's."""
-    return (options.height or source.contract.pre.size[0], options.width or source.contract.pre.size[1])
 
 
 def _take_screened(source: ModelSource, key: tuple) -> tuple | None:
@@ -339,7 +342,7 @@ def _output_spec(exported) -> TensorSpec:
 
 def convert(source: ModelSource, options: ExecuTorchOptions, out_dir: Path, stem: str) -> Artifact:
     """torch → torch.export → (PT2E INT8) → XNNPACK-lowered ExecuTorch program (.pte)."""
-    height, width = _program_size(source, options)
+    height, width = network_size_for(options, source)
     model = source.model.eval()
     kept = check_module_groups(model, options.keep_fp_groups)  # before any slow or noisy import
     try:

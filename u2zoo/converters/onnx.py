@@ -31,6 +31,7 @@ from u2zoo.converters.base import (
     build_artifact,
     check_int8_options,
     check_qat_options,
+    network_size_for,
     register,
 )
 from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError, ConversionError, U2ZooError
@@ -279,8 +280,7 @@ def convert(source: ModelSource, options: OnnxOptions, out_dir: Path, stem: str)
     except ImportError as exc:
         raise BackendUnavailable(f"target 'onnx' needs {exc.name}", extra="onnx") from None
 
-    height = options.height or source.contract.pre.size[0]
-    width = options.width or source.contract.pre.size[1]
+    height, width = network_size_for(options, source)
     final = out_dir / f"{stem}.onnx"
     started = time.perf_counter()
     calibration = quantization = parent = None

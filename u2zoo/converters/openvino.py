@@ -27,6 +27,7 @@ from u2zoo.converters.base import (
     build_artifact,
     check_int8_options,
     check_qat_options,
+    network_size_for,
     register,
 )
 from u2zoo.converters.onnx import INPUT_NAME, OUTPUT_NAME, OnnxOptions, export_onnx
@@ -212,8 +213,7 @@ def convert(source: ModelSource, options: OpenVinoOptions, out_dir: Path, stem: 
         import openvino as ov
     except ImportError:
         raise BackendUnavailable("target 'openvino' needs openvino", extra="openvino") from None
-    height = options.height or source.contract.pre.size[0]
-    width = options.width or source.contract.pre.size[1]
+    height, width = network_size_for(options, source)
     xml, bin_ = out_dir / f"{stem}.xml", out_dir / f"{stem}.bin"
     started = time.perf_counter()
     calibration = quantization = None

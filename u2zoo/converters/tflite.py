@@ -39,7 +39,15 @@ from typing import Any
 import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
-from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, check_int8_options, register
+from u2zoo.converters.base import (
+    ModelSource,
+    Runner,
+    TargetSpec,
+    build_artifact,
+    check_int8_options,
+    network_size_for,
+    register,
+)
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, tool_failure
 from u2zoo.quantization.onnx_int8 import TOP_LEVEL, check_module_groups
 from u2zoo.zoo.weights import file_digest
@@ -306,7 +314,7 @@ def convert(source: ModelSource, options: TFLiteOptions, out_dir: Path, stem: st
         raise BackendUnavailable(
             "target 'tflite' needs litert-torch, ai-edge-quantizer and ai-edge-litert", extra="tflite"
         ) from None
-    size = (options.height or source.contract.pre.size[0], options.width or source.contract.pre.size[1])
+    size = network_size_for(options, source)
     started = time.perf_counter()
     # bad groups or calibration images fail before the slow conversion
     check_module_groups(source.model, options.keep_fp_groups)

@@ -18,7 +18,7 @@ import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, atomic_write_bytes, tool_versions
 from u2zoo.converters.aoti import DEVICES
-from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, register
+from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, network_size_for, register
 from u2zoo.errors import BackendUnavailable, ConfigError, RuntimeLoadError
 from u2zoo.gpu import cuda_device_info, cuda_unavailable_reason, timed
 
@@ -61,8 +61,7 @@ def save_state_dict(source: ModelSource, options: TorchOptions, out_dir: Path, s
         reason = cuda_unavailable_reason()
         if reason:
             raise BackendUnavailable(f"{target} --device cuda needs an NVIDIA GPU: {reason}")
-    height = options.height or source.contract.pre.size[0]
-    width = options.width or source.contract.pre.size[1]
+    height, width = network_size_for(options, source)
     started = time.perf_counter()
     dtype = torch.float16 if options.precision == "fp16" else torch.float32
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in source.model.state_dict().items()}
