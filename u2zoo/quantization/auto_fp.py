@@ -141,8 +141,13 @@ def _read_cached(path: Path, weights_key: str, calib_digest: str, warn: bool = T
 def cached_ranking(source, calib) -> list[RankedGroup] | None:
     """The ranking cached for ``source``'s weights on ``calib``, or None; never measures (a
     backend uses it to prepare for the search's first steps, when an earlier run left one)."""
-    weights_key = source.weights.sha256 or f"random:{source.arch}"
+    weights_key = _weights_key(source)
     return _read_cached(_cache_path(weights_key, calib.digest), weights_key, calib.digest, warn=False)
+
+
+def _weights_key(source) -> str:
+    """What a ranking is cached under for these weights: their sha256 (random weights: the arch)."""
+    return source.weights.sha256 or f"random:{source.arch}"
 
 
 def _cached_ranking(
@@ -152,7 +157,7 @@ def _cached_ranking(
     it; returns it, its cache file and whether it came from there."""
     from u2zoo.artifact import atomic_write_text
 
-    weights_key = source.weights.sha256 or f"random:{source.arch}"
+    weights_key = _weights_key(source)
     path = _cache_path(weights_key, calib_key)
     cached = _read_cached(path, weights_key, calib_key)
     if cached is not None:
