@@ -29,7 +29,7 @@ def tiny_dynamic_onnx(tmp_path_factory):
     """A dynamic-shape ONNX artifact of the tiny architecture (random weights), built once."""
     import torch
 
-    from u2zoo.convert import convert_model
+    from u2zoo.conversion import convert_model
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_onnx")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from u2zoo.artifact import open_artifact
-from u2zoo.convert import convert_model
+from u2zoo.conversion import convert_model
 from u2zoo.converters import TARGETS
 from u2zoo.errors import ConfigError, RuntimeLoadError
 from u2zoo.gpu import cuda_unavailable_reason

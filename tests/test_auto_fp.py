@@ -304,7 +304,7 @@ def test_group_macs_add_up_to_the_model(tmp_path):
 def test_convert_records_the_search_and_off_switches(calib_dir, tmp_path, capsys):
     """The tiny model passes in all-INT8 under a loose gate: one step, recorded; hand-picked
     groups and --no-auto-fp turn the search off, and the manifest says why."""
-    from u2zoo.convert import convert_model
+    from u2zoo.conversion import convert_model
     from u2zoo.runtime.compare import Tolerance
 
     common = dict(
@@ -328,7 +328,7 @@ def test_convert_records_the_search_and_off_switches(calib_dir, tmp_path, capsys
 
 def test_search_failure_writes_nothing_and_says_why(calib_dir, tmp_path):
     """A gate no INT8 can meet (max abs 1e-6): the search walks the plan, then one line."""
-    from u2zoo.convert import convert_model
+    from u2zoo.conversion import convert_model
     from u2zoo.runtime.compare import Tolerance
 
     with pytest.raises(
@@ -354,7 +354,7 @@ def test_the_ranking_reuses_the_calibration_of_a_dynamic_onnx_conversion(calib_d
     """The ranking's graph is exported like the artifact's (here with dynamic shapes, whose
     tensors are named unlike a static graph's), so the ranges that the all-INT8 attempt cached
     serve the ranking: one calibration pass for the whole search, not two."""
-    from u2zoo.convert import convert_model
+    from u2zoo.conversion import convert_model
     from u2zoo.runtime.compare import Tolerance
 
     with pytest.raises(ParityError):
@@ -405,7 +405,7 @@ def test_only_a_stand_in_that_clearly_misses_the_gate_skips_the_build():
     """``_screened_out`` trusts a stand-in's miss only beyond the margin, and only for int8."""
     from types import SimpleNamespace
 
-    from u2zoo.convert import SCREEN_MARGIN, _screened_out
+    from u2zoo.conversion import SCREEN_MARGIN, _screened_out
     from u2zoo.converters.base import ModelSource
     from u2zoo.runtime.compare import Tolerance
     from u2zoo.zoo.reference import TorchPredictor, sample_images

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from u2zoo.artifact import entry_digest, open_artifact
-from u2zoo.convert import convert_model
+from u2zoo.conversion import convert_model
 from u2zoo.converters import get_target
 from u2zoo.converters.coreml import CoreMLOptions, tensor_to_image
 from u2zoo.converters.coreml_options import DEPLOYMENT_TARGETS

@@ -14,7 +14,7 @@ pytest.importorskip("torchao")
 
 import torch
 
-from u2zoo.convert import convert_model
+from u2zoo.conversion import convert_model
 from u2zoo.converters import get_target
 from u2zoo.errors import BackendUnavailable, ConfigError, U2ZooError
 from u2zoo.runtime.compare import Tolerance

@@ -1,7 +1,9 @@
 import pytest
 
-from u2zoo.benchmarks.gates import DEFAULT_GATES, load_gates, parse_gates
 from u2zoo.errors import ConfigError
+from u2zoo.runtime.compare import Tolerance
+from u2zoo.runtime.gates import DEFAULT_GATES, convert_tolerance, load_gates, parse_gates
+from u2zoo.runtime.precisions import PRECISIONS
 
 
 def test_default_gates_cover_every_precision():
@@ -10,6 +12,15 @@ def test_default_gates_cover_every_precision():
     assert gates.limits_for("u2netp", "onnx", "fp32") == {"max_abs": 5e-4}  # override on top of 1e-3
     assert gates.limits_for("u2netp", "openvino", "fp32") == {"max_abs": 1e-3}
     assert gates.limits_for("u2netp", "onnx", "int8") == {"iou50_min": 0.98, "delta_mae_max": 0.01}
+    assert set(gates.precisions) == set(PRECISIONS)  # the table has a row for every precision u2zoo builds
+
+
+def test_convert_requires_the_parity_limits_of_the_same_table():
+    """One tolerance table: convert's gate is the default gate file's limits that need no ground truth."""
+    assert convert_tolerance("u2netp", "openvino", "fp32") == Tolerance(max_abs=1e-3)
+    assert convert_tolerance("u2netp", "onnx", "fp32") == Tolerance(max_abs=5e-4)  # the onnx override
+    assert convert_tolerance("u2netp", "tflite", "fp16") == Tolerance(max_abs=5e-3, mean_abs=5e-3, iou50_min=0.98)
+    assert convert_tolerance("u2netp", "onnx", "int8") == Tolerance(iou50_min=0.98)  # delta_mae needs GT
 
 
 def test_evaluate_names_each_broken_limit_with_its_value():
@@ -20,7 +31,7 @@ def test_evaluate_names_each_broken_limit_with_its_value():
     assert gates.evaluate("m", "t", "int8", {"iou50": None, "delta_mae": 0, "max_abs": 0}) == [
         "iou50 not measured (gate iou50_min 0.98)"
     ]
-    assert gates.evaluate("m", "t", "fp64", {"max_abs": 9.0}) == []  # no limits for that precision
+    assert gates.evaluate("m", "t", "fp16", {"max_abs": 9.0}) == []  # no limits for that precision
 
 
 def test_overrides_apply_in_order_to_matching_cells_only():
@@ -49,6 +60,8 @@ def test_overrides_apply_in_order_to_matching_cells_only():
         ("schema_version: 2", "schema_version 2 is not supported"),
         ("- a\n- b", "expected a mapping"),
         ("precisions: {fp32: [", "not valid YAML"),
+        ("precisions: {int9: {max_abs: 1}}", r"unknown precision 'int9' at precisions; did you mean 'int8'"),
+        ("overrides: [{precision: fp61, limits: {max_abs: 1}}]", r"unknown precision 'fp61' at overrides\[0\]"),
     ],
 )
 def test_bad_gate_files_are_one_line_config_errors(tmp_path, text, pattern):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from u2zoo.convert import convert_model
+from u2zoo.conversion import convert_model
 from u2zoo.converters import get_target
 from u2zoo.runtime.metrics import evaluate
 from u2zoo.tasks.engine import Segmenter

@@ -25,7 +25,7 @@ def tiny_static_onnx(tmp_path_factory):
     """A static 1×3×320×320 ONNX artifact of the tiny architecture (random weights)."""
     import torch
 
-    from u2zoo.convert import convert_model
+    from u2zoo.conversion import convert_model
 
     torch.manual_seed(0)
     return convert_model(
@@ -269,7 +269,7 @@ def test_confined_allows_names_inside_and_refuses_the_rest(tmp_path):
 
 def test_a_static_artifact_records_its_input_size_and_a_disagreeing_contract_is_refused(tmp_path, capsys):
     """#6: a static input fixes the size the network sees, so the manifest's contract must say it."""
-    from u2zoo.convert import convert_model
+    from u2zoo.conversion import convert_model
 
     artifact = convert_model(
         "u2net-tiny", "onnx", tmp_path / "art", random_weights=True, height=64, width=96, progress=False

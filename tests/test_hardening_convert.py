@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from u2zoo.convert import convert_model
+from u2zoo.conversion import convert_model
 from u2zoo.staging import OWNER_FILE, STAGING_PREFIX, UNOWNED_MAX_AGE_S, _process_start, stale_staging_folders
 
 

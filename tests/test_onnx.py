@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from u2zoo.artifact import manifest_path_for, open_artifact
-from u2zoo.convert import convert_model
+from u2zoo.conversion import convert_model
 from u2zoo.converters import TARGETS, get_target
 from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError, ParityError
 from u2zoo.runtime.compare import Tolerance

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from u2zoo.convert import convert_model
+from u2zoo.conversion import convert_model
 from u2zoo.converters import get_target
 from u2zoo.errors import BackendUnavailable, ConfigError
 from u2zoo.runtime.compare import Tolerance

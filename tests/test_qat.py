@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from u2zoo.convert import convert_model
+from u2zoo.conversion import convert_model
 from u2zoo.converters.onnx import OnnxOptions
 from u2zoo.errors import ConfigError
 from u2zoo.quantization.qat import fold_batchnorm

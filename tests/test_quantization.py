@@ -7,7 +7,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from u2zoo.convert import convert_model
+from u2zoo.conversion import convert_model
 from u2zoo.errors import ConfigError
 from u2zoo.quantization.calibration import calibration_set, load_npz
 from u2zoo.quantization.onnx_int8 import layer_groups

@@ -323,7 +323,7 @@ def test_human_segmentation_weights_give_cutouts_and_composites(capsys, tmp_path
 def test_folder_pipeline_runs_on_other_runtimes_with_their_contract(tmp_path, tiny_weights, target, options):
     """The same folder job through another runtime's runner gives the torch reference's masks
     (a static 320×320 artifact included: the contract's resize happens outside the runtime)."""
-    from u2zoo.convert import convert_model
+    from u2zoo.conversion import convert_model
     from u2zoo.zoo.reference import TorchPredictor
     from u2zoo.zoo.weights import load_model
 

@@ -90,7 +90,7 @@ def test_engine_mismatch_names_gpu_and_tensorrt_version():
 def tiny_onnx(tmp_path_factory, healthy_tiny, calib_dir):
     """Three ONNX inputs a user might pass: fp32 (dynamic), fp32 with batch fixed at 1, and the
     default (asymmetric uint8) ORT int8."""
-    from u2zoo.convert import convert_model
+    from u2zoo.conversion import convert_model
 
     out = tmp_path_factory.mktemp("onnx")
     size = {"height": 64, "width": 64, "weights": healthy_tiny, "progress": False}
@@ -178,7 +178,7 @@ def test_fp16_handoff_builds_a_float16_onnx(capsys, tmp_path, healthy_tiny):
 
 @needs_tensorrt
 def test_engine_builds_runs_and_refuses_batches_outside_its_profile(tmp_path, healthy_tiny):
-    from u2zoo.convert import convert_model
+    from u2zoo.conversion import convert_model
 
     artifact = convert_model(
         "u2net-tiny",

@@ -18,7 +18,7 @@ pytest.importorskip("ai_edge_quantizer")
 pytest.importorskip("ai_edge_litert")
 
 from u2zoo.artifact import open_artifact  # noqa: E402
-from u2zoo.convert import convert_model  # noqa: E402
+from u2zoo.conversion import convert_model  # noqa: E402
 from u2zoo.converters.tflite import TFLiteRunner, group_regex  # noqa: E402
 
 from conftest import REAL_WEIGHTS, TEST_DATA, assert_one_line_error, needs_shared, run_cli  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from u2zoo.convert import convert_model
+from u2zoo.conversion import convert_model
 from u2zoo.converters import TARGETS
 from u2zoo.gpu import cuda_unavailable_reason
 

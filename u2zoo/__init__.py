@@ -1,16 +1,22 @@
 """u2zoo: a U²-Net model zoo and deployment-conversion toolchain.
 
-``u2zoo.segment(path)`` and ``u2zoo.load(model)`` (``u2zoo.api``) are the Python entry point;
-they are imported on first use so that ``import u2zoo`` stays cheap.
+``u2zoo.load``, ``segment``, ``cutout``, ``convert`` and ``bench`` (``u2zoo.api``) are the
+Python entry point; they are imported on first use so that ``import u2zoo`` stays cheap.
 """
+
+from typing import TYPE_CHECKING
 
 from u2zoo.version import __version__
 
-__all__ = ["__version__", "load", "segment"]
+if TYPE_CHECKING:  # type checkers see the real signatures; at run time they load on first use
+    from u2zoo.api import bench, convert, cutout, load, segment
+
+__all__ = ["__version__", "bench", "convert", "cutout", "load", "segment"]
+_API = frozenset(__all__) - {"__version__"}
 
 
 def __getattr__(name: str):
-    if name in ("segment", "load"):
+    if name in _API:
         from u2zoo import api
 
         return getattr(api, name)

@@ -1,41 +1,135 @@
-"""The Python entry point: a few lines from a photo to its mask, offline.
+"""The Python entry point: what the CLI does, as functions, offline.
 
     >>> import u2zoo
-    >>> mask = u2zoo.segment("photo.jpg")          # (H, W) float map in [0, 1]
-    >>> seg = u2zoo.load("u2netp")                  # reuse one model for many images
-    >>> masks = seg.maps([image_a, image_b])
+    >>> mask = u2zoo.segment("photo.jpg")                  # (H, W) float map in [0, 1]
+    >>> seg = u2zoo.load("u2netp")                          # reuse one model for many images
+    >>> seg.cutout(photo).save("cutout.png")                # RGBA, the map as alpha
+    >>> artifact = u2zoo.convert("u2netp", "onnx", "out", precision="fp16")
+    >>> with u2zoo.load(artifact.path) as onnx_seg: ...     # the same Segmenter, in ONNX Runtime
+    >>> rows = u2zoo.bench("u2netp", targets=["onnx"], data="photos", out="bench")
 
-With no model named, both use the best shipped saliency model, by the same rule as
-``u2zoo demo`` (``u2zoo.zoo.default_model``).
+With no model named, ``segment``/``load``/``cutout`` use the best shipped saliency model, by
+the same rule as ``u2zoo demo`` (``u2zoo.zoo.default_model``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
+from PIL import Image
 
+from u2zoo.artifact import Artifact
+from u2zoo.benchmarks.results import MatrixRow
+from u2zoo.errors import ConfigError
 from u2zoo.tasks.engine import Segmenter
-from u2zoo.zoo.default_model import choose_default
+from u2zoo.tasks.loading import load_segmenter
 from u2zoo.zoo.images import load_rgb
-from u2zoo.zoo.reference import TorchPredictor
-from u2zoo.zoo.weights import load_model
+
+ImageInput = str | Path | np.ndarray | Image.Image
 
 
 def load(
-    model: str | None = None, *, weights: str | None = None, contract: str | None = None, threads: int | None = None
+    model: str | Path | None = None,
+    *,
+    weights: str | None = None,
+    contract: str | None = None,
+    threads: int | None = None,
+    batch_size: int = 1,
 ) -> Segmenter:
-    """A Segmenter on the PyTorch model ``model`` (default: the best shipped saliency model)."""
-    name = model or choose_default().name
-    module, _, model_contract = load_model(name, weights, contract_variant=contract, progress=False)
-    return Segmenter(TorchPredictor(module, threads=threads), model_contract)
+    """A Segmenter on ``model``: a model name (the PyTorch reference, e.g. ``"u2netp"``; default:
+    the best shipped saliency model) or the path of a converted artifact (run in its own runtime
+    with its own contract; close it, or use ``with``, to free the runtime)."""
+    if model is not None and Path(model).exists():
+        if weights or contract:
+            raise ConfigError("an artifact carries its own weights and contract: give them only with a model name")
+        return load_segmenter(artifact=model, threads=threads, batch_size=batch_size)
+    name = str(model) if model is not None else None
+    return load_segmenter(name, weights=weights, contract=contract, threads=threads, batch_size=batch_size)
 
 
-def segment(image: str | Path | np.ndarray, model: str | None = None) -> np.ndarray:
-    """The (H, W) map of one image: a file path, or an RGB array (uint8, or float in [0, 1])."""
+def as_rgb(image: ImageInput) -> np.ndarray:
+    """An (H, W, 3) float RGB array in [0, 1] from a path, a Pillow image or an array (uint8,
+    or float already in [0, 1])."""
     if isinstance(image, (str, Path)):
-        pixels = load_rgb(Path(image))
-    else:
-        pixels = np.asarray(image)
-        pixels = pixels.astype(np.float32) / 255.0 if pixels.dtype == np.uint8 else pixels.astype(np.float32)
-    return load(model).maps([pixels])[0]
+        return load_rgb(Path(image))
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    pixels = np.asarray(image)
+    return pixels.astype(np.float32) / 255.0 if pixels.dtype == np.uint8 else pixels.astype(np.float32)
+
+
+def segment(image: ImageInput, model: str | Path | None = None) -> np.ndarray:
+    """The (H, W) map of one image."""
+    with load(model) as segmenter:
+        return segmenter.maps([as_rgb(image)])[0]
+
+
+def cutout(
+    image: ImageInput, model: str | Path | None = None, background: str | tuple[int, int, int] | None = None
+) -> Image.Image:
+    """rembg's ``remove``: the image with its map as alpha (RGBA), or on a ``background``
+    colour (RGB)."""
+    with load(model) as segmenter:
+        return segmenter.cutout(as_rgb(image), background)
+
+
+def convert(model: str, target: str, out_dir: str | Path, *, progress: bool = False, **options: Any) -> Artifact:
+    """``u2zoo convert`` as a function: the artifact, proven in its real runtime, or an error.
+
+    ``options`` are ``convert_model``'s keywords (``weights=``, ``parity_images=``, ``auto_fp=``)
+    and the target's own options (``precision="int8", calib="photos/"``); one the target does not
+    have is a ``ConfigError``."""
+    from u2zoo.conversion import convert_model
+
+    return convert_model(model, target, out_dir, progress=progress, **options)
+
+
+def bench(
+    models: str | Iterable[str],
+    *,
+    targets: Iterable[str],
+    data: str | Path,
+    out: str | Path,
+    precisions: Iterable[str] = ("fp32",),
+    gate: str | Path | None = None,
+    **settings: Any,
+) -> list[MatrixRow]:
+    """``u2zoo bench`` as a function: every cell converted, run and compared; the rows (also
+    written to ``out``/results.jsonl, .csv and .md). ``gate``: a gate file (default: the shipped
+    table); a row's ``gate["passed"]`` says whether it passed. ``settings`` are ``BenchConfig``
+    fields (``gt=``, ``runs=``, ``batches=``, ``calib=``, ``threads=`` …)."""
+    from u2zoo.benchmarks.matrix import BenchConfig, run_matrix
+    from u2zoo.benchmarks.report import write_results
+    from u2zoo.runtime.gates import load_gates
+
+    known = {f.name for f in dataclasses.fields(BenchConfig)} - {
+        "models",
+        "targets",
+        "precisions",
+        "data",
+        "out",
+        "gates",
+    }
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"bench() has no setting {', '.join(unknown)} (settings: {', '.join(sorted(known))})")
+    for key in ("gt", "calib"):
+        if settings.get(key) is not None:
+            settings[key] = Path(settings[key])
+    if "batches" in settings:
+        settings["batches"] = tuple(settings["batches"])
+    cfg = BenchConfig(
+        models=[models] if isinstance(models, str) else list(models),
+        targets=list(targets),
+        precisions=list(precisions),
+        data=Path(data),
+        out=Path(out),
+        gates=load_gates(gate),
+        **settings,
+    )
+    rows = run_matrix(cfg)
+    write_results([row.to_dict() for row in rows], cfg.out)
+    return rows

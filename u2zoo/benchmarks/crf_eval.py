@@ -91,10 +91,13 @@ def format_scores(scores: list[CrfScore], band: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from u2zoo.tasks.cli_args import add_model_arguments, open_segmenter
+    from u2zoo.tasks.loading import load_segmenter
 
     parser = argparse.ArgumentParser(prog="python -m u2zoo.benchmarks.crf_eval", description=__doc__.splitlines()[0])
-    add_model_arguments(parser, batch=False)
+    parser.add_argument("--model", help="architecture or weights name (default: the best shipped saliency model)")
+    parser.add_argument("--artifact", help="a converted artifact, run in its own runtime")
+    parser.add_argument("--weights", help="a local .pth for --model")
+    parser.add_argument("--threads", type=int, help="intra-op threads")
     parser.add_argument("--images", required=True, help="folder of images")
     parser.add_argument("--reference", required=True, help="folder of reference masks paired by file stem")
     parser.add_argument("--band", type=int, default=DEFAULT_BOUNDARY_BAND, help="boundary band width in px")
@@ -102,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", help="folder for image | map | CRF strips")
     args = parser.parse_args(argv)
     try:
-        with open_segmenter(args) as segmenter:
+        with load_segmenter(
+            args.model, artifact=args.artifact, weights=args.weights, threads=args.threads
+        ) as segmenter:
             scores = evaluate_crf(
                 segmenter,
                 list_images([args.images]),

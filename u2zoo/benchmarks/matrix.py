@@ -20,41 +20,26 @@ from typing import Any, Callable
 import numpy as np
 
 from u2zoo.artifact import host_info, tool_versions
-from u2zoo.benchmarks.gates import Gates
-from u2zoo.benchmarks.results import RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION
+from u2zoo.benchmarks.results import MatrixRow
 from u2zoo.converters import TARGETS
+from u2zoo.converters.options import BenchCell, bench_options
 from u2zoo.errors import ConfigError, U2ZooError, did_you_mean, one_line, tool_failure
 from u2zoo.gpu import cuda_unavailable_reason
 from u2zoo.quantization.auto_fp import AUTO_PRECISIONS
 from u2zoo.quantization.auto_fp import applies as auto_fp_applies
 from u2zoo.quantization.auto_fp import check_options as check_auto_fp_options
 from u2zoo.runtime.compare import Tolerance, iou_at
+from u2zoo.runtime.gates import Gates
 from u2zoo.runtime.metrics import SaliencyMetrics, boundary_band
 from u2zoo.runtime.pipeline import run_batched
+from u2zoo.runtime.precisions import CALIBRATED_PRECISIONS, PRECISIONS
 from u2zoo.runtime.timing import measure_latency, peak_rss_mb, reset_peak_rss
 from u2zoo.zoo.contract import Contract, postprocess, preprocess
 from u2zoo.zoo.images import IMAGE_SUFFIXES, list_images, load_mask, load_rgb
 from u2zoo.zoo.reference import TorchPredictor
 from u2zoo.zoo.weights import load_model
 
-# Every target the project plans; those not yet implemented report `unavailable`.
-KNOWN_TARGETS = ("onnx", "openvino", "tensorrt", "tflite", "coreml", "executorch", "aoti", "torch", "torch-compile")
 DEVICES = ("cpu", "cuda")
-# int8 = static (calibrated) activations; dynamic-int8 = TFLite dynamic range; int8-weights = weight-only
-KNOWN_PRECISIONS = ("fp32", "fp16", "int8", "int8-qat", "dynamic-int8", "int8-weights")
-TOOLS = (
-    "torch",
-    "onnx",
-    "onnxruntime",
-    "onnxslim",
-    "openvino",
-    "nncf",
-    "tensorrt",
-    "coremltools",
-    "ai-edge-litert",
-    "litert-torch",
-    "executorch",
-)
 
 DATASET_CHUNK = 8  # images per engine call when a whole --data folder runs through one model
 
@@ -89,11 +74,11 @@ class BenchConfig:
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r} (choose from: {', '.join(DEVICES)})")
         for target in self.targets:
-            if target not in KNOWN_TARGETS:
-                raise ConfigError(f"unknown target {target!r}{did_you_mean(target, KNOWN_TARGETS)}")
+            if target not in TARGETS:
+                raise ConfigError(f"unknown target {target!r}{did_you_mean(target, TARGETS)}")
         for precision in self.precisions:
-            if precision not in KNOWN_PRECISIONS:
-                raise ConfigError(f"unknown precision {precision!r}{did_you_mean(precision, KNOWN_PRECISIONS)}")
+            if precision not in PRECISIONS:
+                raise ConfigError(f"unknown precision {precision!r}{did_you_mean(precision, PRECISIONS)}")
         if self.runs < 1 or self.warmup < 0 or self.threads < 1 or any(b < 1 for b in self.batches):
             raise ConfigError("--runs and --threads must be ≥ 1, --warmup ≥ 0, batches ≥ 1")
         if not self.data.is_dir():
@@ -213,6 +198,12 @@ def measure_speed(runner, data: BenchData, cfg: BenchConfig, load_s: float) -> d
     }
 
 
+def target_tools() -> list[str]:
+    """The distributions every registered target needs, as a row's ``tools`` names them."""
+    names = {"torch"} | {module.replace("_", "-") for spec in TARGETS.values() for module in spec.requires}
+    return sorted(names)
+
+
 def _row(
     run_id: str,
     model: str,
@@ -222,30 +213,13 @@ def _row(
     status: str,
     reason: str | None = None,
     device: str = "cpu",
-    **extra: Any,
-) -> dict[str, Any]:
-    return {
-        "schema": RESULTS_SCHEMA,
-        "schema_version": RESULTS_SCHEMA_VERSION,
-        "run_id": run_id,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model,
-        "weights": weights,
-        "target": target,
-        "precision": precision,
-        "device": device,
-        "options": extra.pop("options", {}),
-        "status": status,
-        "reason": reason,
-        "artifact": extra.pop("artifact", None),
-        "parity": extra.pop("parity", None),
-        "accuracy": extra.pop("accuracy", None),
-        "speed": extra.pop("speed", None),
-        "gate": extra.pop("gate", None),
-        "notes": extra.pop("notes", []),
-        "host": host_info(),
-        "tools": {k: v for k, v in tool_versions(*TOOLS).items() if v},
-    }
+    **measured: Any,
+) -> MatrixRow:
+    """A cell's row, stamped with this host and its tool versions."""
+    tools = {k: v for k, v in tool_versions(*target_tools()).items() if v}
+    return MatrixRow(
+        run_id, model, target, precision, status, weights, device, reason, host=host_info(), tools=tools, **measured
+    )
 
 
 def dump_calibration(cfg: BenchConfig, model: str, data: BenchData) -> Path:
@@ -275,22 +249,21 @@ def dump_calibration(cfg: BenchConfig, model: str, data: BenchData) -> Path:
 
 
 def cell_options(cfg: BenchConfig, spec, precision: str, calib: Path | None) -> dict[str, Any]:
-    """The target options of one cell: only those its options type has, so none is dropped."""
-    fields = {f.name for f in dataclasses.fields(spec.options_type)}
+    """The target options of one cell: dynamic where the target can be, and what each option's
+    ``bench`` hook takes from the run's settings (``converters.options``), so that only options
+    the target has are set and none is dropped."""
+    cell = BenchCell(
+        precision=precision,
+        device=cfg.device,
+        calib=str(calib) if calib is not None else None,
+        largest_batch=max(cfg.batches),
+        keep_fp=cfg.keep_fp,
+        keep_fp_groups=tuple(cfg.keep_fp_groups),
+    )
     options: dict[str, Any] = {"precision": precision}
-    if spec.dynamic_shapes and "dynamic" in fields:
+    if spec.dynamic_shapes and "dynamic" in {f.name for f in dataclasses.fields(spec.options_type)}:
         options["dynamic"] = True
-    if "device" in fields:
-        options["device"] = cfg.device
-    if "max_batch" in fields and max(cfg.batches) > 16:
-        options["max_batch"] = max(cfg.batches)  # the default profile/package range is 1..16
-    if precision in ("int8", "int8-qat"):
-        options["calib"] = str(calib)
-        if cfg.keep_fp and precision == "int8":
-            options["keep_fp"] = cfg.keep_fp
-    if precision in ("int8", "int8-qat", "dynamic-int8") and cfg.keep_fp_groups:
-        options["keep_fp_groups"] = cfg.keep_fp_groups
-    return options
+    return options | bench_options(spec.options_type, cell)
 
 
 def cell_device(cfg: BenchConfig, spec) -> str:
@@ -308,20 +281,22 @@ def run_cell(
     weights: dict,
     calib: Path | None = None,
     options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> MatrixRow:
     """Convert, load, compare and time one cell; every failure becomes the cell's status."""
-    from u2zoo.convert import convert_model
+    from u2zoo.conversion import convert_model
 
     spec = TARGETS.get(target)
     device = cfg.device if spec is None else cell_device(cfg, spec)
 
-    def row(status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
-        return _row(run_id, model, target, precision, weights, status, reason, device=device, notes=data.notes, **extra)
+    def row(status: str, reason: str | None = None, **measured: Any) -> MatrixRow:
+        return _row(
+            run_id, model, target, precision, weights, status, reason, device=device, notes=list(data.notes), **measured
+        )
 
     if spec is None:
         return row("unavailable", f"target {target!r} is not implemented in this version of u2zoo")
     if precision not in spec.precisions:
-        return row("unavailable", f"{target} does not support {precision} (supported: {', '.join(spec.precisions)})")
+        return row("unavailable", spec.precision_unsupported_reason(precision))
     if device not in spec.devices:
         return row("unavailable", f"{target} runs on {'/'.join(spec.devices)} only, not {device}")
     if options is None:
@@ -413,8 +388,8 @@ def _handoff_cell(
     data: BenchData,
     reference: np.ndarray,
     weights: dict,
-    row: Callable[..., dict],
-) -> dict[str, Any]:
+    row: Callable[..., MatrixRow],
+) -> MatrixRow:
     """A chain target that cannot finish here (TensorRT without TensorRT or a GPU): prove the
     ONNX it would build from, in ONNX Runtime, and report that parity under an ``unavailable``
     status — never ``ok``, and never with the ONNX's CPU speed in the target's row."""
@@ -431,24 +406,24 @@ def _handoff_cell(
         weights,
         options={k: v for k, v in onnx_options.items() if v is not None},
     )
-    if onnx_row["status"] != "ok":
+    if onnx_row.status != "ok":
         return row(
-            onnx_row["status"],
-            f"{spec.name}-ready ONNX: {onnx_row['reason']}",
+            onnx_row.status,
+            f"{spec.name}-ready ONNX: {onnx_row.reason}",
             options=options,
-            artifact=onnx_row["artifact"],
-            parity=onnx_row["parity"],
-            gate=onnx_row["gate"],
+            artifact=onnx_row.artifact,
+            parity=onnx_row.parity,
+            gate=onnx_row.gate,
         )
     return row(
         "unavailable",
         f"{reason}; engine not built. Parity shown is of the {spec.name}-ready ONNX "
-        f"({onnx_row['artifact']['file']}) in ONNX Runtime on CPU",
+        f"({onnx_row.artifact['file']}) in ONNX Runtime on CPU",
         options=options,
-        artifact=onnx_row["artifact"],
-        parity=onnx_row["parity"],
-        accuracy=onnx_row["accuracy"],
-        gate=onnx_row["gate"],
+        artifact=onnx_row.artifact,
+        parity=onnx_row.parity,
+        accuracy=onnx_row.accuracy,
+        gate=onnx_row.gate,
     )
 
 
@@ -473,7 +448,7 @@ def _model_entry(cfg: BenchConfig, entry: str) -> tuple[str, BenchConfig]:
     return f"{name}@{Path(path).stem}", dataclasses.replace(cfg, weights=path, weights_sha256=None)
 
 
-def run_matrix(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+def run_matrix(cfg: BenchConfig, on_row: Callable[[MatrixRow], None] | None = None) -> list[MatrixRow]:
     """Run every cell of the matrix; ``on_row`` sees each row as soon as it exists."""
     cfg.validate()
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
@@ -491,7 +466,7 @@ def run_matrix(cfg: BenchConfig, on_row: Callable[[dict[str, Any]], None] | None
         )
         data = load_bench_data(cfg.data, cfg.gt, contract)
         reference = run_batched(TorchPredictor(torch_model, threads=cfg.threads), data.inputs, chunk=DATASET_CHUNK)
-        calib = dump_calibration(cfg, model, data) if {"int8", "int8-qat"} & set(cfg.precisions) else None
+        calib = dump_calibration(cfg, model, data) if set(CALIBRATED_PRECISIONS) & set(cfg.precisions) else None
         for target in cfg.targets:
             for precision in cfg.precisions:
                 row = run_cell(model_cfg, run_id, model, target, precision, data, reference, info.to_dict(), calib)

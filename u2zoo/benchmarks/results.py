@@ -4,8 +4,10 @@ and the labels of hosts and runs that the report's tables and plots share."""
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -70,6 +72,70 @@ _FORMATS = {
     "mae": "{:.3g}",
 }
 NUMERIC = frozenset(_FORMATS)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class MatrixRow:
+    """One cell of ``u2zoo bench``: which model, target and precision, how it ended (``status``,
+    with the ``reason`` when not ok) and what was measured. ``to_dict`` is its results.jsonl
+    line; ``u2zoo report`` reads those lines back as plain dicts (files of any host)."""
+
+    run_id: str
+    model: str
+    target: str
+    precision: str
+    status: str
+    weights: dict[str, Any] | None = None
+    device: str = "cpu"
+    reason: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    artifact: dict[str, Any] | None = None
+    parity: dict[str, Any] | None = None
+    accuracy: dict[str, Any] | None = None
+    speed: dict[str, Any] | None = None
+    gate: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    host: dict[str, Any] = field(default_factory=dict)
+    tools: dict[str, str] = field(default_factory=dict)
+    created: str = field(default_factory=_now)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown cell status {self.status!r} (one of {', '.join(STATUSES)})")
+
+    @property
+    def failed(self) -> bool:
+        """A cell that ran into an error or missed its gate (``unavailable`` is not a failure)."""
+        return self.status in ("convert_failed", "run_failed", "parity_failed")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The results.jsonl row, keys in the order every results file has had."""
+        return {
+            "schema": RESULTS_SCHEMA,
+            "schema_version": RESULTS_SCHEMA_VERSION,
+            "run_id": self.run_id,
+            "created": self.created,
+            "model": self.model,
+            "weights": self.weights,
+            "target": self.target,
+            "precision": self.precision,
+            "device": self.device,
+            "options": self.options,
+            "status": self.status,
+            "reason": self.reason,
+            "artifact": self.artifact,
+            "parity": self.parity,
+            "accuracy": self.accuracy,
+            "speed": self.speed,
+            "gate": self.gate,
+            "notes": self.notes,
+            "host": self.host,
+            "tools": self.tools,
+        }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The ``u2zoo`` command line. Every expected failure is one line on stderr and a non-zero exit.
 
 One module per group of verbs (``convert``, ``run``, ``bench``, ``train``, ``models``), each with
-an ``add_<verb>(add)`` that declares the verb's flags and handler; what several share is in
-``common`` and, for the task verbs, ``u2zoo.tasks.cli_args``.
+an ``add_<verb>(add)`` that declares the verb's flags and handler; ``run`` takes ``predict`` and
+``time`` itself and the task verbs from ``portrait``, ``video`` and ``serve``. What several share
+is in ``common`` and, for the task verbs, ``task_args``. Below this package nothing parses
+arguments: the tasks are plain functions.
 """
 
 from __future__ import annotations

@@ -7,16 +7,18 @@ import sys
 from pathlib import Path
 
 from u2zoo.cli.common import AddVerb, add_auto_fp_args, csv_list
+from u2zoo.cli.task_args import add_contract_arg, add_weights_args
 from u2zoo.errors import ConfigError
-from u2zoo.tasks.cli_args import add_contract_arg, add_weights_args
+from u2zoo.runtime.precisions import PRECISIONS
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """The parity-and-speed matrix; with --gate, failing cells make the exit code non-zero."""
-    from u2zoo.benchmarks.gates import load_gates
     from u2zoo.benchmarks.matrix import BenchConfig, run_matrix
     from u2zoo.benchmarks.report import write_results
+    from u2zoo.benchmarks.results import MatrixRow
     from u2zoo.converters.base import ensure_writable_dir
+    from u2zoo.runtime.gates import load_gates
 
     gates = load_gates(None if args.gate in (None, "default") else args.gate)
     if args.batches is None:  # GPUs are judged at the batches servers use
@@ -53,35 +55,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg.validate()
     ensure_writable_dir(cfg.out)
 
-    def progress(row: dict) -> None:
+    def progress(row: MatrixRow) -> None:
         if not args.quiet:
             print(
-                f"  {row['model']}/{row['target']}/{row['precision']}: {row['status']}"
-                + (f" ({row['reason']})" if row["reason"] else ""),
+                f"  {row.model}/{row.target}/{row.precision}: {row.status}"
+                + (f" ({row.reason})" if row.reason else ""),
                 file=sys.stderr,
             )
 
     rows = run_matrix(cfg, on_row=progress)
-    paths = write_results(rows, cfg.out)
+    paths = write_results([row.to_dict() for row in rows], cfg.out)
     print(paths["markdown"].read_text(encoding="utf-8"))
-    for note in sorted({n for row in rows for n in row.get("notes", [])}):
+    for note in sorted({n for row in rows for n in row.notes}):
         print(f"note: {note}")
     print(f"results: {', '.join(str(p) for p in paths.values())}")
-    failing = [r for r in rows if r["status"] in ("convert_failed", "run_failed", "parity_failed")]
-    unavailable = [r for r in rows if r["status"] == "unavailable"]
+    failing = [r for r in rows if r.failed]
+    unavailable = [r for r in rows if r.status == "unavailable"]
     if unavailable:
         print(f"{len(unavailable)} cell(s) unavailable on this host (see the reason column)")
     if args.gate is None:
         return 0
     for r in failing:
-        print(
-            f"gate failed: {r['model']}/{r['target']}/{r['precision']}: {r['status']}: {r['reason']}", file=sys.stderr
-        )
+        print(f"gate failed: {r.model}/{r.target}/{r.precision}: {r.status}: {r.reason}", file=sys.stderr)
     if args.fail_on_unavailable:
         for r in unavailable:
-            print(
-                f"gate failed: {r['model']}/{r['target']}/{r['precision']}: unavailable: {r['reason']}", file=sys.stderr
-            )
+            print(f"gate failed: {r.model}/{r.target}/{r.precision}: unavailable: {r.reason}", file=sys.stderr)
         failing += unavailable
     return 1 if failing else 0
 
@@ -102,7 +100,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     """Rank layer groups by the output error their INT8 quantization alone causes."""
     import tempfile
 
-    from u2zoo.convert import convert_model
+    from u2zoo.conversion import convert_model
     from u2zoo.quantization.calibration import calibration_set
     from u2zoo.quantization.onnx_int8 import sensitivity
 
@@ -150,7 +148,7 @@ def add_bench(add: AddVerb) -> None:
     add_weights_args(p)
     add_contract_arg(p)
     p.add_argument("--targets", default="onnx", help="comma-separated targets (default: onnx)")
-    p.add_argument("--precisions", default="fp32", help="comma-separated: fp32,fp16,int8 (default: fp32)")
+    p.add_argument("--precisions", default="fp32", help=f"comma-separated, of: {','.join(PRECISIONS)} (default: fp32)")
     p.add_argument("--data", required=True, help="folder of images (any sizes and modes)")
     p.add_argument("--gt", help="folder of ground-truth masks paired by file stem (adds accuracy columns)")
     p.add_argument("--gate", help="gate YAML ('default' = the shipped gates); failing cells → exit 1")

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
 from typing import Any
 
 from u2zoo.cli.common import AddVerb, add_auto_fp_args, csv_list
+from u2zoo.cli.task_args import add_contract_arg, add_weights_args
+from u2zoo.converters.options import cli_fields, field_types, flag_of
 from u2zoo.errors import ConfigError, U2ZooError
-from u2zoo.tasks.cli_args import add_contract_arg, add_weights_args
+from u2zoo.runtime.precisions import DEFAULT_PRECISION, PRECISIONS
 
-# precision flags of `convert`; each one is also the precision's name in manifests and bench
-_PRECISION_FLAGS = ("fp16", "int8", "int8-qat", "dynamic-int8", "int8-weights")
+# precision flags of `convert` (fp32 is the default, no flag); each is the precision's name
+_PRECISION_FLAGS = tuple(name for name in PRECISIONS if name != DEFAULT_PRECISION)
 
 
 def _target_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -21,42 +25,65 @@ def _target_options(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"{' and '.join('--' + f for f in chosen)} exclude each other")
     if chosen:
         options["precision"] = chosen[0]
-    for name in (
-        "dynamic",
-        "opset",
-        "batch",
-        "height",
-        "width",
-        "exporter",
-        "calib",
-        "calib_size",
-        "calib_method",
-        "keep_fp",
-        "accuracy_control",
-        "max_drop",
-        "bias_correction",
-        "int8_scheme",
-        "nhwc",
-        "palettize",
-        "image_input",
-        "deployment_target",
-        "device",
-        "min_batch",
-        "opt_batch",
-        "max_batch",
-        "workspace_mb",
-        "timing_cache",
-        "onnx",
-        "compile_mode",
-        "qat_epochs",
-        "qat_lr",
-    ):
-        value = getattr(args, name)
+    for flag in target_flags():
+        value = getattr(args, flag.name)
         if value is not None and value is not False:  # 0 is a value the target must judge
-            options[name] = value
-    if args.keep_fp_groups:
-        options["keep_fp_groups"] = tuple(csv_list(args.keep_fp_groups))
+            options[flag.name] = tuple(csv_list(value)) if flag.kind is tuple else value
     return options
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetFlag:
+    """One ``convert`` flag made from a target option field (all its declarations agree: they
+    come from one factory in ``converters.options``)."""
+
+    field: dataclasses.Field
+    kind: type  # bool, int, float, str, or tuple (a comma-separated list)
+    targets: tuple[str, ...]  # the targets that have it
+
+    @property
+    def name(self) -> str:
+        return self.field.name
+
+
+def _kind(annotation: Any) -> type:
+    for kind in (bool, int, float, tuple):
+        if annotation is kind or kind in typing.get_args(annotation) or typing.get_origin(annotation) is kind:
+            return kind
+    return str
+
+
+def target_flags() -> list[TargetFlag]:
+    """Every target option field that is a flag, in registration order."""
+    from u2zoo.converters import TARGETS
+
+    first: dict[str, tuple[dataclasses.Field, type]] = {}
+    owners: dict[str, list[str]] = {}
+    for spec in TARGETS.values():
+        types = field_types(spec.options_type)
+        for field in cli_fields(spec.options_type):
+            first.setdefault(field.name, (field, _kind(types[field.name])))
+            owners.setdefault(field.name, []).append(spec.name)
+    return [TargetFlag(field, kind, tuple(owners[name])) for name, (field, kind) in first.items()]
+
+
+def add_target_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per target option; one that not every target has names its targets."""
+    from u2zoo.converters import TARGETS
+
+    for flag in target_flags():
+        help_text = flag.field.metadata["help"]
+        if len(flag.targets) < len(TARGETS):
+            help_text += f" [{', '.join(flag.targets)}]"
+        if flag.kind is bool:
+            p.add_argument(flag_of(flag.field), dest=flag.name, action="store_true", help=help_text)
+        else:
+            p.add_argument(
+                flag_of(flag.field),
+                dest=flag.name,
+                type=flag.kind if flag.kind in (int, float) else str,
+                help=help_text,
+            )
 
 
 def _auto_fp_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,7 +114,7 @@ def _print_auto_fp(record: dict[str, Any] | None) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from u2zoo.convert import convert_model
+    from u2zoo.conversion import convert_model
     from u2zoo.zoo.images import list_images
 
     images = list_images([args.parity_images]) if args.parity_images else None
@@ -127,79 +154,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def add_convert(add: AddVerb) -> None:
+    from u2zoo.converters import TARGETS
+
     p = add("convert", cmd_convert, "convert a model for a target; the artifact is verified in its runtime")
     p.add_argument("--model", required=True, help="architecture or weights name (see `u2zoo models`)")
     add_weights_args(p)
     add_contract_arg(p)
-    p.add_argument("--target", required=True, help="onnx, … (see `u2zoo doctor`)")
-    p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic")
-    p.add_argument("--int8", action="store_true", help="int8 weights and activations (calibrated with --calib)")
-    p.add_argument(
-        "--int8-qat",
-        action="store_true",
-        help="int8 by quantization-aware fine-tuning against the float model (--calib): "
-        "openvino (NNCF) or onnx (pt2e, a symmetric QDQ graph)",
-    )
-    p.add_argument("--qat-epochs", type=int, help="int8-qat: fine-tuning epochs (default 2)")
-    p.add_argument("--qat-lr", type=float, help="int8-qat: Adam learning rate (default 2e-6)")
-    p.add_argument(
-        "--dynamic-int8",
-        action="store_true",
-        help="tflite: dynamic-range quantization (int8 weights, activations quantized at run time)",
-    )
-    p.add_argument(
-        "--int8-weights", action="store_true", help="coreml/tflite: int8 weight-only compression (float arithmetic)"
-    )
-    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
-    p.add_argument("--nhwc", action="store_true", help="tflite: channels-last input and output (NHWC)")
-    p.add_argument("--palettize", type=int, help="coreml: k-means palettize weights to N bits (1, 2, 3, 4, 6, 8)")
-    p.add_argument(
-        "--image-input",
-        action="store_true",
-        help="coreml: ImageType input (the app passes a 320×320 RGB image; scale/bias are in the model)",
-    )
-    p.add_argument("--deployment-target", help="coreml: minimum deployment target, e.g. iOS16 (default), macOS13")
-    p.add_argument("--opset", type=int, help="ONNX opset (≥ 17)")
-    p.add_argument("--batch", type=int, help="static batch size")
-    p.add_argument("--height", type=int, help="static input height (default: the contract's)")
-    p.add_argument("--width", type=int, help="static input width (default: the contract's)")
-    p.add_argument("--exporter", help="ONNX exporter: torchscript (default, fast) or dynamo")
-    p.add_argument("--calib", help="int8: folder of calibration images (or a dumped .npz)")
-    p.add_argument(
-        "--calib-size",
-        type=int,
-        help="int8: N calibration images (default 256; a larger folder is sampled with a fixed seed)",
-    )
-    p.add_argument("--calib-method", help="int8: minmax (default), entropy or percentile")
-    p.add_argument("--keep-fp", type=int, help="int8: keep the N most sensitive layer groups in float")
-    p.add_argument("--keep-fp-groups", help="int8: comma-separated layer groups to keep in float")
+    p.add_argument("--target", required=True, help=f"{', '.join(TARGETS)} (see `u2zoo doctor`)")
+    for name in _PRECISION_FLAGS:
+        p.add_argument(PRECISIONS[name].flag, action="store_true", help=PRECISIONS[name].help)
+    add_target_flags(p)
     add_auto_fp_args(p)
-    p.add_argument(
-        "--int8-scheme",
-        help="onnx int8: u8s8-reduce-range (default, fast on AVX2), s8s8, or tensorrt "
-        "(symmetric Q/DQ that TensorRT builds from)",
-    )
-    p.add_argument("--device", help="aoti/torch/torch-compile: cpu (default) or cuda")
-    p.add_argument("--min-batch", type=int, help="tensorrt: smallest batch of the optimization profile (default 1)")
-    p.add_argument("--opt-batch", type=int, help="tensorrt: batch the engine is tuned for (default 8)")
-    p.add_argument("--max-batch", type=int, help="tensorrt/aoti: largest batch (default 16)")
-    p.add_argument("--workspace-mb", type=int, help="tensorrt: builder workspace limit in MB")
-    p.add_argument(
-        "--timing-cache",
-        help="tensorrt: timing cache file reused across builds (default: <U2ZOO_HOME>/tensorrt/timing.cache)",
-    )
-    p.add_argument("--onnx", help="tensorrt: build from this ONNX (fp32, fp16, or Q/DQ int8 made elsewhere)")
-    p.add_argument("--compile-mode", help="torch-compile: default, reduce-overhead or max-autotune")
-    p.add_argument(
-        "--accuracy-control",
-        action="store_true",
-        help="openvino int8: nncf.quantize_with_accuracy_control on the parity metric",
-    )
-    p.add_argument("--max-drop", type=float, help="openvino int8 accuracy control: allowed drop (default 0.01)")
-    p.add_argument(
-        "--bias-correction",
-        action="store_true",
-        help="openvino int8: NNCF's fast bias correction (off by default: it worsened U2NETP's parity)",
-    )
     p.add_argument("--parity-images", help="folder of photos for the parity check (default: bundled samples)")
     p.add_argument("--out", required=True, help="output folder")

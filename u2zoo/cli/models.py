@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from u2zoo.cli.common import AddVerb
-from u2zoo.tasks.cli_args import add_contract_arg
+from u2zoo.cli.task_args import add_contract_arg
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -45,7 +45,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     import platform
 
     from u2zoo.artifact import tool_versions
-    from u2zoo.converters import TARGETS
+    from u2zoo.converters import PLUGIN_FAILURES, TARGETS
     from u2zoo.zoo.weights import REGISTRY, cache_dir
 
     core = tool_versions("torch", "numpy", "pillow", "scikit-image", "tqdm", "filelock")
@@ -70,6 +70,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 f"  {'':<13} {'':<8} without it, `u2zoo convert --target {spec.name}` still writes the proven "
                 "ONNX and the command that finishes the build on the device"
             )
+    for name, why in PLUGIN_FAILURES.items():
+        print(f"  {name:<13} {'':<8} plugin failed to load: {why}")
     print("\nfeatures:")
     for feature, package, extra in (
         ("prune", "torch-pruning", "prune"),
@@ -84,12 +86,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         version = tool_versions(package)[package]
         state = f"ok [{package} {version}]" if version else f"unavailable: pip install 'u2zoo[{extra}]'"
         print(f"  {feature:<22} {state}")
-    from u2zoo.benchmarks.matrix import KNOWN_TARGETS
-
     print(f"  {'serve':<22} ok [standard library]")
-    planned = [t for t in KNOWN_TARGETS if t not in TARGETS]
-    if planned:
-        print(f"  planned, not in this version: {', '.join(planned)} (bench cells report `unavailable`)")
     shipped = [e.name for e in REGISTRY.values() if e.bundled and e.cache_path().is_file()]
     cached = [e.name for e in REGISTRY.values() if not e.bundled and e.cache_path().is_file()]
     print(f"\nweights shipped in the package: {', '.join(shipped) or 'none (a broken install?)'}")
@@ -108,7 +105,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default (the best shipped saliency model, or ``--model``) → ONNX → masks,
     cut-outs and one contact sheet of bundled sample photos; offline."""
-    from u2zoo.convert import convert_model
+    from u2zoo.conversion import convert_model
     from u2zoo.converters import get_target
     from u2zoo.tasks.contact_sheet import write_contact_sheet
     from u2zoo.tasks.engine import Segmenter

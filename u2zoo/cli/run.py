@@ -7,23 +7,23 @@ import sys
 from pathlib import Path
 
 from u2zoo.cli.common import AddVerb
-from u2zoo.errors import ConfigError
-from u2zoo.tasks.cli_args import (
+from u2zoo.cli.portrait import add_portrait_arguments, cmd_portrait
+from u2zoo.cli.serve import add_serve_arguments, cmd_serve
+from u2zoo.cli.task_args import (
     add_contract_arg,
     add_model_arguments,
     add_output_arguments,
     add_weights_args,
     open_predictor,
 )
-from u2zoo.tasks.drawing import add_portrait_arguments, cmd_portrait
-from u2zoo.tasks.serve import add_serve_arguments, cmd_serve
-from u2zoo.tasks.video import add_video_arguments, cmd_video
+from u2zoo.cli.video import add_video_arguments, cmd_video
+from u2zoo.errors import ConfigError
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Masks, cut-outs and composites of files and folders, through any model or artifact."""
+    from u2zoo.cli.task_args import open_segmenter, output_options
     from u2zoo.converters.base import ensure_writable_dir
-    from u2zoo.tasks.cli_args import open_segmenter, output_options
     from u2zoo.tasks.folder import process_files
     from u2zoo.zoo.images import shown
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from u2zoo.cli.common import AddVerb
+from u2zoo.cli.task_args import add_weights_args
 from u2zoo.errors import ConfigError
-from u2zoo.tasks.cli_args import add_weights_args
 
 
 def _train_config(args: argparse.Namespace, default_loss: str, **overrides: Any):

@@ -25,6 +25,7 @@ import numpy as np
 
 from u2zoo.artifact import Artifact, TensorSpec, tool_versions
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, network_size_for, register
+from u2zoo.converters.options import ShapeOptions, device_option, max_batch_option
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, RuntimeLoadError, tool_failure
 from u2zoo.gpu import cuda_device_info, cuda_unavailable_reason, timed
 
@@ -34,14 +35,12 @@ DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
-class AotiOptions:
-    precision: str = "fp32"  # fp32 | fp16 (cuda only)
-    device: str = "cpu"  # cpu | cuda: where the package's kernels run
-    dynamic: bool = False  # dynamic batch 1..max_batch (height and width stay fixed)
-    max_batch: int = 16
-    batch: int = 1  # the batch of a static package
-    height: int | None = None  # default: the contract's input size
-    width: int | None = None
+class AotiOptions(ShapeOptions):
+    """precision: fp32 | fp16 (cuda only); dynamic: batch 1..max_batch (height and width stay
+    fixed); device: where the package's kernels run."""
+
+    device: str = device_option()
+    max_batch: int = max_batch_option()
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -156,6 +156,18 @@ class TargetSpec:
     # int8 targets with a slow last step: a stand-in with the artifact's quantized numerics that
     # runs before that step (a predictor), so the float fallback skips candidates that clearly fail
     screen: Callable[["ModelSource", Any], Any] | None = None
+    # precisions this target cannot build here, with why (e.g. its INT8 tools are not on PyPI):
+    # the reason is the error of `convert` and the `unavailable` reason of a bench cell
+    unsupported: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def precision_unsupported_reason(self, precision: str) -> str | None:
+        """Why this target does not build ``precision``; None when it does."""
+        if precision in self.precisions:
+            return None
+        why = self.unsupported.get(precision)
+        return f"{self.name} does not support {precision}" + (
+            f": {why}" if why else f" (supported: {', '.join(self.precisions)})"
+        )
 
     def missing_modules(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
@@ -192,18 +204,20 @@ class TargetSpec:
             raise BackendUnavailable(f"target {self.name!r} needs {', '.join(missing)}", extra=self.extra)
 
     def make_options(self, **given: Any) -> Any:
-        """Build the typed options; an option this target lacks is an error, never dropped."""
+        """Build the typed options; an option this target lacks is an error, never dropped. The
+        precision is judged first: its reason is the one that matters (e.g. no INT8 tools)."""
+        if "precision" in given and given["precision"] not in self.precisions:
+            why = self.unsupported.get(given["precision"])
+            raise ConfigError(
+                f"target {self.name!r} does not support precision {given['precision']!r} "
+                + (f"({why})" if why else f"(supported: {', '.join(self.precisions)})")
+            )
         names = {f.name for f in dataclasses.fields(self.options_type)}
         unknown = sorted(k for k in given if k not in names)
         if unknown:
             raise ConfigError(
                 f"target {self.name!r} does not support option(s) {', '.join(unknown)} "
                 f"(its options: {', '.join(sorted(names))})"
-            )
-        if "precision" in given and given["precision"] not in self.precisions:
-            raise ConfigError(
-                f"target {self.name!r} does not support precision {given['precision']!r} "
-                f"(supported: {', '.join(self.precisions)})"
             )
         return self.options_type(**given)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from u2zoo.converters.options import ShapeOptions, option
 from u2zoo.errors import ConfigError, did_you_mean
 
 INPUT_NAME = "image"
@@ -62,18 +63,26 @@ def _oldest(family: str, version: int) -> str:
 
 
 @dataclass(frozen=True)
-class CoreMLOptions:
-    # fp32 | fp16 | int8-weights. int8-weights = the fp16 model whose weights (tensors of more
-    # than WEIGHT_THRESHOLD elements) are stored as int8, linear symmetric per output channel,
-    # and dequantized to fp16 when Core ML loads the model: arithmetic stays fp16.
-    precision: str = "fp32"
-    palettize: int | None = None  # k-means palettize the weights to N bits, on top of fp32/fp16
-    image_input: bool = False  # RGB ImageType input (scale 1/255, mean/std inside) instead of a tensor
-    deployment_target: str = "iOS16"  # a ct.target name; ML programs need iOS15/macOS12+
-    dynamic: bool = False  # refused: Core ML models here have a fixed shape
-    batch: int = 1
-    height: int | None = None  # default: the contract's input size
-    width: int | None = None
+class CoreMLOptions(ShapeOptions):
+    """precision: fp32 | fp16 | int8-weights. int8-weights = the fp16 model whose weights
+    (tensors of more than WEIGHT_THRESHOLD elements) are stored as int8, linear symmetric per
+    output channel, and dequantized to fp16 when Core ML loads the model: arithmetic stays
+    fp16. dynamic is refused: Core ML models here have a fixed shape."""
+
+    palettize: int | None = option(  # on top of fp32/fp16 weights
+        help="k-means palettize weights to N bits (1, 2, 3, 4, 6, 8)",
+        suffix="_pal{}",
+        judged_as={"fp32": "int8-weights", "fp16": "int8-weights"},  # compressed: judged like int8 weights
+    )
+    image_input: bool = option(  # RGB ImageType (scale 1/255, mean/std inside) instead of a tensor
+        False,
+        help="ImageType input (the app passes a 320×320 RGB image; scale/bias are in the model)",
+        suffix="_image",
+        judged_as={"fp32": "fp16"},  # the RGB input is rounded to 8 bits
+    )
+    deployment_target: str = option(  # a ct.target name; ML programs need iOS15/macOS12+
+        "iOS16", help="minimum deployment target, e.g. iOS16 (default), macOS13"
+    )
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

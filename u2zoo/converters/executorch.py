@@ -37,6 +37,7 @@ from u2zoo.converters.base import (
     network_size_for,
     register,
 )
+from u2zoo.converters.options import CalibrationOptions, ShapeOptions
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, tool_failure
 from u2zoo.quantization.onnx_int8 import TOP_LEVEL, check_module_groups
 
@@ -46,15 +47,9 @@ PRECISIONS = ("fp32", "int8")
 
 
 @dataclass(frozen=True)
-class ExecuTorchOptions:
-    precision: str = "fp32"  # fp32 | int8 (PT2E, XNNPACKQuantizer)
-    dynamic: bool = False  # not supported: programs are fixed-shape
-    batch: int = 1
-    height: int | None = None  # default: the contract's input size
-    width: int | None = None
-    calib: str | None = None  # int8: folder of calibration images (or a dumped .npz)
-    calib_size: int | None = None  # int8: N images (default 256; a larger folder is sampled with a fixed seed)
-    keep_fp_groups: tuple[str, ...] = ()  # int8: module paths (or "top-level") left in float
+class ExecuTorchOptions(ShapeOptions, CalibrationOptions):
+    """precision: fp32 | int8 (PT2E, XNNPACKQuantizer); dynamic is refused (programs are
+    fixed-shape); keep_fp_groups are module paths (or "top-level") left in float."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_fp_groups", tuple(self.keep_fp_groups))

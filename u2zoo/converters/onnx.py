@@ -34,6 +34,14 @@ from u2zoo.converters.base import (
     network_size_for,
     register,
 )
+from u2zoo.converters.options import (
+    CalibrationOptions,
+    QatOptions,
+    ShapeOptions,
+    calib_method_option,
+    keep_fp_option,
+    option,
+)
 from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError, ConversionError, U2ZooError
 from u2zoo.quiet import quiet_loggers
 from u2zoo.safe_paths import confined
@@ -47,24 +55,19 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 @dataclass(frozen=True)
-class OnnxOptions:
-    precision: str = "fp32"
-    dynamic: bool = False  # dynamic batch, height and width
-    opset: int = 17
-    batch: int = 1  # static batch size when not dynamic
-    height: int | None = None  # default: the contract's input size
-    width: int | None = None
-    exporter: str = "torchscript"  # or "dynamo"
+class OnnxOptions(ShapeOptions, CalibrationOptions, QatOptions):
+    opset: int = option(17, help="ONNX opset (≥ 17)")
+    exporter: str = option("torchscript", help="ONNX exporter: torchscript (default, fast) or dynamo")
     simplify: bool = True  # run onnxslim
-    # int8 only:
-    calib: str | None = None  # folder of calibration images (or a dumped .npz)
-    calib_size: int | None = None  # N images (default 256; a larger folder is sampled with a fixed seed)
-    calib_method: str = "minmax"  # minmax | entropy | percentile
-    int8_scheme: str = "u8s8-reduce-range"  # or "s8s8", "tensorrt"; see quantization.onnx_int8
-    keep_fp: int = 0  # keep the N most sensitive layer groups in float (runs the sensitivity analysis)
-    keep_fp_groups: tuple[str, ...] = ()  # or name the groups to keep in float
-    qat_epochs: int | None = None  # int8-qat: fine-tuning epochs (default 2)
-    qat_lr: float | None = None  # int8-qat: Adam learning rate (default 2e-6)
+    calib_method: str = calib_method_option()
+    keep_fp: int = keep_fp_option()  # runs the sensitivity analysis
+    int8_scheme: str = option(  # see quantization.onnx_int8
+        "u8s8-reduce-range",
+        help="int8: u8s8-reduce-range (default, fast on AVX2), s8s8, or tensorrt "
+        "(symmetric Q/DQ that TensorRT builds from)",
+        suffix="_{}",
+        plain="u8s8-reduce-range",
+    )
 
     def __post_init__(self) -> None:
         qat = self.precision == "int8-qat"

@@ -31,30 +31,29 @@ from u2zoo.converters.base import (
     register,
 )
 from u2zoo.converters.onnx import INPUT_NAME, OUTPUT_NAME, OnnxOptions, export_onnx
+from u2zoo.converters.options import CalibrationOptions, QatOptions, ShapeOptions, keep_fp_option, option
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, tool_failure
 
 _DIM_NAMES = {0: "batch", 2: "height", 3: "width"}
 
 
 @dataclass(frozen=True)
-class OpenVinoOptions:
-    precision: str = "fp32"  # fp32 | fp16 (compressed weights) | int8 (NNCF)
-    dynamic: bool = False
-    batch: int = 1
-    height: int | None = None
-    width: int | None = None
-    calib: str | None = None
-    calib_size: int | None = None
-    keep_fp: int = 0  # keep the N most sensitive layer groups in float (ranked with ONNX Runtime)
-    keep_fp_groups: tuple[str, ...] = ()
-    accuracy_control: bool = False  # nncf.quantize_with_accuracy_control on our mean-abs parity
-    max_drop: float = 0.01  # accuracy control: largest allowed drop of (1 - mean abs error)
+class OpenVinoOptions(ShapeOptions, CalibrationOptions, QatOptions):
+    # precision: fp32 | fp16 (compressed weights) | int8 (NNCF); int8-qat fine-tunes over the
+    # (mirrored) calibration images
+    keep_fp: int = keep_fp_option()  # ranked with ONNX Runtime
+    accuracy_control: bool = option(  # nncf.quantize_with_accuracy_control on our mean-abs parity
+        False, help="int8: nncf.quantize_with_accuracy_control on the parity metric"
+    )
+    max_drop: float = option(  # the largest allowed drop of (1 - mean abs error)
+        0.01, help="int8 accuracy control: allowed drop (default 0.01)"
+    )
     # NNCF's fast bias correction, off unless asked: on U2NETP it doubled the INT8 output error
     # on the parity photos (stage2d in float: IoU@0.5 0.948 with it, 0.987 without) and tripled
     # the conversion time
-    bias_correction: bool = False
-    qat_epochs: int | None = None  # int8-qat: fine-tuning epochs over the (mirrored) calibration images; 2
-    qat_lr: float | None = None  # int8-qat: Adam learning rate; 2e-6
+    bias_correction: bool = option(
+        False, help="int8: NNCF's fast bias correction (off by default: it worsened U2NETP's parity)"
+    )
 
     def __post_init__(self) -> None:
         qat = self.precision == "int8-qat"

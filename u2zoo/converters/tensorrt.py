@@ -3,7 +3,7 @@
 TensorRT 10.1 deprecated the INT8 calibrators and TensorRT 11 removed them together with the
 FP16/INT8 builder flags: networks are *strongly typed*, so precision comes from the ONNX
 itself. This target therefore starts from an ONNX artifact (the chain torch → onnx →
-tensorrt, worked out by :mod:`u2zoo.convert`):
+tensorrt, worked out by :mod:`u2zoo.conversion`):
 
 - fp32: the plain ONNX; fp16: the float16 ONNX (float32 I/O);
 - int8: explicit Q/DQ from ONNX Runtime's static quantizer in the ``tensorrt`` scheme
@@ -41,6 +41,15 @@ from u2zoo.converters.base import (
     register,
 )
 from u2zoo.converters.onnx import QDQ_OPS, onnx_precision, read_onnx
+from u2zoo.converters.options import (
+    CalibrationOptions,
+    QatOptions,
+    SizeOptions,
+    calib_method_option,
+    keep_fp_option,
+    max_batch_option,
+    option,
+)
 from u2zoo.errors import ConfigError, ConversionError, RuntimeLoadError
 from u2zoo.gpu import cuda_device_info, timed
 
@@ -48,25 +57,23 @@ PRECISIONS = ("fp32", "fp16", "int8", "int8-qat")
 
 
 @dataclass(frozen=True)
-class TensorRTOptions:
-    precision: str = "fp32"  # fp32 | fp16 | int8: the ONNX's own types decide (strongly typed)
-    min_batch: int = 1  # the optimization profile's batch range
-    opt_batch: int = 8
-    max_batch: int = 16
-    height: int | None = None  # fixed in the profile; default: the contract's size
-    width: int | None = None
-    workspace_mb: int | None = None  # builder workspace limit; None = TensorRT's default
-    timing_cache: str | None = None  # default: <U2ZOO_HOME>/tensorrt/timing.cache, shared by builds
-    onnx: str | None = None  # build from this ONNX instead of exporting one (must match the precision)
-    # int8, when u2zoo quantizes (no --onnx):
-    calib: str | None = None
-    calib_size: int | None = None
-    calib_method: str = "minmax"
-    keep_fp: int = 0
-    keep_fp_groups: tuple[str, ...] = ()
-    # int8-qat: u2zoo's pt2e QAT makes the symmetric QDQ ONNX (see quantization.qat)
-    qat_epochs: int | None = None
-    qat_lr: float | None = None
+class TensorRTOptions(SizeOptions, CalibrationOptions, QatOptions):
+    """precision: fp32 | fp16 | int8: the ONNX's own types decide (strongly typed); height and
+    width are fixed in the profile. The calibration fields apply when u2zoo quantizes (no
+    --onnx); int8-qat: u2zoo's pt2e QAT makes the symmetric QDQ ONNX (see quantization.qat)."""
+
+    min_batch: int = option(1, help="smallest batch of the optimization profile (default 1)")
+    opt_batch: int = option(8, help="batch the engine is tuned for (default 8)")
+    max_batch: int = max_batch_option()
+    workspace_mb: int | None = option(help="builder workspace limit in MB")  # None: TensorRT's default
+    timing_cache: str | None = option(
+        help="timing cache file reused across builds (default: <U2ZOO_HOME>/tensorrt/timing.cache)"
+    )
+    onnx: str | None = option(  # must match the precision
+        help="build from this ONNX (fp32, fp16, or Q/DQ int8 made elsewhere)"
+    )
+    calib_method: str = calib_method_option()
+    keep_fp: int = keep_fp_option()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_fp_groups", tuple(self.keep_fp_groups))

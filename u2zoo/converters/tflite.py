@@ -48,6 +48,7 @@ from u2zoo.converters.base import (
     network_size_for,
     register,
 )
+from u2zoo.converters.options import CalibrationOptions, ShapeOptions, keep_fp_option, option
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, tool_failure
 from u2zoo.quantization.onnx_int8 import TOP_LEVEL, check_module_groups
 from u2zoo.zoo.weights import file_digest
@@ -56,17 +57,11 @@ QUANTIZED = ("int8", "dynamic-int8")
 
 
 @dataclass(frozen=True)
-class TFLiteOptions:
-    precision: str = "fp32"  # fp32 | fp16 (fp16 weights) | dynamic-int8 | int8 (full integer, int8 I/O)
-    nhwc: bool = False  # channels-last input and output
-    dynamic: bool = False  # refused: TFLite models here have fixed shapes
-    batch: int = 1
-    height: int | None = None  # default: the contract's input size
-    width: int | None = None
-    calib: str | None = None  # int8: folder of calibration images (or a dumped .npz)
-    calib_size: int | None = None
-    keep_fp: int = 0  # int8: keep the N most sensitive groups (ranked with ONNX Runtime) in float
-    keep_fp_groups: tuple[str, ...] = ()  # int8 / dynamic-int8: these module groups stay float
+class TFLiteOptions(ShapeOptions, CalibrationOptions):
+    # precision: fp32 | fp16 (fp16 weights) | dynamic-int8 | int8 (full integer, int8 I/O);
+    # dynamic is refused: TFLite models here have fixed shapes
+    keep_fp: int = keep_fp_option()  # ranked with ONNX Runtime
+    nhwc: bool = option(False, help="channels-last input and output (NHWC)", suffix="_nhwc")
 
     def __post_init__(self) -> None:
         if self.dynamic:

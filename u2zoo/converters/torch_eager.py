@@ -19,6 +19,7 @@ import numpy as np
 from u2zoo.artifact import Artifact, TensorSpec, atomic_write_bytes, tool_versions
 from u2zoo.converters.aoti import DEVICES
 from u2zoo.converters.base import ModelSource, Runner, TargetSpec, build_artifact, network_size_for, register
+from u2zoo.converters.options import SizeOptions, device_option, dynamic_option, option
 from u2zoo.errors import BackendUnavailable, ConfigError, RuntimeLoadError
 from u2zoo.gpu import cuda_device_info, cuda_unavailable_reason, timed
 
@@ -27,13 +28,15 @@ OUTPUT_NAME = "mask"
 
 
 @dataclass(frozen=True)
-class TorchOptions:
-    precision: str = "fp32"  # fp32 | fp16
-    device: str = "cpu"  # cpu | cuda
-    dynamic: bool = True  # eager modules take any batch and size
-    height: int | None = None  # recorded as the size the artifact is checked at
-    width: int | None = None
-    compile_mode: str = "default"  # torch-compile only: default | reduce-overhead | max-autotune
+class TorchOptions(SizeOptions):
+    """precision: fp32 | fp16; eager modules take any batch and size (dynamic); height and
+    width are recorded as the size the artifact is checked at."""
+
+    device: str = device_option()
+    dynamic: bool = dynamic_option(True)
+    compile_mode: str = option(  # torch-compile only
+        "default", help="torch.compile mode: default, reduce-overhead or max-autotune"
+    )
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from u2zoo.errors import ConfigError
+from u2zoo.runtime.precisions import FLOAT_FALLBACK_PRECISIONS
 
 DEFAULT_BUDGET = 0.25  # at most this share of the MACs in float
 MAX_ATTEMPTS = 16  # conversions per search, whatever the budget: each one re-quantizes the model
 FINE_OPS = ("Add", "Concat", "Resize")  # a group's element-wise joins, tried in float before its convs
 FINE_TARGETS = ("onnx", "openvino", "tensorrt")  # targets whose group names select ONNX nodes
 RANKING_BACKEND = "onnxruntime-u8s8-reduce-range"
-AUTO_PRECISIONS = ("int8", "dynamic-int8")
+AUTO_PRECISIONS = FLOAT_FALLBACK_PRECISIONS
 
 
 def check_options(auto_fp: bool, fp_budget: float | None) -> float:

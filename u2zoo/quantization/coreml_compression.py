@@ -17,7 +17,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from u2zoo.errors import BackendUnavailable
-from u2zoo.runtime.compare import DEFAULT_TOLERANCES, compare
+from u2zoo.runtime.compare import compare
+from u2zoo.runtime.gates import default_gates
 
 # Weight tensors of more elements than this are compressed (int8 or palettized); smaller ones
 # (biases, the 1×1 fusing conv) stay float. coremltools' default, 2048, would leave U2NETP's
@@ -25,7 +26,7 @@ from u2zoo.runtime.compare import DEFAULT_TOLERANCES, compare
 WEIGHT_THRESHOLD = 256
 # Compressed weights must keep the torch-side IoU@0.5 at or above the bar `u2zoo convert` sets
 # for int8 weights (0.98); otherwise up to MAX_KEPT of the most harmful tensors stay float.
-COMPRESSION_TARGET_IOU = DEFAULT_TOLERANCES["int8-weights"].iou50_min
+COMPRESSION_TARGET_IOU = default_gates().precisions["int8-weights"]["iou50_min"]
 MAX_KEPT = 4
 SCAN_IMAGES = 2  # images of the sensitivity scan
 SCANNED_GROUPS = 2  # layer groups whose tensors are scanned one by one

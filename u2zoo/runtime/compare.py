@@ -29,17 +29,6 @@ class Tolerance:
         return ", ".join(p for p in parts if p) or "none"
 
 
-# What `u2zoo convert` requires before it calls an artifact a success.
-DEFAULT_TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(max_abs=1e-3),
-    "fp16": Tolerance(mean_abs=5e-3),
-    "int8": Tolerance(iou50_min=0.98),
-    "int8-qat": Tolerance(iou50_min=0.98),  # int8 after quantization-aware fine-tuning
-    "dynamic-int8": Tolerance(iou50_min=0.98),  # int8 weights, activations quantized at run time
-    "int8-weights": Tolerance(iou50_min=0.98),  # int8 weights dequantized to float at load time
-}
-
-
 def iou_at(reference: np.ndarray, candidate: np.ndarray, threshold: float = 0.5) -> float:
     """Intersection over union of the two maps binarised at ``threshold`` (1.0 when both empty)."""
     ref, cand = reference > threshold, candidate > threshold

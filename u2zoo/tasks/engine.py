@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from u2zoo.errors import ConfigError
 from u2zoo.runtime.pipeline import Predictor, network_size, run_batched
@@ -69,6 +70,29 @@ class Segmenter:
                 postprocess(pred, image.shape[:2], self.contract.post) for pred, image in zip(predictions, chunk)
             )
         return maps
+
+    def cutout(self, image: np.ndarray, background: str | tuple[int, int, int] | None = None) -> Image.Image:
+        """The image with its map as alpha (RGBA), or composited on a ``background`` colour
+        (``"white"``, ``"#00ff00"``, an RGB triple) as RGB."""
+        from u2zoo.tasks.outputs import OutputOptions, parse_colour, render
+
+        if background is None:
+            return render(image, self.maps([image])[0], OutputOptions(kinds=("cutout",))).images["cutout"]
+        colour = parse_colour(background) if isinstance(background, str) else tuple(background)
+        options = OutputOptions(kinds=("composite",), background_colour=colour)
+        return render(image, self.maps([image])[0], options).images["composite"]
+
+    def close(self) -> None:
+        """Free the runtime of an artifact's runner (the torch reference needs nothing)."""
+        close = getattr(self.predictor, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Segmenter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def check_batch_size(predictor: Predictor, batch_size: int) -> None:

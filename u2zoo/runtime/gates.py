@@ -1,17 +1,23 @@
 """Accuracy-parity gates: tolerances per precision, with per-target/model overrides, in YAML.
 
-A gate file looks like ``u2zoo/benchmarks/default_gates.yaml``. Any key we do not know is an
-error (a typo must never silently disable a gate). ``evaluate`` names every limit a cell
-breaks, with the measured value.
+``default_gates.yaml`` beside this module is u2zoo's one tolerance table: ``u2zoo bench
+--gate`` applies all of it, and ``u2zoo convert`` requires its parity limits (those it can
+measure without ground truth, :func:`convert_tolerance`) before it calls an artifact a
+success. A user's gate file has the same form. Any key we do not know is an error (a typo must
+never silently disable a gate). ``evaluate`` names every limit a cell breaks, with the
+measured value.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from u2zoo.errors import ConfigError, one_line
+from u2zoo.errors import ConfigError, did_you_mean, one_line
+from u2zoo.runtime.compare import Tolerance
+from u2zoo.runtime.precisions import PRECISIONS
 
 DEFAULT_GATES = Path(__file__).with_name("default_gates.yaml")
 
@@ -24,6 +30,8 @@ LIMITS: dict[str, tuple[str, str]] = {
     "delta_max_f_max": ("delta_max_f", "max"),
     "boundary_mae_max": ("boundary_mae", "max"),
 }
+# the limits `convert` can check: artifact against torch, no ground truth
+PARITY_LIMITS = ("max_abs", "mean_abs", "iou50_min")
 _TOP_KEYS = {"schema_version", "precisions", "overrides"}
 _OVERRIDE_KEYS = {"target", "model", "precision", "limits"}
 
@@ -78,6 +86,13 @@ def _number(value: Any, where: str, source: str) -> float:
     raise ConfigError(f"gate file {source}: {where} must be a number, not {value!r}")
 
 
+def _check_precision(name: Any, where: str, source: str) -> None:
+    if name not in PRECISIONS:
+        raise ConfigError(
+            f"gate file {source}: unknown precision {name!r} at {where}{did_you_mean(str(name), PRECISIONS)}"
+        )
+
+
 def parse_gates(data: Any, source: str) -> Gates:
     if not isinstance(data, dict):
         raise ConfigError(f"gate file {source}: expected a mapping at the top level")
@@ -88,6 +103,7 @@ def parse_gates(data: Any, source: str) -> Gates:
         raise ConfigError(f"gate file {source}: schema_version {data['schema_version']} is not supported (1)")
     precisions = {}
     for precision, limits in (data.get("precisions") or {}).items():
+        _check_precision(precision, "precisions", source)
         precisions[str(precision)] = _check_limits(limits, f"precisions.{precision}", source)
     overrides = []
     for i, rule in enumerate(data.get("overrides") or []):
@@ -99,6 +115,8 @@ def parse_gates(data: Any, source: str) -> Gates:
                 f"gate file {source}: unknown key {unknown[0]!r} at overrides[{i}] "
                 f"(known: {', '.join(sorted(_OVERRIDE_KEYS))})"
             )
+        if rule.get("precision") is not None:
+            _check_precision(rule["precision"], f"overrides[{i}]", source)
         overrides.append(dict(rule, limits=_check_limits(rule.get("limits"), f"overrides[{i}].limits", source)))
     return Gates(precisions, overrides, source)
 
@@ -115,3 +133,16 @@ def load_gates(path: str | Path | None = None) -> Gates:
     except yaml.YAMLError as exc:
         raise ConfigError(f"gate file {path} is not valid YAML: {one_line(exc)}") from None
     return parse_gates(data, str(path))
+
+
+@functools.cache
+def default_gates() -> Gates:
+    """The shipped table, read once per process."""
+    return load_gates()
+
+
+def convert_tolerance(model: str, target: str, precision: str) -> Tolerance:
+    """What ``u2zoo convert`` requires of an artifact: the default table's parity limits for
+    this model, target and precision (overrides included)."""
+    limits = default_gates().limits_for(model, target, precision)
+    return Tolerance(**{key: limits[key] for key in PARITY_LIMITS if key in limits})
