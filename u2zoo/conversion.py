@@ -111,9 +111,8 @@ def convert_model(
         parent = _onnx_input(spec, opts, source, out_dir, images, auto_fp, budget)
         reason = spec.unavailable_reason()
         if reason:
-            raise BackendUnavailable(
-                f"cannot build the {target} artifact here: {reason}; {spec.handoff(parent, opts, out_dir)}"
-            )
+            handoff = f"; {spec.handoff(parent, opts, out_dir)}" if spec.handoff else ""
+            raise BackendUnavailable(f"cannot build the {target} artifact here: {reason}{handoff}")
     return _convert_and_prove(spec, opts, source, out_dir, images, tolerance, parent, auto_fp, budget)
 
 
