@@ -337,6 +337,9 @@ def check_load(server, body: bytes, sequential: int, concurrent: int, rounds: in
     assert result["errors"] == 0, result
     assert result["sequential"]["requests"] == sequential
     assert result["concurrent"]["requests"] == concurrent * rounds
+    for phase in (result["sequential"], result["concurrent"]):  # throughput = answered requests / wall time
+        assert phase["median_ms"] <= phase["p90_ms"] <= phase["p99_ms"] <= phase["wall_s"] * 1000
+        assert phase["requests_per_s"] == pytest.approx(phase["requests"] / phase["wall_s"])
     assert result["rss_after_mb"] <= result["rss_before_mb"] + RSS_GROWTH_LIMIT_MB, result
     return result
 

@@ -51,7 +51,9 @@ def post(
     return time.perf_counter() - started, error
 
 
-def _phase(results: list[tuple[float, str | None]]) -> dict[str, Any]:
+def _phase(results: list[tuple[float, str | None]], wall_s: float) -> dict[str, Any]:
+    """Latency percentiles of a phase's requests, and its throughput: answered requests per
+    second of the phase's wall time (what a client population gets, queueing included)."""
     seconds = np.array([s for s, _ in results]) * 1000.0
     errors = [e for _, e in results if e is not None]
     return {
@@ -60,6 +62,9 @@ def _phase(results: list[tuple[float, str | None]]) -> dict[str, Any]:
         "error_samples": errors[:3],
         "median_ms": float(np.median(seconds)) if len(seconds) else float("nan"),
         "p90_ms": float(np.percentile(seconds, 90)) if len(seconds) else float("nan"),
+        "p99_ms": float(np.percentile(seconds, 99)) if len(seconds) else float("nan"),
+        "wall_s": wall_s,
+        "requests_per_s": (len(results) - len(errors)) / wall_s if wall_s > 0 else float("nan"),
     }
 
 
@@ -94,19 +99,24 @@ def load_test(
     rises over its first two rounds or so (by 80-110 MB for the tiny test network in ONNX
     Runtime), then stays flat. Returns ``{"sequential": phase, "concurrent": phase,
     "errors": total, "warmup_errors", "rss_before_mb", "rss_after_mb", …}``, where a phase is
-    ``{"requests", "errors", "error_samples", "median_ms", "p90_ms"}``. Any non-200 answer or
+    ``{"requests", "errors", "error_samples", "median_ms", "p90_ms", "p99_ms", "wall_s",
+    "requests_per_s"}``. Any non-200 answer or
     failed connection is an error.
     """
     warm = _in_flight(url, body, max(concurrent, 1), warmup, content_type, timeout)
     before = health(url, timeout)
+    started = time.perf_counter()
     seq = [post(url, body, content_type, timeout) for _ in range(sequential)]
+    seq_wall = time.perf_counter() - started
+    started = time.perf_counter()
     par = _in_flight(url, body, concurrent, rounds, content_type, timeout)
+    par_wall = time.perf_counter() - started
     after = health(url, timeout)
     result = {
         "url": url,
         "body_bytes": len(body),
-        "sequential": _phase(seq),
-        "concurrent": {**_phase(par), "in_flight": concurrent, "rounds": rounds},
+        "sequential": _phase(seq, seq_wall),
+        "concurrent": {**_phase(par, par_wall), "in_flight": concurrent, "rounds": rounds},
         "warmup_errors": sum(error is not None for _, error in warm),
         "rss_before_mb": before.get("rss_mb"),
         "rss_after_mb": after.get("rss_mb"),
@@ -120,7 +130,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['url']}: {result['body_bytes']:,}-byte body"
         + (f", {result['warmup_errors']} error(s) in the warm-up" if result["warmup_errors"] else ""),
-        f"{'phase':<22} {'requests':>8} {'errors':>6} {'median ms':>9} {'p90 ms':>8}",
+        f"{'phase':<22} {'requests':>8} {'errors':>6} {'median ms':>9} {'p90 ms':>8} {'p99 ms':>8} {'req/s':>7}",
     ]
     conc = result["concurrent"]
     for name, phase in (
@@ -128,7 +138,8 @@ def format_table(result: dict[str, Any]) -> str:
         (f"concurrent {conc['in_flight']}×{conc['rounds']}", conc),
     ):
         lines.append(
-            f"{name:<22} {phase['requests']:>8} {phase['errors']:>6} {phase['median_ms']:>9.1f} {phase['p90_ms']:>8.1f}"
+            f"{name:<22} {phase['requests']:>8} {phase['errors']:>6} {phase['median_ms']:>9.1f} "
+            f"{phase['p90_ms']:>8.1f} {phase['p99_ms']:>8.1f} {phase['requests_per_s']:>7.2f}"
         )
     for phase in (result["sequential"], conc):
         lines.extend(f"  error: {sample}" for sample in phase["error_samples"])
