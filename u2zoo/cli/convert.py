@@ -9,7 +9,6 @@ from typing import Any
 
 from u2zoo.cli.common import AddVerb, add_auto_fp_args, csv_list
 from u2zoo.cli.task_args import add_contract_arg, add_weights_args
-from u2zoo.converters.options import cli_fields, field_types, flag_of
 from u2zoo.errors import ConfigError, U2ZooError
 from u2zoo.runtime.precisions import DEFAULT_PRECISION, PRECISIONS
 
@@ -56,6 +55,7 @@ def _kind(annotation: Any) -> type:
 def target_flags() -> list[TargetFlag]:
     """Every target option field that is a flag, in registration order."""
     from u2zoo.converters import TARGETS
+    from u2zoo.converters.options import cli_fields, field_types
 
     first: dict[str, tuple[dataclasses.Field, type]] = {}
     owners: dict[str, list[str]] = {}
@@ -70,6 +70,7 @@ def target_flags() -> list[TargetFlag]:
 def add_target_flags(p: argparse.ArgumentParser) -> None:
     """One flag per target option; one that not every target has names its targets."""
     from u2zoo.converters import TARGETS
+    from u2zoo.converters.options import flag_of
 
     for flag in target_flags():
         help_text = flag.field.metadata["help"]
@@ -153,17 +154,46 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_convert(add: AddVerb) -> None:
+def _when_used(p: argparse.ArgumentParser, setup) -> None:
+    """Run ``setup(p)`` the first time ``p`` parses or prints help, not when the CLI is built:
+    the target flags import every target module (and torch), which ``u2zoo --help``, ``report``
+    or ``fetch`` should not pay for."""
+    parse, help_text = p.parse_known_args, p.format_help
+    done: list[bool] = []
+
+    def ensure() -> None:
+        if not done:
+            done.append(True)
+            setup(p)
+
+    def parse_known_args(args=None, namespace=None):  # argparse calls this for the verb's own arguments
+        ensure()
+        return parse(args, namespace)
+
+    def format_help() -> str:
+        ensure()
+        return help_text()
+
+    p.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    p.format_help = format_help  # type: ignore[method-assign]
+
+
+def _add_registry_flags(p: argparse.ArgumentParser) -> None:
     from u2zoo.converters import TARGETS
 
+    next(a for a in p._actions if a.dest == "target").help = f"{', '.join(TARGETS)} (see `u2zoo doctor`)"
+    add_target_flags(p)
+
+
+def add_convert(add: AddVerb) -> None:
     p = add("convert", cmd_convert, "convert a model for a target; the artifact is verified in its runtime")
     p.add_argument("--model", required=True, help="architecture or weights name (see `u2zoo models`)")
     add_weights_args(p)
     add_contract_arg(p)
-    p.add_argument("--target", required=True, help=f"{', '.join(TARGETS)} (see `u2zoo doctor`)")
+    p.add_argument("--target", required=True, help="the target (see `u2zoo doctor`)")
     for name in _PRECISION_FLAGS:
         p.add_argument(PRECISIONS[name].flag, action="store_true", help=PRECISIONS[name].help)
-    add_target_flags(p)
+    _when_used(p, _add_registry_flags)  # every target option's flag, from the registry
     add_auto_fp_args(p)
     p.add_argument("--parity-images", help="folder of photos for the parity check (default: bundled samples)")
     p.add_argument("--out", required=True, help="output folder")
