@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from u2zoo.errors import ArtifactError, ConfigError
+from u2zoo.files import file_digest
 from u2zoo.safe_paths import confined
 from u2zoo.zoo.contract import Contract
-from u2zoo.zoo.weights import file_digest
 
 SCHEMA = "u2zoo.artifact"
 SCHEMA_VERSION = 1

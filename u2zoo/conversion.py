@@ -19,9 +19,10 @@ import numpy as np
 
 from u2zoo.artifact import Artifact
 from u2zoo.converters import ModelSource, get_target
-from u2zoo.converters.base import ensure_writable_dir, network_size_for
+from u2zoo.converters.base import network_size_for
 from u2zoo.converters.options import judged_precision, stem_suffix
 from u2zoo.errors import BackendUnavailable, ConfigError, ParityError
+from u2zoo.files import ensure_writable_dir
 from u2zoo.quantization.auto_fp import AUTO_PRECISIONS, DEFAULT_BUDGET, Attempt, check_options
 from u2zoo.quantization.auto_fp import applies as auto_fp_applies
 from u2zoo.quiet import third_party_quiet

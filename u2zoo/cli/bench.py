@@ -17,7 +17,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from u2zoo.benchmarks.matrix import BenchConfig, run_matrix
     from u2zoo.benchmarks.report import write_results
     from u2zoo.benchmarks.results import MatrixRow
-    from u2zoo.converters.base import ensure_writable_dir
+    from u2zoo.files import ensure_writable_dir
     from u2zoo.runtime.gates import load_gates
 
     gates = load_gates(None if args.gate in (None, "default") else args.gate)
@@ -87,7 +87,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from u2zoo.benchmarks.report import write_report
     from u2zoo.benchmarks.results import load_results
-    from u2zoo.converters.base import ensure_writable_dir
+    from u2zoo.files import ensure_writable_dir
 
     rows = load_results([Path(p) for p in args.results])
     paths = write_report(rows, ensure_writable_dir(Path(args.out)))

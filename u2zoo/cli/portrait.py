@@ -37,7 +37,7 @@ def add_portrait_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_portrait(args: argparse.Namespace) -> int:
     from u2zoo.cli.task_args import open_segmenter
-    from u2zoo.converters.base import ensure_writable_dir
+    from u2zoo.files import ensure_writable_dir
 
     blend = Blend(args.blend_sigma, args.blend_alpha) if args.blend else None
     if args.landmarks_model and not args.align:

@@ -23,7 +23,7 @@ from u2zoo.errors import ConfigError
 def cmd_predict(args: argparse.Namespace) -> int:
     """Masks, cut-outs and composites of files and folders, through any model or artifact."""
     from u2zoo.cli.task_args import open_segmenter, output_options
-    from u2zoo.converters.base import ensure_writable_dir
+    from u2zoo.files import ensure_writable_dir
     from u2zoo.tasks.folder import process_files
     from u2zoo.zoo.images import shown
 

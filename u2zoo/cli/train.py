@@ -231,7 +231,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Structured channel pruning (torch-pruning), optionally recovered by distillation."""
-    from u2zoo.converters.base import ensure_writable_dir
+    from u2zoo.files import ensure_writable_dir
     from u2zoo.pruning.prune import prune_and_recover
 
     if args.epochs:

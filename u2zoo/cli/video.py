@@ -35,7 +35,7 @@ def add_video_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_video(args: argparse.Namespace) -> int:
     """Mask, cut-out or composite videos of video files, through any model or artifact."""
     from u2zoo.cli.task_args import open_segmenter, output_options
-    from u2zoo.converters.base import ensure_writable_dir
+    from u2zoo.files import ensure_writable_dir
 
     import_av()
     Smoother(args.smooth)  # validate before the model loads

@@ -308,17 +308,3 @@ def build_artifact(
         manifest["quantization"] = quantization
     manifest["convert_seconds"] = round(time.perf_counter() - started, 2)
     return Artifact(files[0], manifest)
-
-
-def ensure_writable_dir(path: Path) -> Path:
-    """Create ``path`` if needed and prove we can write there, with a one-line error if not."""
-    from u2zoo.errors import U2ZooError
-
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".u2zoo-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise U2ZooError(f"output folder {path} is not writable: {exc.strerror or exc}") from None
-    return path

@@ -43,9 +43,9 @@ from u2zoo.converters.options import (
     option,
 )
 from u2zoo.errors import ArtifactError, BackendUnavailable, ConfigError, ConversionError, U2ZooError
+from u2zoo.files import file_digest
 from u2zoo.quiet import quiet_loggers
 from u2zoo.safe_paths import confined
-from u2zoo.zoo.weights import file_digest
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "mask"

@@ -146,7 +146,7 @@ def _nncf_quantize(
         )
         statistics = None
     else:
-        from u2zoo.zoo.weights import file_digest
+        from u2zoo.files import file_digest
 
         quantized, statistics = nncf_reuse.quantize(
             ov_model,

@@ -50,8 +50,8 @@ from u2zoo.converters.base import (
 )
 from u2zoo.converters.options import CalibrationOptions, ShapeOptions, keep_fp_option, option
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, tool_failure
+from u2zoo.files import file_digest
 from u2zoo.quantization.onnx_int8 import TOP_LEVEL, check_module_groups
-from u2zoo.zoo.weights import file_digest
 
 QUANTIZED = ("int8", "dynamic-int8")
 

@@ -128,7 +128,8 @@ def ranges_cache_path(fp32_path: Path, calib: CalibrationSet, method: str) -> Pa
     times, and a later convert of the same model and set needs the same ranges. Keyed by the
     graph's bytes, the set's digest and the method, so nothing else can hit it.
     """
-    from u2zoo.zoo.weights import cache_dir, file_digest
+    from u2zoo.files import file_digest
+    from u2zoo.zoo.weights import cache_dir
 
     key = hashlib.sha256(f"{file_digest(fp32_path)}|{calib.digest}|{method}".encode()).hexdigest()[:32]
     folder = cache_dir() / "int8"

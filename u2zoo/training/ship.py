@@ -27,7 +27,7 @@ from typing import Any
 
 from u2zoo.artifact import atomic_write_bytes, atomic_write_text
 from u2zoo.errors import ConfigError, U2ZooError, WeightsError
-from u2zoo.zoo.weights import file_digest
+from u2zoo.files import file_digest
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "duts-tr"
 

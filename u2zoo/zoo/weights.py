@@ -10,7 +10,6 @@ only, so a pickle carrying code is refused, never run.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import pickletools
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from u2zoo.errors import ConfigError, WeightsError, did_you_mean
+from u2zoo.files import file_digest
 from u2zoo.zoo.archs import ARCHS, U2NetBase, build_arch
 from u2zoo.zoo.contract import PORTRAIT, SALIENCY, Contract, with_variant
 
@@ -155,14 +155,6 @@ def cache_dir() -> Path:
         return Path(os.environ["U2ZOO_HOME"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "u2zoo"
-
-
-def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checked_sha256(value: str) -> str:
