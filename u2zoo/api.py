@@ -42,12 +42,15 @@ def load(
     """A Segmenter on ``model``: a model name (the PyTorch reference, e.g. ``"u2netp"``; default:
     the best shipped saliency model) or the path of a converted artifact (run in its own runtime
     with its own contract; close it, or use ``with``, to free the runtime)."""
-    if model is not None and Path(model).exists():
-        if weights or contract:
-            raise ConfigError("an artifact carries its own weights and contract: give them only with a model name")
-        return load_segmenter(artifact=model, threads=threads, batch_size=batch_size)
-    name = str(model) if model is not None else None
-    return load_segmenter(name, weights=weights, contract=contract, threads=threads, batch_size=batch_size)
+    is_artifact = model is not None and Path(model).exists()
+    return load_segmenter(
+        None if is_artifact or model is None else str(model),
+        artifact=model if is_artifact else None,
+        weights=weights,
+        contract=contract,
+        threads=threads,
+        batch_size=batch_size,
+    )
 
 
 def as_rgb(image: ImageInput) -> np.ndarray:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
+import shutil
+import tempfile
 from pathlib import Path
 
 from u2zoo.errors import U2ZooError
@@ -26,4 +30,13 @@ def ensure_writable_dir(path: Path) -> Path:
         probe.unlink()
     except OSError as exc:
         raise U2ZooError(f"output folder {path} is not writable: {exc.strerror or exc}") from None
+    return path
+
+
+@functools.cache
+def process_scratch_dir(prefix: str) -> Path:
+    """A temporary folder that lives as long as this process (one per ``prefix``): for what a
+    converter reuses across conversions of one run, removed at exit."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
     return path

@@ -45,7 +45,6 @@ resizes the graph to each input (measured: an odd 2×3×97×131 input matches to
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import shutil
@@ -71,6 +70,7 @@ from u2zoo.converters.base import (
 )
 from u2zoo.converters.options import CalibrationOptions, ShapeOptions, keep_fp_option
 from u2zoo.errors import ConfigError, ConversionError, RuntimeLoadError, U2ZooError, one_line, tool_failure
+from u2zoo.files import process_scratch_dir
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # MNN releases whose x86-64 int8 CPU kernels were measured to return invalid masks: the same
@@ -205,15 +205,6 @@ def convert_onnx(onnx_path: Path, mnn_path: Path, fp16: bool) -> None:
 # Calibration tensors written for the quantizer, per (set digest, batch, input, shape), for this
 # process: the float fallback quantizes the same model again and again on the same set.
 _CALIB_FOLDERS: dict[tuple, Path] = {}
-_CALIB_ROOT: Path | None = None
-
-
-def _calib_root() -> Path:
-    global _CALIB_ROOT
-    if _CALIB_ROOT is None:
-        _CALIB_ROOT = Path(tempfile.mkdtemp(prefix="u2zoo-mnn-calib-"))
-        atexit.register(shutil.rmtree, _CALIB_ROOT, True)
-    return _CALIB_ROOT
 
 
 def calibration_folder(calib, input_name: str, shape: tuple[int, ...]) -> Path:
@@ -228,7 +219,7 @@ def calibration_folder(calib, input_name: str, shape: tuple[int, ...]) -> Path:
     for old in _CALIB_FOLDERS.values():  # one set at a time: 256 inputs of 320×320 are ~1 GB of text
         shutil.rmtree(old, ignore_errors=True)
     _CALIB_FOLDERS.clear()
-    folder = Path(tempfile.mkdtemp(prefix="set-", dir=_calib_root()))
+    folder = Path(tempfile.mkdtemp(prefix="set-", dir=process_scratch_dir("u2zoo-mnn-calib-")))
     inputs = calib.inputs
     batch = shape[0]
     count = -(-len(inputs) // batch)

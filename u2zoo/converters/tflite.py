@@ -21,7 +21,6 @@ TFLite builds fixed-shape models: one per input size. ``nhwc=True`` wraps the mo
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import copy
 import dataclasses
@@ -50,7 +49,7 @@ from u2zoo.converters.base import (
 )
 from u2zoo.converters.options import CalibrationOptions, ShapeOptions, keep_fp_option, option
 from u2zoo.errors import BackendUnavailable, ConfigError, ConversionError, U2ZooError, tool_failure
-from u2zoo.files import file_digest
+from u2zoo.files import file_digest, process_scratch_dir
 from u2zoo.quantization.onnx_int8 import TOP_LEVEL, check_module_groups
 
 QUANTIZED = ("int8", "dynamic-int8")
@@ -97,15 +96,6 @@ def group_regex(group: str) -> str:
 # One fp32 export per (weights, shape, layout) per process: the litert-torch conversion is the
 # slow step (about a minute for U²-Net's ~500 ops), and every precision starts from it.
 _EXPORTS: dict[str, Path] = {}
-_EXPORT_DIR: Path | None = None
-
-
-def _export_dir() -> Path:
-    global _EXPORT_DIR
-    if _EXPORT_DIR is None:
-        _EXPORT_DIR = Path(tempfile.mkdtemp(prefix="u2zoo-tflite-"))
-        atexit.register(shutil.rmtree, _EXPORT_DIR, True)
-    return _EXPORT_DIR
 
 
 def _model_key(model, *parts: Any) -> str:
@@ -130,7 +120,7 @@ def export_fp32(model, batch: int, size: tuple[int, int], nhwc: bool) -> Path:
     if nhwc:
         module = litert_torch.to_channel_last_io(module, args=[0], outputs=[0])
         example = example.permute(0, 2, 3, 1).contiguous()
-    path = _export_dir() / f"{key}.tflite"
+    path = process_scratch_dir("u2zoo-tflite-") / f"{key}.tflite"
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         litert_torch.convert(module, (example,)).export(str(tmp))

@@ -24,7 +24,9 @@ def load_segmenter(
     model, ``u2zoo.zoo.default_model``)."""
     if artifact is not None:
         if model or weights or contract:
-            raise ConfigError("an artifact carries its own model, weights and contract: give only the artifact")
+            raise ConfigError(
+                "an artifact carries its own weights and contract: give no model name, weights or contract with it"
+            )
         return _open_artifact(Path(artifact), threads, batch_size)
     from u2zoo.zoo.default_model import choose_default
     from u2zoo.zoo.reference import TorchPredictor
