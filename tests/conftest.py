@@ -128,3 +128,33 @@ def png_header_bytes(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+# --- shared by the serve tests ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_dynamic_onnx):
+    """A Segmenter on the tiny dynamic ONNX artifact, its runtime open for the module."""
+    from u2zoo.converters import get_target
+    from u2zoo.tasks.engine import Segmenter
+
+    with get_target(tiny_dynamic_onnx.target).runner(tiny_dynamic_onnx) as runner:
+        yield Segmenter(runner, tiny_dynamic_onnx.contract)
+
+
+@pytest.fixture(scope="module")
+def photo_png() -> bytes:
+    """A real photo (scikit-image's cat), shrunk to 96 px wide to keep requests fast."""
+    import io
+
+    from PIL import Image
+
+    from u2zoo.zoo.reference import sample_images
+
+    with Image.open(sample_images()[1]) as img:
+        img = img.convert("RGB")
+        img.thumbnail((96, 96))
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -210,6 +210,24 @@ def test_doctor_reports_targets_and_the_cache(capsys):
     assert "default: u2netp (" in out
 
 
+def test_doctor_lists_the_serve_and_ray_features(capsys, monkeypatch):
+    import u2zoo.artifact as artifact
+
+    code, out, _ = run(capsys, "doctor")
+    serve_line = next(line for line in out.splitlines() if "serve (ASGI, metrics)" in line)
+    assert code == 0 and "ok [fastapi " in serve_line and "uvicorn " in serve_line and "prometheus-client" in serve_line
+    assert "predict --engine ray" in out
+
+    real = artifact.tool_versions
+
+    def without_uvicorn(*names):
+        return {name: (None if name == "uvicorn" else version) for name, version in real(*names).items()}
+
+    monkeypatch.setattr(artifact, "tool_versions", without_uvicorn)
+    code, out, _ = run(capsys, "doctor")
+    assert "serve (ASGI, metrics)  unavailable: uvicorn missing; pip install 'u2zoo[serve]'" in out
+
+
 def test_demo_with_model_runs_the_shipped_lite_weights(capsys, tmp_path):
     """The default-model demo is in test_default_model.py; --model picks another shipped model."""
     code, out, err = run(capsys, "demo", "--model", "u2net-lite", "--out", tmp_path)

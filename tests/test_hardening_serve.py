@@ -48,16 +48,16 @@ class SlowMap(HalfMap):
     def __init__(self, hold: float):
         self.hold = hold
 
-    def maps(self, images):
+    def run_inputs(self, inputs):
         time.sleep(self.hold)
-        return super().maps(images)
+        return super().run_inputs(inputs)
 
 
 # --- #14 one body, one length ------------------------------------------------------------------
 
 
 def test_repeated_or_signed_content_length_is_400(segmenter_free_server):
-    port = segmenter_free_server.server_address[1]
+    port = segmenter_free_server.port
     n = len(SMALL)
     for lengths in [(n, 5), (5, n), (n, n)]:  # conflicting ones, and identical repeats too (our choice)
         headers = "".join(f"\nContent-Length: {length}" for length in lengths)
@@ -115,7 +115,7 @@ def test_a_client_hanging_up_anywhere_logs_at_most_a_line(capfd):
         request_bytes(f"POST /predict HTTP/1.1\nHost: x\nContent-Length: {len(SMALL)}", SMALL),
     ]  # whole
     with running(SlowMap(0.2)) as server:
-        port = server.server_address[1]
+        port = server.port
         capfd.readouterr()
         for _ in range(3):  # whether a reply hits the closed socket is a race: try each a few times
             for data in cut_offs:
@@ -155,7 +155,7 @@ def trickle(port: int, head: bytes, data: bytes, every: float, give_up: float) -
 
 @pytest.mark.parametrize("where", ["request line", "headers", "body"])
 def test_a_request_trickling_past_the_deadline_gets_408_or_is_closed(segmenter_free_server, where):
-    port = segmenter_free_server.server_address[1]
+    port = segmenter_free_server.port
     head = request_bytes(f"POST /predict HTTP/1.1\nHost: x\nContent-Length: {len(SMALL)}")
     cut = {"request line": 5, "headers": 30, "body": len(head)}[where]
     seconds, answer = trickle(port, head[:cut], head[cut:] + SMALL, every=0.2, give_up=20)

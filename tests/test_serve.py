@@ -18,61 +18,54 @@ import urllib.request
 import uuid
 import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from u2zoo.benchmarks import serve_load
-from u2zoo.benchmarks.serve_load import format_table, load_test
-from u2zoo.tasks.engine import Segmenter
-from u2zoo.tasks.outputs import OutputOptions, render
-from u2zoo.tasks.serve import make_server
-from u2zoo.zoo.images import decode_image
-from u2zoo.zoo.reference import sample_images
+pytest.importorskip("fastapi", reason="u2zoo serve needs the u2zoo[serve] extra")
+pytest.importorskip("uvicorn", reason="u2zoo serve needs the u2zoo[serve] extra")
 
-from conftest import assert_one_line_error, run_cli
+from u2zoo.benchmarks import serve_load  # noqa: E402
+from u2zoo.benchmarks.serve_load import format_table, load_test  # noqa: E402
+from u2zoo.tasks.outputs import OutputOptions, render  # noqa: E402
+from u2zoo.tasks.serve import ServeSettings  # noqa: E402
+from u2zoo.tasks.serve.app import Service, create_app  # noqa: E402
+from u2zoo.tasks.serve.http import serving_in_thread  # noqa: E402
+from u2zoo.zoo.images import decode_image  # noqa: E402
+
+from conftest import assert_one_line_error, run_cli  # noqa: E402
 
 RSS_GROWTH_LIMIT_MB = 50
 
 
+@dataclass
+class Running:
+    url: str
+    service: Service
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+
 @contextmanager
-def running(segmenter, **kwargs):
-    """A server from ``make_server`` on a free port, serving in a background thread."""
-    server = make_server(segmenter, host="127.0.0.1", port=0, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def segmenter(tiny_dynamic_onnx):
-    from u2zoo.converters import get_target
-
-    with get_target(tiny_dynamic_onnx.target).runner(tiny_dynamic_onnx) as runner:
-        yield Segmenter(runner, tiny_dynamic_onnx.contract)
+def running(segmenter, options: OutputOptions | None = None, **settings):
+    """The service on ``segmenter`` on a free port, served by uvicorn in a background thread."""
+    service = Service(segmenter, options or OutputOptions(), ServeSettings(**settings))
+    with serving_in_thread(create_app(service), service.settings) as url:
+        yield Running(url, service)
 
 
 @pytest.fixture(scope="module")
 def server(segmenter):
-    with running(segmenter, max_bytes=10_000_000) as srv:
+    """The old design (one engine call per request), whose RSS must stay flat after warm-up.
+    With batching, ONNX Runtime's arena grows once per new batch size it meets (bounded by
+    --max-batch; +250 MB over sizes 1-8 for the tiny net at 320 px): test_serve_asgi covers it."""
+    with running(segmenter, max_bytes=10_000_000, max_batch=1) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def photo_png() -> bytes:
-    """A real photo (scikit-image's cat), shrunk to 96 px wide to keep requests fast."""
-    with Image.open(sample_images()[1]) as img:
-        img = img.convert("RGB")
-        img.thumbnail((96, 96))
-        buffer = io.BytesIO()
-        img.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, dict, bytes]:
@@ -80,17 +73,17 @@ def post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, d
     request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+        return exc.code, exc.headers, exc.read()
 
 
 def get(url: str) -> tuple[int, dict, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+        return exc.code, exc.headers, exc.read()
 
 
 def error_of(status_headers_body: tuple[int, dict, bytes], status: int) -> str:
@@ -215,18 +208,23 @@ def test_composite_on_green_blends_the_photo_by_the_alpha(server, segmenter, pho
 class HalfMap:
     """A stand-in segmenter whose map is 0 on the left half and 1 on the right."""
 
-    predictor = None
+    predictor = SimpleNamespace(fixed_batch=None)
+    size = (8, 8)
+    batch_size = 1
 
     def prepare(self, image):
         return image
 
-    def maps(self, images):
-        maps = []
-        for image in images:
-            prob = np.zeros(image.shape[:2], np.float32)
-            prob[:, image.shape[1] // 2 :] = 1.0
-            maps.append(prob)
-        return maps
+    def network_input(self, image):
+        return np.zeros((3, *self.size), np.float32)
+
+    def run_inputs(self, inputs):
+        return inputs
+
+    def to_map(self, prediction, shape):
+        prob = np.zeros(shape, np.float32)
+        prob[:, shape[1] // 2 :] = 1.0
+        return prob
 
 
 def test_composite_is_exactly_green_where_the_alpha_is_zero(photo_png):
@@ -254,7 +252,7 @@ def test_empty_corrupt_and_bad_options_are_400(server, photo_png):
 
 
 def test_missing_or_chunked_length_is_411(server):
-    port = server.server_address[1]
+    port = server.port
     status, body = raw_request(port, ["POST /predict", "Host: x", "Content-Type: image/png"])
     assert status == 411 and "Content-Length" in json.loads(body)["error"]
     status, body = raw_request(
@@ -271,13 +269,11 @@ def test_body_over_max_bytes_is_413_unread_and_the_server_goes_on(segmenter, pho
 
         # a 1 GB claim with 3 bytes sent: answered at once, so the body was never waited for
         started = time.perf_counter()
-        status, body = raw_request(
-            small.server_address[1], ["POST /predict", "Host: x", "Content-Length: 1000000000"], b"abc"
-        )
+        status, body = raw_request(small.port, ["POST /predict", "Host: x", "Content-Length: 1000000000"], b"abc")
         assert status == 413 and time.perf_counter() - started < 5
         # curl's Expect: 100-continue gets the 413 instead of the go-ahead
         status, body = raw_request(
-            small.server_address[1], ["POST /predict", "Host: x", "Content-Length: 50000", "Expect: 100-continue"]
+            small.port, ["POST /predict", "Host: x", "Content-Length: 50000", "Expect: 100-continue"]
         )
         assert status == 413 and "--max-bytes" in json.loads(body)["error"]
         assert get(f"{small.url}/health")[0] == 200
@@ -294,14 +290,14 @@ def test_unknown_path_404_and_wrong_method_405(server):
     code, headers, _ = get(f"{server.url}/predict")
     assert "POST" in error_of((code, headers, _), 405) and headers["Allow"] == "POST"
     error_of(post(f"{server.url}/health", b"x"), 405)
-    status, body = raw_request(server.server_address[1], ["DELETE /predict", "Host: x"])
+    status, body = raw_request(server.port, ["DELETE /predict", "Host: x"])
     assert status == 405 and json.loads(body)["error"]
-    status, body = raw_request(server.server_address[1], ["BREW /predict", "Host: x"])  # http.server's own 501
+    status, body = raw_request(server.port, ["BREW /predict", "Host: x"])  # http.server's own 501
     assert status == 501 and json.loads(body)["error"]
 
 
 class Broken(HalfMap):
-    def maps(self, images):
+    def run_inputs(self, inputs):
         raise RuntimeError("the runtime fell over\nwith a second line")
 
 
@@ -418,7 +414,7 @@ def test_cli_serves_until_ctrl_c_or_sigterm(tiny_dynamic_onnx, photo_png, stop, 
     )
     try:
         line = read_line_starting(proc.stdout, "serving ")
-        assert line.rstrip().endswith("(POST /predict, GET /health)") and tiny_dynamic_onnx.path.name in line
+        assert line.rstrip().endswith("; POST /predict, GET /health)") and tiny_dynamic_onnx.path.name in line
         url = line.split(" on ")[1].split()[0]
         port = int(url.rsplit(":", 1)[1])
         assert url == f"http://127.0.0.1:{port}" and port != 0

@@ -1,8 +1,17 @@
-"""Load test of a running `u2zoo serve`: N requests one after another, then rounds of M in
-flight at once; errors, latency median/p90 of each phase and the server's RSS before and after.
+"""Load test of `u2zoo serve`.
+
+A running server: N requests one after another, then rounds of M in flight at once; errors,
+latency median/p90/p99 of each phase and the server's RSS before and after.
 
     python -m u2zoo.benchmarks.serve_load --url http://127.0.0.1:8000 --image photo.png \\
         [--sequential 200 --concurrent 20 --rounds 1 --warmup 2]
+
+Designs compared in one run (``u2zoo.benchmarks.serve_compare``): each server started in turn
+with its flags, C clients each sending requests back to back, at every C of ``--clients``.
+
+    python -m u2zoo.benchmarks.serve_load --artifact u2netp.onnx --image photo.jpg \\
+        --design "old=--max-batch 1 --workers 1" --design "new=--max-batch 8 --workers 2" \\
+        --clients 1,8,32 --requests 64
 
 Exits non-zero when any request fails, so it can gate a deployment. Latency is measured at
 the client (connect, upload, inference, download); the RSS comes from the server's /health.
@@ -151,7 +160,18 @@ def format_table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m u2zoo.benchmarks.serve_load", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    p.add_argument(
+        "--design",
+        action="append",
+        default=[],
+        help="compare designs instead: NAME=FLAGS (u2zoo serve flags; started here, one at a time) or "
+        "NAME=URL (a server already running); repeat; the first is the baseline of the ratios",
+    )
+    p.add_argument("--artifact", help="with --design: the artifact every started server serves")
+    p.add_argument("--clients", default="1,8,32", help="with --design: client counts (default 1,8,32)")
+    p.add_argument("--requests", type=int, default=64, help="with --design: requests per client count (default 64)")
+    p.add_argument("--json-out", help="with --design: also write the rows as JSON here")
     p.add_argument("--image", required=True, help="the image to POST")
     p.add_argument("--sequential", type=int, default=200, help="requests one after another (default 200)")
     p.add_argument("--concurrent", type=int, default=20, help="requests in flight at once (default 20)")
@@ -165,12 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.sequential, args.concurrent, args.rounds, args.warmup) < 0:
         p.error("--sequential, --concurrent, --rounds and --warmup cannot be negative")
+    if bool(args.url) == bool(args.design):
+        p.error("give --url (one running server) or --design (designs compared), not both or neither")
     try:
         body = Path(args.image).read_bytes()
     except OSError as exc:
         print(f"serve_load: error: cannot read {args.image}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     content_type = mimetypes.guess_type(args.image)[0] or "application/octet-stream"
+    if args.design:
+        return compare_main(p, args, body, content_type)
     try:
         result = load_test(
             args.url, body, args.sequential, args.concurrent, content_type, rounds=args.rounds, warmup=args.warmup
@@ -180,6 +204,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(result))
     return 1 if result["errors"] else 0
+
+
+def compare_main(p: argparse.ArgumentParser, args: argparse.Namespace, body: bytes, content_type: str) -> int:
+    """``--design``: each design's server in turn, every client count; the table and JSON."""
+    from u2zoo.benchmarks.serve_compare import Design, format_comparison, machine, run_design
+
+    try:
+        designs = [Design.parse(text) for text in args.design]
+        clients = [int(c) for c in args.clients.split(",")]
+    except ValueError as exc:
+        p.error(str(exc))
+    if min(clients) < 1 or args.requests < 1:
+        p.error("--clients and --requests must be at least 1")
+    if any(d.url is None for d in designs) and not args.artifact:
+        p.error("--design NAME=FLAGS starts servers: give --artifact")
+    rows: list[dict[str, Any]] = []
+    for design in designs:
+        print(f"design {design.name}: {' '.join(design.flags) or design.url}", file=sys.stderr, flush=True)
+        rows.extend(run_design(design, args.artifact, body, clients, args.requests, content_type, args.warmup * 8))
+    print(f"{machine()}; {len(body):,}-byte {content_type} body; {args.requests} requests per level")
+    print(format_comparison(rows, designs[0].name))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+    return 1 if any(r["errors"] for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -86,7 +86,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         version = tool_versions(package)[package]
         state = f"ok [{package} {version}]" if version else f"unavailable: pip install 'u2zoo[{extra}]'"
         print(f"  {feature:<22} {state}")
-    print(f"  {'serve':<22} ok [standard library]")
+    for feature, packages, extra in (
+        ("serve (ASGI, metrics)", ("fastapi", "uvicorn", "prometheus-client"), "serve"),
+        ("predict --engine ray", ("ray", "pyarrow"), "ray"),
+    ):
+        versions = tool_versions(*packages)
+        missing = [name for name, version in versions.items() if not version]
+        found = ", ".join(f"{name} {version}" for name, version in versions.items() if version)
+        state = (
+            f"ok [{found}]"
+            if not missing
+            else f"unavailable: {', '.join(missing)} missing; pip install 'u2zoo[{extra}]'"
+        )
+        print(f"  {feature:<22} {state}")
     shipped = [e.name for e in REGISTRY.values() if e.bundled and e.cache_path().is_file()]
     cached = [e.name for e in REGISTRY.values() if not e.bundled and e.cache_path().is_file()]
     print(f"\nweights shipped in the package: {', '.join(shipped) or 'none (a broken install?)'}")

@@ -65,13 +65,29 @@ class DynamicBatcher:
         self._engine = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="u2zoo-engine")
         self._task: asyncio.Task | None = None
         self._closing = False
+        self.note: str | None = None  # why max_batch is not what was asked, when it is not
+        self.on_batch: Callable[[int], None] | None = None  # told each engine call's batch size
 
     @classmethod
     def for_segmenter(cls, segmenter: Segmenter, max_batch: int, max_wait_s: float) -> "DynamicBatcher":
-        """Batches through ``segmenter`` (its contract, one engine call per batch)."""
+        """Batches of images through ``segmenter``: its contract, one engine call per batch."""
         choice = choose_max_batch(segmenter.predictor, max_batch)
         segmenter.batch_size = choice.max_batch
         return cls(segmenter.maps, choice.max_batch, max_wait_s)
+
+    @classmethod
+    def for_network_inputs(cls, segmenter: Segmenter, max_batch: int, max_wait_s: float) -> "DynamicBatcher":
+        """Batches of already pre-processed inputs (``segmenter.network_input``) → raw network
+        outputs: the engine thread runs only the engine, the callers resize in their own threads."""
+        choice = choose_max_batch(segmenter.predictor, max_batch)
+        segmenter.batch_size = choice.max_batch
+
+        def run(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+            return list(segmenter.run_inputs(np.stack(inputs)))
+
+        batcher = cls(run, choice.max_batch, max_wait_s)
+        batcher.note = choice.note
+        return batcher
 
     @property
     def queue_depth(self) -> int:
@@ -135,6 +151,8 @@ class DynamicBatcher:
                 if live:
                     maps = await loop.run_in_executor(self._engine, self.run_batch, [image for image, _ in live])
                     self.batch_sizes[len(live)] += 1
+                    if self.on_batch is not None:
+                        self.on_batch(len(live))
                     for (_, answer), prob in zip(live, maps):
                         if not answer.done():
                             answer.set_result(prob)

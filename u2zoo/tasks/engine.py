@@ -62,14 +62,26 @@ class Segmenter:
         maps: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            inputs = np.stack([preprocess(image, self.contract.pre, self.size) for image in chunk])
-            started = time.perf_counter()
-            predictions = run_batched(self.predictor, inputs)
-            self.engine_seconds += time.perf_counter() - started
-            maps.extend(
-                postprocess(pred, image.shape[:2], self.contract.post) for pred, image in zip(predictions, chunk)
-            )
+            predictions = self.run_inputs(np.stack([self.network_input(image) for image in chunk]))
+            maps.extend(self.to_map(pred, image.shape[:2]) for pred, image in zip(predictions, chunk))
         return maps
+
+    # ``maps`` in its three steps, for a service that resizes and resizes back in each
+    # request's thread while one engine thread runs the batches (``u2zoo.tasks.batcher``).
+    def network_input(self, image: np.ndarray) -> np.ndarray:
+        """``image`` through the contract's pre-processing: (3, H, W) at the network's size."""
+        return preprocess(image, self.contract.pre, self.size)
+
+    def run_inputs(self, inputs: np.ndarray) -> np.ndarray:
+        """One engine call (or the artifact's static batches) on stacked network inputs."""
+        started = time.perf_counter()
+        predictions = run_batched(self.predictor, inputs)
+        self.engine_seconds += time.perf_counter() - started
+        return predictions
+
+    def to_map(self, prediction: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """A network output back to a map at the image's own ``shape`` (H, W), per the contract."""
+        return postprocess(prediction, shape, self.contract.post)
 
     def cutout(self, image: np.ndarray, background: str | tuple[int, int, int] | None = None) -> Image.Image:
         """The image with its map as alpha (RGBA), or composited on a ``background`` colour
