@@ -285,3 +285,30 @@ def test_cli_two_workers_share_the_port_count_together_and_stop_gracefully(tiny_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_max_batch_auto_takes_the_memory_choice_capped_at_16(segmenter, tiny_dynamic_onnx, capsys):
+    import argparse
+
+    from u2zoo.cli.serve import AUTO_MAX_BATCH_CAP, _max_batch
+
+    args = argparse.Namespace(max_batch="auto", artifact=str(tiny_dynamic_onnx.path), model=None)
+    size = _max_batch(args, segmenter)
+    err = capsys.readouterr().err
+    assert 1 <= size <= AUTO_MAX_BATCH_CAP and f"--max-batch auto: {size} (--batch auto:" in err
+    assert _max_batch(argparse.Namespace(max_batch=3), segmenter) == 3
+
+
+def test_the_service_tells_onnx_runtime_to_share_the_cores(tiny_dynamic_onnx, photo_png):
+    """Request threads decode and encode beside inference: ONNX Runtime's idle threads must
+    sleep, not busy-wait (its default), and the reloaded session still answers."""
+    from u2zoo.converters import get_target
+    from u2zoo.tasks.engine import Segmenter
+
+    with get_target("onnx").runner(tiny_dynamic_onnx) as runner:
+        options = runner.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") in ("", "1")
+        with running(Segmenter(runner, tiny_dynamic_onnx.contract)) as srv:
+            assert post(f"{srv.url}/predict", photo_png)[0] == 200
+        options = runner.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -19,6 +19,14 @@ from u2zoo.cli.task_args import (
 from u2zoo.cli.video import add_video_arguments, cmd_video
 from u2zoo.errors import ConfigError
 
+# predict's flags for --engine ray only, and what they are called on the command line
+RAY_FLAGS = {
+    "address": "--address",
+    "num_actors": "--num-actors",
+    "actor_cpus": "--actor-cpus",
+    "actor_gpus": "--actor-gpus",
+}
+
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Masks, cut-outs and composites of files and folders, through any model or artifact."""
@@ -27,6 +35,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from u2zoo.tasks.folder import process_files
     from u2zoo.zoo.images import shown
 
+    if args.engine == "ray":
+        return _predict_on_ray(args)
+    given = [flag for name, flag in RAY_FLAGS.items() if getattr(args, name) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --engine ray")
     out = ensure_writable_dir(Path(args.out))
     options = output_options(args)
     with open_segmenter(args, args.batch) as segmenter:
@@ -54,6 +67,83 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"{segmenter.engine_seconds:.2f} s); {len(report.failed)} input(s) failed{resumed}"
     )
     return 1 if report.failed else 0
+
+
+def _predict_on_ray(args: argparse.Namespace) -> int:
+    """``predict --engine ray``: the same outputs, written by a pool of Ray actors."""
+    from u2zoo.cli.task_args import open_segmenter, output_options
+    from u2zoo.files import ensure_writable_dir
+    from u2zoo.tasks.ray_predict import ActorPool, ModelSpec, import_ray, predict_on_ray
+    from u2zoo.zoo.images import shown
+
+    pool = ActorPool(
+        args.num_actors,
+        1.0 if args.actor_cpus is None else args.actor_cpus,
+        0.0 if args.actor_gpus is None else _above_zero("--actor-gpus", args.actor_gpus),
+    )
+    import_ray()  # the missing extra is the first thing said
+    out_text = args.out[len("file://") :] if args.out.startswith("file://") else args.out
+    if "://" in out_text:
+        raise ConfigError(
+            f"--out {shown(args.out)}: --engine ray writes to a local folder (on a cluster: one every node "
+            "mounts, e.g. NFS), not to a URL"
+        )
+    out = ensure_writable_dir(Path(out_text))
+    options = output_options(args)
+    # open the model once here: a bad artifact, weights or batch is one line before Ray starts
+    with open_segmenter(args, args.batch) as segmenter:
+        batch = segmenter.batch_size
+    artifact = str(Path(args.artifact).resolve()) if args.artifact else None
+    weights = args.weights
+    if weights and "://" not in weights:
+        weights = str(Path(weights).resolve())
+    spec = ModelSpec(
+        model=None if artifact else args.model,
+        artifact=artifact,
+        weights=None if artifact else weights,
+        weights_sha256=None if artifact else args.weights_sha256,
+        random_weights=False if artifact else args.random_weights,
+        contract=None if artifact else args.contract,
+        threads=args.threads,
+        batch_size=batch,
+    )
+    inputs = [item if "://" in item else Path(item) for item in args.inputs]
+    report = predict_on_ray(
+        spec,
+        inputs,
+        out,
+        options,
+        address=args.address,
+        pool=pool,
+        resume=args.resume,
+        max_pixels=args.max_pixels,
+        progress=not args.quiet,
+        quiet=args.quiet,
+    )
+    for path, reason in report.failed:
+        print(f"u2zoo: skipped {shown(path)}: {reason}", file=sys.stderr)
+    for path, note in report.notes:
+        print(f"u2zoo: note: {shown(path)}: {note}", file=sys.stderr)
+    if report.not_images:
+        names = ", ".join(shown(Path(p).name) for p in report.not_images[:5])
+        names += ", …" if len(report.not_images) > 5 else ""
+        print(f"u2zoo: skipped {len(report.not_images)} non-image file(s) in the folders: {names}", file=sys.stderr)
+    resumed = f", {len(report.resumed)} already done (--resume)" if args.resume else ""
+    cleaned = f"; removed {report.temps_removed} temp file(s) of lost workers" if report.temps_removed else ""
+    print(
+        f"wrote {report.written} file(s) to {shown(out)}; {report.processed} image(s) in {report.seconds:.2f} s "
+        f"= {report.images_per_s:.2f} images/s end to end on {report.num_actors} Ray actor(s) × {pool.cpus:g} CPU"
+        f"{f' + {pool.gpus:g} GPU' if pool.gpus else ''}, {report.threads} thread(s) each, at batch {batch} "
+        f"({report.cluster}; start-up {report.startup_seconds:.2f} s; engine calls {report.engine_seconds:.2f} s over all "
+        f"actors){cleaned}; {len(report.failed)} input(s) failed{resumed}"
+    )
+    return 1 if report.failed else 0
+
+
+def _above_zero(flag: str, value: float) -> float:
+    if not value > 0:
+        raise ConfigError(f"{flag} must be a number above 0, got {value:g}")
+    return value
 
 
 def cmd_time(args: argparse.Namespace) -> int:
@@ -87,6 +177,34 @@ def add_predict(add: AddVerb) -> None:
     add_output_arguments(p)
     p.add_argument("--resume", action="store_true", help="skip inputs whose outputs all exist (an interrupted run)")
     p.add_argument("--out", required=True, help="output folder")
+    ray = p.add_argument_group(
+        "engines", "--engine ray (u2zoo[ray]) runs the same job on a Ray cluster, through Ray Data"
+    )
+    ray.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (the default); ray: a pool of Ray actors, each with the model loaded; "
+        "inputs may also be fsspec URLs (s3://… with s3fs); --out must be a folder every node reaches",
+    )
+    ray.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="the Ray cluster: HOST:PORT of its head, ray://HOST:PORT or auto (default: start a local Ray instance)",
+    )
+    ray.add_argument(
+        "--num-actors",
+        type=int,
+        metavar="N",
+        help="actors in the pool (default: as many as the cluster's CPUs hold at --actor-cpus each)",
+    )
+    ray.add_argument(
+        "--actor-cpus",
+        type=float,
+        metavar="X",
+        help="CPUs each actor reserves (default 1); also its runtime's threads unless --threads is given",
+    )
+    ray.add_argument("--actor-gpus", type=float, metavar="X", help="GPUs each actor reserves (default none)")
 
 
 def add_time(add: AddVerb) -> None:

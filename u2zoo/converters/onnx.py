@@ -408,6 +408,16 @@ class OnnxRuntimeRunner(Runner):
         super().__init__(artifact, threads)
         self.providers = providers
         self.session = None
+        self.spinning = True  # ONNX Runtime's default: idle intra-op threads busy-wait for work
+
+    def share_cores(self) -> None:
+        """Other threads will run beside inference (a service decoding and encoding images):
+        idle intra-op threads sleep instead of busy-waiting, leaving those threads the CPU
+        (U2NETP, 2 cores: 7.00 against 6.77 requests/s served at batch 1)."""
+        if self.spinning:
+            self.spinning = False
+            if self.session is not None:
+                self.load()
 
     def load(self) -> None:
         import onnxruntime as ort
@@ -416,6 +426,8 @@ class OnnxRuntimeRunner(Runner):
         if self.threads:
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
+        if not self.spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         check_external_data(self.artifact)
         self.session = ort.InferenceSession(str(self.artifact.path), opts, providers=list(self.providers))

@@ -11,6 +11,8 @@ note, so none overwrites another. ``resume`` skips inputs whose outputs all exis
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -128,10 +130,17 @@ def output_paths(out_dir: Path, stem: Path, options: OutputOptions) -> dict[str,
     return {kind: out_dir / stem.parent / f"{stem.name}{SUFFIXES[kind]}.png" for kind in options.kinds}
 
 
+def temp_path(target: Path) -> Path:
+    """Where ``save_png`` writes ``target`` first: hidden, and unique to the process and the
+    call (``.x.png.<pid>-<8 hex>.tmp``), so two writers of one target (a Ray batch redone while
+    the lost worker still runs) never share a temp file."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
 def save_png(image: Image.Image, target: Path) -> None:
     """Save through a temp name and rename, so an interrupted run leaves no broken PNG."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = temp_path(target)
     try:
         image.save(tmp, format="PNG")
         tmp.replace(target)

@@ -18,12 +18,15 @@ def load_segmenter(
     contract: str | None = None,
     threads: int | None = None,
     batch_size: int = 1,
+    weights_sha256: str | None = None,
+    random_weights: bool = False,
 ) -> Segmenter:
     """A Segmenter on ``artifact`` (its own weights and contract; close the Segmenter to free
     the runtime), else on the torch reference of ``model`` (default: the best shipped saliency
-    model, ``u2zoo.zoo.default_model``)."""
+    model, ``u2zoo.zoo.default_model``) with ``weights`` (checked against ``weights_sha256``)
+    or, asked for explicitly, ``random_weights``."""
     if artifact is not None:
-        if model or weights or contract:
+        if model or weights or contract or weights_sha256 or random_weights:
             raise ConfigError(
                 "an artifact carries its own weights and contract: give no model name, weights or contract with it"
             )
@@ -33,7 +36,9 @@ def load_segmenter(
     from u2zoo.zoo.weights import load_model
 
     name = model or choose_default().name
-    module, _, model_contract = load_model(name, weights, contract_variant=contract, progress=False)
+    module, _, model_contract = load_model(
+        name, weights, weights_sha256, random_weights, contract_variant=contract, progress=False
+    )
     return Segmenter(TorchPredictor(module, threads=threads), model_contract, batch_size)
 
 

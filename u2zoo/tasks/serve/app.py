@@ -58,6 +58,10 @@ from u2zoo.version import __version__
 from u2zoo.zoo.images import decode_image
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+# zlib level of the answered PNGs: lossless either way; level 1 encodes a 800×657 mask in
+# 4.1 ms (66 KB) where the default 6 takes 9.7 ms (54 KB), a 4% share of a U2NETP request.
+PNG_COMPRESS_LEVEL = 1
+CLIENT_GONE = 499  # nginx's "client closed request": answered to nobody, counted nowhere
 ROUTES_HELP = "POST /predict, GET /health, GET /ready, GET /metrics, GET /docs"
 # Printable ASCII except '%': what a header may carry as is (notes are UTF-8 percent-encoded).
 _HEADER_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")
@@ -81,6 +85,9 @@ class Service:
         self.budget = PixelBudget(self.settings.budget_pixels, self.settings.budget_wait_s)
         artifact = getattr(self.segmenter.predictor, "artifact", None)
         self.label = self.settings.label or (Path(artifact.path).name if artifact is not None else "model")
+        share_cores = getattr(self.segmenter.predictor, "share_cores", None)
+        if share_cores is not None:  # request threads decode and encode beside the engine
+            share_cores()
         # Our limits replace Pillow's decompression-bomb guard, which would warn (89 MP) or
         # refuse (179 MP) inside Image.open, before the header could be read for the budget.
         Image.MAX_IMAGE_PIXELS = None
@@ -182,7 +189,7 @@ class Service:
     def _encode(self, image: np.ndarray, prediction: np.ndarray, options: OutputOptions, kind: str):
         rendered = render(image, self.segmenter.to_map(prediction, image.shape[:2]), options)
         buffer = io.BytesIO()
-        rendered.images[kind].save(buffer, format="PNG")
+        rendered.images[kind].save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         return buffer.getvalue(), rendered.notes
 
 
@@ -292,8 +299,8 @@ def create_app(service: Service) -> FastAPI:
             png, notes = await service.predict(request.query_params.multi_items(), request.headers, request.receive)
         except HttpError as exc:
             return error_response(exc.status, str(exc), exc.headers)
-        except ClientGone:
-            return error_response(400, "the client hung up before its body was in")
+        except ClientGone:  # nobody to answer; not counted as an error
+            return Response(status_code=CLIENT_GONE)
         except U2ZooError as exc:  # e.g. a runtime or backend failure inside the pipeline
             return error_response(500, str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug: logged with its traceback, answered 500
@@ -350,7 +357,7 @@ class CountingApp:
         started = time.perf_counter()
 
         async def counted_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and message["status"] != CLIENT_GONE:
                 status = message["status"]
                 self.service.count(scope["path"], status, time.perf_counter() - started)
                 if self.service.settings.log_requests:
