@@ -312,3 +312,39 @@ def test_the_service_tells_onnx_runtime_to_share_the_cores(tiny_dynamic_onnx, ph
             assert post(f"{srv.url}/predict", photo_png)[0] == 200
         options = runner.session.get_session_options()
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_a_worker_that_dies_is_replaced(tiny_dynamic_onnx, photo_png):
+    import os
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "u2zoo", "-q", "serve", "--artifact", str(tiny_dynamic_onnx.path), "--port", "0"]
+        + ["--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = read_line_starting(proc.stdout, "serving ").split(" on ")[1].split()[0]
+        pids = {json.loads(get(f"{url}/health")[2])["pid"] for _ in range(40)}
+        assert len(pids) == 2, pids  # SO_REUSEPORT spreads 40 connections over both
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        seen: set[int] = set()
+        while not (seen - pids):  # a new worker answers
+            assert time.monotonic() < deadline, seen
+            try:
+                seen.add(json.loads(get(f"{url}/health")[2])["pid"])
+            except OSError:
+                pass  # a connection hashed to the dead worker's socket
+            time.sleep(0.1)
+        assert post(f"{url}/predict", photo_png)[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert f"worker {victim} exited with code -9; starting another" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

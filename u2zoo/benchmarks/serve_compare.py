@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from u2zoo.benchmarks.serve_load import health, post
+from u2zoo.benchmarks.http_client import health, post
 
 START_TIMEOUT_S = 300.0
 

@@ -230,5 +230,5 @@ def add_video(add: AddVerb) -> None:
 
 
 def add_serve(add: AddVerb) -> None:
-    p = add("serve", cmd_serve, "HTTP service: POST an image, get a mask or cut-out; one session for all requests")
+    p = add("serve", cmd_serve, "HTTP service (u2zoo[serve]): POST an image, get a mask or cut-out; requests batched")
     add_serve_arguments(p)
