@@ -218,6 +218,24 @@ def test_idle_connections_and_a_1_byte_per_second_client_do_not_delay_health():
         assert get(f"{srv.url}/health")[0] == 200
 
 
+def test_a_client_still_sending_after_its_408_reads_the_answer_not_a_reset():
+    """Closing a socket that keeps receiving makes the kernel send RST, which destroys an
+    unread answer: the server closes in stages (FIN, then drops input for a while)."""
+    with running(HalfMap(), request_timeout_s=1, idle_timeout_s=5) as srv:
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # headers never finish
+        time.sleep(1.6)  # the 408 was written and the server has begun to close
+        for _ in range(3):
+            sock.sendall(b"X-Late: 1\r\n")  # the client did not notice and goes on
+            time.sleep(0.05)
+        sock.settimeout(5)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 408") and b"request timeout" in answer, answer[:200]
+
+
 def test_graceful_shutdown_answers_the_request_in_flight(photo_png):
     engine = SlowHalfMap(seconds=1.0)
     answers = []
@@ -306,8 +324,7 @@ def test_the_service_tells_onnx_runtime_to_share_the_cores(tiny_dynamic_onnx, ph
     from u2zoo.tasks.engine import Segmenter
 
     with get_target("onnx").runner(tiny_dynamic_onnx) as runner:
-        options = runner.session.get_session_options()
-        assert options.get_session_config_entry("session.intra_op.allow_spinning") in ("", "1")
+        assert runner.spinning  # ONNX Runtime's default: no allow_spinning entry is set
         with running(Segmenter(runner, tiny_dynamic_onnx.contract)) as srv:
             assert post(f"{srv.url}/predict", photo_png)[0] == 200
         options = runner.session.get_session_options()

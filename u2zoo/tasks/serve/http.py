@@ -29,6 +29,42 @@ from u2zoo.tasks.serve.requests import HttpError, content_length
 MAX_HEAD_BYTES = 64 * 1024
 # Seconds uvicorn lets the requests in flight finish after SIGTERM / Ctrl-C.
 GRACEFUL_SHUTDOWN_S = 30
+# Seconds a closing connection keeps reading (and dropping) what its client still sends.
+LINGER_S = 2.0
+
+
+class LingeringTransport:
+    """The connection's transport, with a staged close (RFC 9112 §9.6): ``close()`` sends what
+    was written and a FIN, then keeps reading and dropping the client's input until it closes
+    too or ``LINGER_S`` pass. Closing a socket that still receives input makes the kernel send
+    RST, and a client that gets RST loses the answer it had not read yet: a slow client would
+    see "connection reset" instead of its JSON 408."""
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop):
+        self._transport = transport
+        self._loop = loop
+        self.lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if not self.lingering:  # nothing more goes out once the close has begun
+            self._transport.write(data)
+
+    def close(self) -> None:
+        if self.is_closing():
+            return
+        self.lingering = True
+        if not self._transport.can_write_eof():
+            self._transport.close()
+            return
+        self._transport.write_eof()
+        self._transport.resume_reading()  # flow control may have paused it: drain, or RST follows
+        self._loop.call_later(LINGER_S, self._transport.close)
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
@@ -68,12 +104,14 @@ def protocol_for(settings: ServeSettings) -> type[asyncio.Protocol]:
 
     class DeadlineH11(H11Protocol):
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            super().connection_made(LingeringTransport(transport, asyncio.get_running_loop()))
             self._header_timer: asyncio.TimerHandle | None = None
             self._head: bytearray | None = None  # the request's head until its blank line
             self._arm(settings.idle_timeout_s, None)  # a connection that never sends anything
 
         def data_received(self, data: bytes) -> None:
+            if self.transport.lingering:  # closing: what still comes is dropped
+                return
             between_requests = self.cycle is None or self.cycle.response_complete
             if between_requests and (self._header_timer is None or self._header_started is None):
                 self._arm(settings.request_timeout_s, settings.timeout_message)  # a request's first byte
