@@ -21,6 +21,7 @@ def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
     """Every test gets an empty U2ZOO_HOME, so the user's real cache never leaks in."""
     home = tmp_path_factory.mktemp("u2zoo_home")
     monkeypatch.setenv("U2ZOO_HOME", str(home))
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)  # a suite run in GitHub Actions: bench tests write none
     return home
 
 

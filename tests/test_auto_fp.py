@@ -350,6 +350,7 @@ def test_search_failure_writes_nothing_and_says_why(calib_dir, tmp_path):
     assert not list((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_the_ranking_reuses_the_calibration_of_a_dynamic_onnx_conversion(calib_dir, tmp_path, isolated_cache):
     """The ranking's graph is exported like the artifact's (here with dynamic shapes, whose
     tensors are named unlike a static graph's), so the ranges that the all-INT8 attempt cached

@@ -37,6 +37,7 @@ def calib(tiny_source, calib_dir):
     return calibration_set(calib_dir, tiny_source.contract, 4, SIZE)
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_executorch_reused_observers_equal_a_fresh_calibration(tiny_source, calib):
     pytest.importorskip("executorch")
     pytest.importorskip("torchao")
@@ -64,7 +65,7 @@ def test_executorch_reused_observers_equal_a_fresh_calibration(tiny_source, cali
         quantize([])  # back to the state the next step expects: the all-INT8 ranges known
 
 
-@pytest.mark.parametrize("bias_correction", [False, True])
+@pytest.mark.parametrize("bias_correction", [False, pytest.param(True, marks=pytest.mark.slow)])  # True: slow
 def test_nncf_reused_statistics_equal_nncf_quantize(tiny_source, calib, tmp_path, bias_correction):
     nncf = pytest.importorskip("nncf")
     ov = pytest.importorskip("openvino")
@@ -101,6 +102,7 @@ def test_nncf_reused_statistics_equal_nncf_quantize(tiny_source, calib, tmp_path
     assert all("reused" in how for how in hows[1:]), hows
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_tflite_reused_ranges_equal_a_fresh_calibration(tiny_source, calib, tmp_path):
     pytest.importorskip("litert_torch")
     pytest.importorskip("ai_edge_quantizer")

@@ -228,6 +228,21 @@ def test_doctor_lists_the_serve_and_ray_features(capsys, monkeypatch):
     assert "serve (ASGI, metrics)  unavailable: uvicorn missing; pip install 'u2zoo[serve]'" in out
 
 
+def test_doctor_lists_the_publish_feature(capsys, monkeypatch):
+    import u2zoo.artifact as artifact
+
+    code, out, _ = run(capsys, "doctor")
+    assert code == 0 and "publish --push hf://   ok [huggingface-hub " in out
+    real = artifact.tool_versions
+    monkeypatch.setattr(
+        artifact,
+        "tool_versions",
+        lambda *names: {n: (None if n == "huggingface-hub" else v) for n, v in real(*names).items()},
+    )
+    code, out, _ = run(capsys, "doctor")
+    assert "publish --push hf://   unavailable: huggingface-hub missing; pip install 'u2zoo[publish]'" in out
+
+
 def test_demo_with_model_runs_the_shipped_lite_weights(capsys, tmp_path):
     """The default-model demo is in test_default_model.py; --model picks another shipped model."""
     code, out, err = run(capsys, "demo", "--model", "u2net-lite", "--out", tmp_path)

@@ -201,6 +201,7 @@ def test_real_u2netp_fp32_and_int8_keeping_stage2d(tmp_path):
     assert int8.manifest["quantization"]["kept_in_float"] == ["stage2d"]
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_screen_stand_in_matches_the_program_and_convert_takes_its_module(tmp_path, tiny_checkpoint, calib_dir):
     """The float fallback's stand-in (the quantized graph in torch, before lowering) gives the
     XNNPACK program's outputs up to int8 rounding, and converting the same candidate next

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from u2zoo.conversion import convert_model
 from u2zoo.staging import OWNER_FILE, STAGING_PREFIX, UNOWNED_MAX_AGE_S, _process_start, stale_staging_folders
 
@@ -100,6 +102,7 @@ def test_native_chatter_is_discarded_but_python_messages_get_through(capfd):
     assert err == "u2zoo: warning: our own message\nafter\n"
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_quiet_tflite_convert_prints_nothing_on_stderr(tmp_path, capfd):
     from u2zoo.cli import main
 

@@ -158,6 +158,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, mnn_target):
         convert(tmp_path / "missing2")
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 @needs_shared
 def test_real_u2netp_fp32_on_the_official_images(tmp_path):
     images = sorted((TEST_DATA / "test_images").iterdir())

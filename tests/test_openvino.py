@@ -155,6 +155,7 @@ def test_int8_with_accuracy_control_on_our_parity_metric(tmp_path):
     assert artifact.manifest["parity"]["mean_abs"] <= 0.01  # the drop NNCF was asked to respect, measured by us
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_int8_qat_fine_tunes_against_the_float_model(tmp_path, healthy_tiny, calib_dir):
     """NNCF QAT: PTQ ranges, then fine-tuning on the float model's own maps (no labels), then IR."""
     artifact = convert_model(

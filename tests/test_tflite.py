@@ -88,6 +88,7 @@ def test_full_int8_has_integer_io_with_recorded_scale(healthy_tiny, calib_dir, t
     assert y.dtype == np.float32 and 0.0 <= y.min() and y.max() <= 1.0  # dequantized probabilities
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_nhwc_layout_is_in_the_contract_and_the_runner_hides_it(healthy_tiny, tmp_path):
     artifact = convert(healthy_tiny, tmp_path, nhwc=True)
     manifest = json.loads(artifact.manifest_path.read_text())

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import hashlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
-from u2zoo.errors import U2ZooError
+from u2zoo.errors import ConfigError, U2ZooError
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
@@ -40,3 +43,31 @@ def process_scratch_dir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, path, True)
     return path
+
+
+@contextlib.contextmanager
+def folder_built_in_place(dest: Path, force: bool = False, label: str = "") -> Iterator[Path]:
+    """Yield an empty folder beside ``dest``; when the block succeeds it is renamed to ``dest``
+    (an existing one, allowed by ``force``, is removed only after), else it is removed: a
+    reader never sees half a folder, and a failure leaves none."""
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError(f"{label}{dest} exists and is not a folder")
+    if dest.is_dir() and any(dest.iterdir()) and not force:
+        raise ConfigError(f"{label}{dest} is not empty: pass --force to replace it")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
+    except OSError as exc:
+        raise ConfigError(f"{label}{dest}: {exc.strerror or exc}") from None
+    try:
+        yield staging
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+        staging.rename(dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

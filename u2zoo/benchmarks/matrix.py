@@ -100,6 +100,21 @@ class BenchData:
     gts: list[np.ndarray] | None
     notes: list[str]
     contract: Contract
+    data_dir: Path | None = None
+    gt_dir: Path | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """What a row says about its data: the folders (their last three parts, no home paths)
+        and the image count, so that an accuracy figure names the set it was measured on."""
+        return {
+            "images": _short(self.data_dir) if self.data_dir is not None else None,
+            "gt": _short(self.gt_dir) if self.gt_dir is not None else None,
+            "count": len(self.paths),
+        }
+
+
+def _short(path: Path) -> str:
+    return "/".join(path.resolve().parts[-3:])
 
 
 def _find_gt(gt_dir: Path, stem: str) -> Path | None:
@@ -134,7 +149,7 @@ def load_bench_data(data_dir: Path, gt_dir: Path | None, contract: Contract) -> 
         if resized:
             notes.append(f"resized {resized} ground-truth mask(s) to their image's size (nearest)")
     inputs = np.stack([preprocess(img, contract.pre) for img in images])
-    return BenchData(paths, images, inputs, gts, notes, contract)
+    return BenchData(paths, images, inputs, gts, notes, contract, data_dir, gt_dir)
 
 
 def parity_metrics(reference: np.ndarray, candidate: np.ndarray, data: BenchData, band: int) -> dict[str, Any]:
@@ -290,7 +305,17 @@ def run_cell(
 
     def row(status: str, reason: str | None = None, **measured: Any) -> MatrixRow:
         return _row(
-            run_id, model, target, precision, weights, status, reason, device=device, notes=list(data.notes), **measured
+            run_id,
+            model,
+            target,
+            precision,
+            weights,
+            status,
+            reason,
+            device=device,
+            notes=list(data.notes),
+            data=data.describe(),
+            **measured,
         )
 
     if spec is None:

@@ -102,6 +102,7 @@ class MatrixRow:
     host: dict[str, Any] = field(default_factory=dict)
     tools: dict[str, str] = field(default_factory=dict)
     created: str = field(default_factory=_now)
+    data: dict[str, Any] | None = None  # the images (and ground truth) the cell was measured on
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -135,6 +136,7 @@ class MatrixRow:
             "notes": self.notes,
             "host": self.host,
             "tools": self.tools,
+            "data": self.data,
         }
 
 

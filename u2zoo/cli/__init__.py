@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Callable
 
-from u2zoo.cli import bench, convert, models, run, train
+from u2zoo.cli import bench, convert, models, publish, run, train
 from u2zoo.errors import U2ZooError, one_line
 
 # the order of `u2zoo --help`
@@ -25,6 +25,7 @@ VERBS = (
     bench.add_bench,
     bench.add_report,
     bench.add_sensitivity,
+    publish.add_publish,
     train.add_train,
     train.add_distill,
     train.add_prune,

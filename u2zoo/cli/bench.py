@@ -12,12 +12,9 @@ from u2zoo.errors import ConfigError
 from u2zoo.runtime.precisions import PRECISIONS
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """The parity-and-speed matrix; with --gate, failing cells make the exit code non-zero."""
-    from u2zoo.benchmarks.matrix import BenchConfig, run_matrix
-    from u2zoo.benchmarks.report import write_results
-    from u2zoo.benchmarks.results import MatrixRow
-    from u2zoo.files import ensure_writable_dir
+def bench_config(args: argparse.Namespace, out: Path):
+    """The matrix run the flags describe (``bench``, and ``publish --model``), validated."""
+    from u2zoo.benchmarks.matrix import BenchConfig
     from u2zoo.runtime.gates import load_gates
 
     gates = load_gates(None if args.gate in (None, "default") else args.gate)
@@ -27,13 +24,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batches = tuple(int(b) for b in csv_list(args.batches))
     except ValueError:
         raise ConfigError(f"--batches must be comma-separated integers, not {args.batches!r}") from None
+    if args.data is None:
+        raise ConfigError("--data is required: the images every cell is run and compared on")
     cfg = BenchConfig(
         models=csv_list(args.model),
         targets=csv_list(args.targets),
         precisions=csv_list(args.precisions),
         data=Path(args.data),
         gt=Path(args.gt) if args.gt else None,
-        out=Path(args.out),
+        out=out,
         gates=gates,
         weights=args.weights,
         weights_sha256=args.weights_sha256,
@@ -53,6 +52,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         **({"threads": args.threads} if args.threads else {}),
     )
     cfg.validate()
+    return cfg
+
+
+def run_bench(args: argparse.Namespace, out: Path) -> list:
+    """Run the matrix into ``out``, print its table and notes; returns the rows."""
+    from u2zoo.benchmarks.matrix import run_matrix
+    from u2zoo.benchmarks.report import write_results
+    from u2zoo.benchmarks.results import MatrixRow
+    from u2zoo.files import ensure_writable_dir
+
+    cfg = bench_config(args, out)
     ensure_writable_dir(cfg.out)
 
     def progress(row: MatrixRow) -> None:
@@ -69,6 +79,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for note in sorted({n for row in rows for n in row.notes}):
         print(f"note: {note}")
     print(f"results: {', '.join(str(p) for p in paths.values())}")
+    return rows
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The parity-and-speed matrix; with --gate, failing cells make the exit code non-zero."""
+    from u2zoo.benchmarks.ci_output import append_summary, summary_path, write_junit
+
+    rows = run_bench(args, Path(args.out))
+    dicts = [row.to_dict() for row in rows]
+    if args.junit:
+        print(f"junit: {write_junit(dicts, Path(args.junit))}")
+    summary = summary_path(args.summary)
+    if summary is not None:
+        print(f"summary: {append_summary(dicts, summary, gated=args.gate is not None)}")
     failing = [r for r in rows if r.failed]
     unavailable = [r for r in rows if r.status == "unavailable"]
     if unavailable:
@@ -137,11 +161,11 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench(add: AddVerb) -> None:
-    p = add("bench", cmd_bench, "parity-and-speed matrix: models × targets × precisions on your images")
+def add_matrix_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """The flags of a matrix run, shared by ``bench`` and ``publish --model``."""
     p.add_argument(
         "--model",
-        required=True,
+        required=required,
         help="comma-separated models, e.g. u2netp,u2net-lite; NAME@PATH adds "
         "another checkpoint of NAME to the same run, e.g. u2netp,u2netp@u2netp_pruned30.pth",
     )
@@ -149,7 +173,7 @@ def add_bench(add: AddVerb) -> None:
     add_contract_arg(p)
     p.add_argument("--targets", default="onnx", help="comma-separated targets (default: onnx)")
     p.add_argument("--precisions", default="fp32", help=f"comma-separated, of: {','.join(PRECISIONS)} (default: fp32)")
-    p.add_argument("--data", required=True, help="folder of images (any sizes and modes)")
+    p.add_argument("--data", required=required, help="folder of images (any sizes and modes)")
     p.add_argument("--gt", help="folder of ground-truth masks paired by file stem (adds accuracy columns)")
     p.add_argument("--gate", help="gate YAML ('default' = the shipped gates); failing cells → exit 1")
     p.add_argument("--fail-on-unavailable", action="store_true", help="with --gate: unavailable cells fail too")
@@ -175,7 +199,18 @@ def add_bench(add: AddVerb) -> None:
     p.add_argument("--keep-fp", type=int, default=0, help="int8: keep the N most sensitive layer groups in float")
     p.add_argument("--keep-fp-groups", help="int8: comma-separated layer groups to keep in float")
     add_auto_fp_args(p)
+
+
+def add_bench(add: AddVerb) -> None:
+    p = add("bench", cmd_bench, "parity-and-speed matrix: models × targets × precisions on your images")
+    add_matrix_args(p)
     p.add_argument("--out", required=True, help="output folder (artifacts, results.jsonl/csv/md)")
+    p.add_argument("--junit", metavar="FILE", help="also write one JUnit XML test case per cell (CI test reports)")
+    p.add_argument(
+        "--summary",
+        metavar="FILE",
+        help="append the Markdown table and verdict to FILE (default: $GITHUB_STEP_SUMMARY when set)",
+    )
 
 
 def add_report(add: AddVerb) -> None:

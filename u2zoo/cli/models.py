@@ -34,6 +34,32 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    """Registered weights into the cache, or with --index a release file (path printed alone on
+    stdout, so that ``--artifact "$(u2zoo fetch -q --index …)"`` works)."""
+    import sys
+
+    from u2zoo.errors import ConfigError
+
+    if args.index:
+        from u2zoo.release.fetch import fetch_artifact
+
+        if not (args.target and args.precision):
+            raise ConfigError("--index needs --target and --precision (which file of the release)")
+        if args.source:
+            raise ConfigError("--from fetches registered weights; with --index the release says where files are")
+        artifact, entry = fetch_artifact(
+            args.index, args.name, args.target, args.precision, args.version, progress=not args.quiet
+        )
+        if not args.quiet:
+            print(
+                f"{entry['name']} {entry['target']} {entry['precision']} v{entry['version']} ({entry['status']}): "
+                "verified against the index and its manifest",
+                file=sys.stderr,
+            )
+        print(artifact.path)
+        return 0
+    if args.target or args.precision or args.version:
+        raise ConfigError("--target, --precision and --version select a release file: give --index too")
     from u2zoo.zoo.weights import fetch, find_entry
 
     path = fetch(find_entry(args.name), args.source, progress=not args.quiet)
@@ -89,6 +115,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for feature, packages, extra in (
         ("serve (ASGI, metrics)", ("fastapi", "uvicorn", "prometheus-client"), "serve"),
         ("predict --engine ray", ("ray", "pyarrow"), "ray"),
+        ("publish --push hf://", ("huggingface-hub", "matplotlib"), "publish"),
     ):
         versions = tool_versions(*packages)
         missing = [name for name, version in versions.items() if not version]
@@ -187,9 +214,17 @@ def add_models(add: AddVerb) -> None:
 
 
 def add_fetch(add: AddVerb) -> None:
-    p = add("fetch", cmd_fetch, "download (or import with --from) registered weights into the cache, verified")
-    p.add_argument("name", help="registered weights name")
+    p = add(
+        "fetch",
+        cmd_fetch,
+        "download registered weights (or import with --from), or with --index a release file, verified and cached",
+    )
+    p.add_argument("name", help="registered weights name, or with --index the model name in the release")
     p.add_argument("--from", dest="source", help="a local file or URL to take the weights from")
+    p.add_argument("--index", metavar="URL_OR_PATH", help="a release's index.json (http(s)/file URL or path)")
+    p.add_argument("--target", help="with --index: the target, e.g. tflite")
+    p.add_argument("--precision", help="with --index: the precision, e.g. int8")
+    p.add_argument("--version", help="with --index: the release version (default: the newest)")
 
 
 def add_doctor(add: AddVerb) -> None:
