@@ -158,18 +158,19 @@ def _how_to_load(entries: list[dict[str, Any]]) -> list[str]:
             "mask = (d0 - d0.min()) / (d0.max() - d0.min() + 1e-8)",
             "```",
         ]
-    if "tflite" in by_target:
-        e = by_target["tflite"]
-        inp = (e.get("io") or {}).get("inputs", [{}])[0]
+    tflite = [e for e in entries if e["target"] == "tflite"]
+    if tflite:
+        e = tflite[0]
         lines += [
             "",
-            f"**Android (TFLite, LiteRT)**: `{e['file']}` takes `{inp.get('name')}` {inp.get('dtype')} "
-            f"{inp.get('shape')} ({e['layout']}); feed the normalised image, read the first output and "
-            "min-max it as below.",
+            "**Android (TFLite, LiteRT)**: feed the image preprocessed as under *Pre- and post-processing* "
+            "in the tensor's dtype, read the first output (the fused map) and min-max it:",
+            "",
+            *(f"- `{t['file']}`: {_tensor_line(t)}" for t in tflite),
             "",
             "```kotlin",
             f'val interpreter = Interpreter(FileUtil.loadMappedFile(context, "{e["file"].split("/")[-1]}"))',
-            "interpreter.run(inputBuffer, outputBuffer)  // input normalised with the mean/std below",
+            "interpreter.run(inputBuffer, outputBuffer)  // inputBuffer: normalised with the mean/std below",
             "```",
         ]
     if "coreml" in by_target:
@@ -205,6 +206,19 @@ def _how_to_load(entries: list[dict[str, Any]]) -> list[str]:
             f"TensorRT-ready ONNX `{e['file']}` and `{script}`: run the script on the GPU that will serve.",
         ]
     return lines
+
+
+def _tensor_line(entry: dict[str, Any]) -> str:
+    """One file's input and output as an app sees them, with the int8 scale where there is one."""
+    io = entry.get("io") or {}
+    parts = []
+    for side, spec in (("input", (io.get("inputs") or [{}])[0]), ("output", (io.get("outputs") or [{}])[0])):
+        text = f"{side} `{spec.get('name')}` {spec.get('dtype')} {spec.get('shape')}"
+        quant = spec.get("quantization")
+        if quant:
+            text += f" (real = (q − {quant['zero_point']}) × {quant['scale']:.6g})"
+        parts.append(text)
+    return f"{'; '.join(parts)}; layout {entry['layout']}"
 
 
 def render_card(index: dict[str, Any], license_id: str, plots: list[str]) -> str:
