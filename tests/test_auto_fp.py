@@ -326,6 +326,7 @@ def test_convert_records_the_search_and_off_switches(calib_dir, tmp_path, capsys
     assert "2 of the 2 parity image(s) are also calibration images" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_search_failure_writes_nothing_and_says_why(calib_dir, tmp_path):
     """A gate no INT8 can meet (max abs 1e-6): the search walks the plan, then one line."""
     from u2zoo.conversion import convert_model

@@ -125,6 +125,7 @@ def test_tflite_reused_ranges_equal_a_fresh_calibration(tiny_source, calib, tmp_
     assert how == "measured" and reused == fresh
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_nncf_statistics_of_the_likely_next_scope_ride_along(tiny_source, calib, tmp_path):
     """A group's element-wise joins in float collect, in the same pass, the points the whole
     group in float will need: that next call collects nothing and equals nncf.quantize."""
@@ -175,6 +176,7 @@ def test_nncf_statistics_of_the_likely_next_scope_ride_along(tiny_source, calib,
     np.testing.assert_array_equal(*outputs)
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_tflite_profiler_ranges_equal_the_default_modes(tiny_source, calib):
     """The profiler-based calibration u2zoo uses measures the default mode's min/max."""
     pytest.importorskip("litert_torch")

@@ -61,7 +61,7 @@ def bench(tmp_path_factory, healthy_tiny):
     summary.write_text("earlier step\n")
     argv = ["-q", "bench", "--model", "u2net-tiny", "--weights", healthy_tiny, "--data", root / "data"]
     argv += ["--gt", root / "gt", "--targets", TARGETS, "--precisions", "fp32,int8", "--gate", root / "gate.yaml"]
-    argv += ["--runs", "2", "--warmup", "1", "--batches", "1,2", "--threads", "1", "--out", root / "bench"]
+    argv += ["--runs", "1", "--warmup", "0", "--batches", "1", "--threads", "1", "--out", root / "bench"]
     argv += ["--junit", root / "junit.xml"]
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(sys.stderr):
         mp.setenv("GITHUB_STEP_SUMMARY", str(summary))
@@ -426,3 +426,17 @@ def test_publish_from_a_model_runs_the_gated_matrix_first(bench, healthy_tiny, t
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlicense: apache-2.0\n") and "model-index" not in card  # no GT: no metrics
     assert "No ground truth was given" in card
+
+
+def test_official_weights_carry_the_duts_tr_caveat_and_ours_do_not():
+    from u2zoo.release.bundle import accuracy_caveat
+    from u2zoo.zoo.weights import REGISTRY
+
+    official = {"weights": {"sha256": REGISTRY["u2netp.fp16_bnfolded"].sha256}, "precision": "fp32", "notes": []}
+    on_duts = accuracy_caveat(official, {"dataset": "DUTS-TR", "split": "val", "images": "runs/val100/images"})
+    assert on_duts.endswith("the scores are optimistic, not a validation figure")
+    assert "would be optimistic" in accuracy_caveat(official, {"images": "shop/photos/2026"})
+    lite = {"weights": {"sha256": REGISTRY["u2net-lite"].sha256}, "precision": "fp32", "notes": []}
+    assert accuracy_caveat(lite, {"dataset": "DUTS-TR", "images": "duts-tr/val/images"}) is None
+    calibrated = lite | {"precision": "int8", "notes": ["INT8 calibrated on the bench images themselves: optimistic"]}
+    assert accuracy_caveat(calibrated, {}) == "INT8 calibrated on the bench images themselves: optimistic"

@@ -64,6 +64,7 @@ def test_onnx_int8_qat_is_a_symmetric_qdq_graph_that_tensorrt_accepts(tmp_path, 
     check_onnx_for_tensorrt(artifact.path, "int8", 1, 16)  # int8 zero points, all 0
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_onnx_int8_qat_keeps_named_groups_in_float(tmp_path, healthy_tiny, calib_dir):
     artifact = convert_model(
         "u2net-tiny",

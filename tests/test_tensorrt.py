@@ -146,6 +146,7 @@ def test_without_tensorrt_the_ready_onnx_and_trtexec_script_are_left(capsys, tmp
 
 
 @without_tensorrt
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_int8_qat_handoff_is_the_pt2e_qdq_onnx(capsys, tmp_path, healthy_tiny, calib_dir):
     pytest.importorskip("torchao")
     out = tmp_path / "o"

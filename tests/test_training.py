@@ -275,6 +275,7 @@ def test_distillation_moves_the_student_towards_the_teacher(capsys, tmp_path, pa
     assert state["teacher"]["name"] == "u2netp" and state["contract"] == SALIENCY.to_dict()
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_torchrun_ddp_on_cpu_splits_the_data_and_rank0_writes(tmp_path, pairs):
     """Multi-process training is torchrun + DDP (gloo on CPU), not a home-made launcher."""
     import shutil

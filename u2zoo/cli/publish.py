@@ -29,7 +29,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 args.gate = "default"  # only cells that pass the shipped gates are published
             run_bench(args, bench_dir)
         release = publish_bench(
-            bench_dir, Path(args.out), name=args.name, version=args.version, license_id=args.license, force=args.force
+            bench_dir,
+            Path(args.out),
+            name=args.name,
+            version=args.version,
+            license_id=args.license,
+            force=args.force,
+            dataset=args.dataset,
+            split=args.split,
         )
     entries = release.index["entries"]
     print(f"release {release.index['release']['name']} v{args.version}: {release.folder}")
@@ -37,7 +44,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(
             f"  {entry['file']}  {entry['target']} {entry['precision']}  {entry['status']}  {entry['size_bytes']:,} B"
         )
-    print(f"  {len(release.files) + 1} files, SHA256SUMS, index.json, README.md (model card)")
+    print(f"  {len(release.files) + 1} files in all, with SHA256SUMS, index.json and README.md (the model card)")
     if args.push:
         where = push(release.folder, args.push, force=args.force)
         print(f"pushed: {where}", file=sys.stderr if args.quiet else sys.stdout)
@@ -55,6 +62,8 @@ def add_publish(add: AddVerb) -> None:
     p.add_argument("--name", help="release name (default: the model names)")
     p.add_argument("--version", default="1", help="release version that `fetch --version` selects (default 1)")
     p.add_argument("--license", help="licence id for the card (default: the weights' registry licence, else other)")
+    p.add_argument("--dataset", help="the ground truth's data set, e.g. DUTS-TR (default: its folder's name)")
+    p.add_argument("--split", help="its split, e.g. val (default: train/val/test if the folder path names one)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out (and --push folder)")
     p.add_argument("--push", metavar="DEST", help="also copy the release to a folder, or hf://OWNER/REPO[@REVISION]")
     group = p.add_argument_group("publishing from a model (runs the matrix first, gated by the shipped gates)")

@@ -136,21 +136,27 @@ def _pick(data: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any] 
     return {k: data[k] for k in keys if k in data} if data else None
 
 
-def accuracy_caveat(row: dict[str, Any]) -> str | None:
+def trained_on_duts(weights: dict[str, Any]) -> bool:
+    """The official saliency weights (U2NET, U2NETP and our fp16 copy of U2NETP) were trained
+    on DUTS-TR; the registry knows them by sha256 (or, for md5-only entries, by name)."""
+    from u2zoo.zoo.weights import REGISTRY, entry_for_sha256
+
+    entry = entry_for_sha256(weights.get("sha256") or "") or REGISTRY.get(weights.get("name") or "")
+    return entry is not None and entry.task == "saliency" and entry.arch in ("u2net", "u2netp")
+
+
+def accuracy_caveat(row: dict[str, Any], data: dict[str, Any]) -> str | None:
     """What a reader must know about where the accuracy was measured: official U²-Net weights
     were trained on DUTS-TR, so a DUTS-TR score is optimistic; INT8 calibrated on the same
     images is optimistic too (the bench's own notes say so)."""
     caveats = []
-    images = ((row.get("data") or {}).get("images") or "").lower()
-    weights = row.get("weights") or {}
-    if (
-        "duts" in images
-        and (weights.get("name") or "").startswith(("u2net", "u2netp"))
-        and "lite" not in (weights.get("name") or "")
-    ):
+    if trained_on_duts(row.get("weights") or {}):
+        described = f"{data.get('dataset', '')} {data.get('images', '')}".lower()
         caveats.append(
-            "the official U²-Net/U2NETP weights were trained on DUTS-TR, these images included: the scores are "
-            "optimistic, not a validation figure"
+            "these weights were trained on DUTS-TR and these images are DUTS-TR images: the scores are optimistic, "
+            "not a validation figure"
+            if "duts" in described
+            else "these weights were trained on DUTS-TR: a score on DUTS-TR images would be optimistic"
         )
     if row["precision"] in CALIBRATED_PRECISIONS:  # the bench's notes on calibration images
         caveats += [n for n in row.get("notes", []) if "optimistic" in n]
@@ -164,7 +170,8 @@ def index_entry(row: dict[str, Any], artifact: Artifact, files: list[Path], rele
     speed = _pick(row.get("speed"), _SPEED_KEYS)
     if speed is not None:
         speed |= {"device": row.get("device"), "machine": _pick(host, ("cpu", "cores", "gpu", "os"))}
-    accuracy = dict(row["accuracy"]) | {"data": row.get("data")} if row.get("accuracy") else None
+    data = (row.get("data") or {}) | extra.pop("dataset")
+    accuracy = dict(row["accuracy"]) | {"data": data} if row.get("accuracy") else None
     weights = row.get("weights") or {}
     manifest = artifact.manifest
     return {
@@ -197,7 +204,7 @@ def index_entry(row: dict[str, Any], artifact: Artifact, files: list[Path], rele
         "calibration": _pick(manifest.get("calibration"), ("num_images", "sha256", "files")),
         "parity": _pick(row.get("parity"), _PARITY_KEYS),
         "accuracy": accuracy,
-        "accuracy_caveat": accuracy_caveat(row) if accuracy else None,
+        "accuracy_caveat": accuracy_caveat(row, data) if accuracy else None,
         "speed": speed,
         "gate": _no_paths(row.get("gate") or {}) or None,
         "tools": manifest.get("tools"),
@@ -243,8 +250,11 @@ def publish_bench(
     version: str = "1",
     license_id: str | None = None,
     force: bool = False,
+    dataset: str | None = None,
+    split: str | None = None,
 ) -> Release:
-    """Build the release folder ``out`` from the bench output ``bench_dir``."""
+    """Build the release folder ``out`` from the bench output ``bench_dir``. ``dataset`` and
+    ``split`` name the ground truth's data set where its folder names do not (model-index)."""
     from u2zoo.version import __version__
 
     bench_dir, out = Path(bench_dir), Path(out)
@@ -263,7 +273,16 @@ def publish_bench(
             if handoff and handoff["script"]:
                 files.append(dest / handoff["script"])
             entries.append(
-                index_entry(row, artifact, files, staging, version=version, packaging=packaging, handoff=handoff)
+                index_entry(
+                    row,
+                    artifact,
+                    files,
+                    staging,
+                    version=version,
+                    dataset={k: v for k, v in (("dataset", dataset), ("split", split)) if v},
+                    packaging=packaging,
+                    handoff=handoff,
+                )
             )
         models = sorted({e["name"] for e in entries})
         index = {

@@ -35,10 +35,11 @@ def _yaml_str(value: str) -> str:
 def _dataset(entry: dict[str, Any]) -> dict[str, str]:
     data = (entry.get("accuracy") or {}).get("data") or {}
     images = data.get("images") or "unnamed images"
+    name = data.get("dataset") or images.split("/")[0]
     return {
-        "name": f"{images} ({data.get('count', '?')} images)",
-        "type": images.split("/")[0],
-        "split": _split(images),
+        "name": f"{name} ({data.get('count', '?')} images of {images})",
+        "type": name.lower().replace(" ", "-"),
+        "split": data.get("split") or _split(images),
     }
 
 
@@ -280,7 +281,9 @@ def _data_lines(entries: list[dict[str, Any]]) -> list[str]:
     data = measured[0]["accuracy"].get("data") or {}
     lines = [
         f"Accuracy (MAE, max F) is against the ground-truth masks of `{data.get('gt')}` for the "
-        f"{data.get('count')} images of `{data.get('images')}`, through the deploy path of the contract below "
+        f"{data.get('count')} images of `{data.get('images')}`"
+        + (f" ({data['dataset']} {data.get('split') or ''})".replace(" )", ")") if data.get("dataset") else "")
+        + ", through the deploy path of the contract below "
         "(contract size, min-max, resize back); parity is each file against PyTorch on the same images."
     ]
     optimistic = measured[0].get("accuracy_caveat")
