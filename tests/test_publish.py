@@ -440,3 +440,15 @@ def test_official_weights_carry_the_duts_tr_caveat_and_ours_do_not():
     assert accuracy_caveat(lite, {"dataset": "DUTS-TR", "images": "duts-tr/val/images"}) is None
     calibrated = lite | {"precision": "int8", "notes": ["INT8 calibrated on the bench images themselves: optimistic"]}
     assert accuracy_caveat(calibrated, {}) == "INT8 calibrated on the bench images themselves: optimistic"
+
+
+def test_without_matplotlib_the_release_says_it_has_no_plots(bench, tmp_path, monkeypatch):
+    import importlib.util
+
+    from u2zoo.release.bundle import NO_PLOTS, publish_bench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    release = publish_bench(bench / "bench", tmp_path / "no_plots")
+    assert release.notes == (NO_PLOTS,) and not (release.folder / "plots").exists()
+    assert "Not made: matplotlib was not installed" in (release.folder / "README.md").read_text()

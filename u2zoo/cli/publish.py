@@ -44,6 +44,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(
             f"  {entry['file']}  {entry['target']} {entry['precision']}  {entry['status']}  {entry['size_bytes']:,} B"
         )
+    for note in release.notes:
+        print(f"note: {note}")
     print(f"  {len(release.files) + 1} files in all, with SHA256SUMS, index.json and README.md (the model card)")
     if args.push:
         where = push(release.folder, args.push, force=args.force)

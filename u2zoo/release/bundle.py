@@ -39,6 +39,7 @@ class Release:
     folder: Path
     index: dict[str, Any]
     files: list[str]  # relative paths, sorted, as SHA256SUMS lists them
+    notes: tuple[str, ...] = ()
 
 
 def published_at() -> str:
@@ -219,18 +220,21 @@ def _no_paths(values: dict[str, Any]) -> dict[str, Any]:
     return {k: Path(v).name if isinstance(v, str) and "/" in v else v for k, v in values.items()}
 
 
+NO_PLOTS = "plots not made: matplotlib is not installed (pip install 'u2zoo[publish]')"
+
+
 def _plots(rows: list[dict[str, Any]], folder: Path) -> list[str]:
-    """The report's two plots beside the card (skipped, and said so, without matplotlib)."""
-    try:
-        from u2zoo.benchmarks.report_plots import plot_accuracy_vs_fps, plot_latency
-    except ImportError:  # pragma: no cover - matplotlib is in u2zoo[publish]
+    """The report's two plots beside the card; none without matplotlib (the card and the
+    command say so)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
         return []
+    from u2zoo.benchmarks.report_plots import plot_accuracy_vs_fps, plot_latency
+
     folder.mkdir(exist_ok=True)
-    try:
-        plot_accuracy_vs_fps(rows, folder / "accuracy_vs_fps.png")
-        plot_latency(rows, folder / "latency.png")
-    except ImportError:
-        return []
+    plot_accuracy_vs_fps(rows, folder / "accuracy_vs_fps.png")
+    plot_latency(rows, folder / "latency.png")
     return ["plots/accuracy_vs_fps.png", "plots/latency.png"]
 
 
@@ -300,7 +304,7 @@ def publish_bench(
         atomic_write_text(staging / "index.json", json.dumps(index, indent=2, ensure_ascii=False) + "\n")
         sums, files = sha256sums(staging)
         atomic_write_text(staging / "SHA256SUMS", sums)
-    return Release(out, index, files)
+    return Release(out, index, files, () if plots else (NO_PLOTS,))
 
 
 def _license_of(entries: list[dict[str, Any]]) -> str:

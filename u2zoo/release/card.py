@@ -248,8 +248,10 @@ def render_card(index: dict[str, Any], license_id: str, plots: list[str]) -> str
     lines += _data_lines(entries)
     lines += ["", "## Pre- and post-processing", "", *_contract_lines(first), ""]
     lines += _how_to_load(entries)
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Plots", ""]
+    lines += [f"![{p}]({p})" for p in plots] or [
+        "Not made: matplotlib was not installed where this release was published."
+    ]
     lines += ["", "## Provenance", ""]
     for e in entries:
         calib = e.get("calibration")
