@@ -71,12 +71,15 @@ def segment(image: ImageInput, model: str | Path | None = None) -> np.ndarray:
 
 
 def cutout(
-    image: ImageInput, model: str | Path | None = None, background: str | tuple[int, int, int] | None = None
+    image: ImageInput,
+    model: str | Path | None = None,
+    background: str | tuple[int, int, int] | None = None,
+    decontaminate: bool = False,
 ) -> Image.Image:
     """rembg's ``remove``: the image with its map as alpha (RGBA), or on a ``background``
-    colour (RGB)."""
+    colour (RGB); ``decontaminate`` removes the old background's colour from soft edges."""
     with load(model) as segmenter:
-        return segmenter.cutout(as_rgb(image), background)
+        return segmenter.cutout(as_rgb(image), background, decontaminate)
 
 
 def convert(model: str, target: str, out_dir: str | Path, *, progress: bool = False, **options: Any) -> Artifact:

@@ -106,6 +106,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         ("portrait (face crop)", "opencv-python-headless", "portrait"),
         ("portrait --align", "dlib", "landmarks"),
         ("--alpha-matting", "pymatting", "matting"),
+        ("--decontaminate", "pymatting", "matting"),
         ("--crf", "pydensecrf2", "crf"),
         ("video", "av", "video"),
     ):

@@ -69,6 +69,12 @@ def add_output_arguments(p: argparse.ArgumentParser, default: str = "mask") -> N
         "--alpha-matting", action="store_true", help="soft edges by closed-form matting on a trimap (u2zoo[matting])"
     )
     p.add_argument(
+        "--decontaminate",
+        action="store_true",
+        help="cut-outs and composites: estimate the foreground colour at soft edges, so no old background "
+        "colour shows in hair (u2zoo[matting])",
+    )
+    p.add_argument(
         "--fg-threshold",
         type=int,
         default=MattingOptions.fg_threshold,
@@ -100,6 +106,7 @@ def output_options(args: argparse.Namespace) -> OutputOptions:
         background_image=load_rgb(args.bg_image) if args.bg_image else None,
         crf=CrfOptions(iterations=args.crf_iterations) if args.crf else None,
         matting=MattingOptions(args.fg_threshold, args.bg_threshold, args.erode) if args.alpha_matting else None,
+        decontaminate=getattr(args, "decontaminate", False),
     )
 
 

@@ -83,15 +83,22 @@ class Segmenter:
         """A network output back to a map at the image's own ``shape`` (H, W), per the contract."""
         return postprocess(prediction, shape, self.contract.post)
 
-    def cutout(self, image: np.ndarray, background: str | tuple[int, int, int] | None = None) -> Image.Image:
+    def cutout(
+        self,
+        image: np.ndarray,
+        background: str | tuple[int, int, int] | None = None,
+        decontaminate: bool = False,
+    ) -> Image.Image:
         """The image with its map as alpha (RGBA), or composited on a ``background`` colour
-        (``"white"``, ``"#00ff00"``, an RGB triple) as RGB."""
+        (``"white"``, ``"#00ff00"``, an RGB triple) as RGB; ``decontaminate``: the estimated
+        foreground colour at soft edges instead of the photo's (no old background in hair)."""
         from u2zoo.tasks.outputs import OutputOptions, parse_colour, render
 
         if background is None:
-            return render(image, self.maps([image])[0], OutputOptions(kinds=("cutout",))).images["cutout"]
+            options = OutputOptions(kinds=("cutout",), decontaminate=decontaminate)
+            return render(image, self.maps([image])[0], options).images["cutout"]
         colour = parse_colour(background) if isinstance(background, str) else tuple(background)
-        options = OutputOptions(kinds=("composite",), background_colour=colour)
+        options = OutputOptions(kinds=("composite",), background_colour=colour, decontaminate=decontaminate)
         return render(image, self.maps([image])[0], options).images["composite"]
 
     def close(self) -> None:

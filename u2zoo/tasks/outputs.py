@@ -12,7 +12,15 @@ import numpy as np
 from PIL import Image
 
 from u2zoo.errors import ConfigError
-from u2zoo.tasks.refine import CrfOptions, MattingOptions, alpha_matting, dense_crf, import_crf, import_matting
+from u2zoo.tasks.refine import (
+    CrfOptions,
+    MattingOptions,
+    alpha_matting,
+    decontaminate,
+    dense_crf,
+    import_crf,
+    import_matting,
+)
 from u2zoo.zoo.contract import resize_plane, to_uint8
 
 _NAMED_COLOURS = {
@@ -51,6 +59,7 @@ class OutputOptions:
     background_image: np.ndarray | None = field(default=None, repr=False)  # RGB float [0, 1]
     crf: CrfOptions | None = None
     matting: MattingOptions | None = None
+    decontaminate: bool = False  # cut-outs and composites carry the estimated foreground colour
 
     def __post_init__(self) -> None:
         unknown = [k for k in self.kinds if k not in KINDS]
@@ -66,6 +75,8 @@ class OutputOptions:
             import_crf()
         if self.matting is not None:
             import_matting()
+        if self.decontaminate:
+            import_matting("--decontaminate")
 
 
 @dataclass
@@ -113,6 +124,8 @@ def composite(image: np.ndarray, alpha: np.ndarray, options: OutputOptions) -> n
 def render(image: np.ndarray, prob: np.ndarray, options: OutputOptions) -> Rendered:
     """Refine the map, then make each asked-for output as a Pillow image."""
     alpha, notes = refine(image, prob, options)
+    if options.decontaminate and ({"cutout", "composite"} & set(options.kinds)):
+        image = decontaminate(image, alpha)
     images: dict[str, Image.Image] = {}
     if "mask" in options.kinds:
         images["mask"] = Image.fromarray(to_uint8(alpha), mode="L")

@@ -48,12 +48,12 @@ def import_crf():
     return dcrf, unary_from_softmax
 
 
-def import_matting():
-    """pymatting's closed-form solver, or a one-line BackendUnavailable."""
+def import_matting(what: str = "alpha matting"):
+    """pymatting's closed-form solver, or a one-line BackendUnavailable naming ``what`` needs it."""
     try:
         from pymatting import estimate_alpha_cf
     except ImportError:
-        raise BackendUnavailable("alpha matting needs pymatting, which is not installed", extra="matting") from None
+        raise BackendUnavailable(f"{what} needs pymatting, which is not installed", extra="matting") from None
     return estimate_alpha_cf
 
 
@@ -148,3 +148,36 @@ def alpha_matting(image: np.ndarray, prob: np.ndarray, options: MattingOptions =
     if (small_h, small_w) != (height, width):
         alpha = np.clip(resize_plane(alpha, height, width), 0, 1)
     return MattingResult(alpha)
+
+
+DECONTAMINATE_MAX_SIDE = 2000  # the estimate runs at most this size on the long side (cost ∝ pixels)
+
+
+def decontaminate(image: np.ndarray, alpha: np.ndarray, max_side: int = DECONTAMINATE_MAX_SIDE) -> np.ndarray:
+    """The foreground colour behind soft alpha (pymatting's multilevel foreground estimation,
+    Germer et al. 2020): a pixel of hair over a lawn is ``α·F + (1−α)·B``, and a cut-out that
+    keeps the photo's colour there carries the lawn's green onto any new background. Where
+    alpha is 1 the photo's own colour is kept. Large images are estimated at ``max_side`` and
+    the correction (F − I) scaled back, so fine texture stays the photo's."""
+    try:
+        from pymatting import estimate_foreground_ml
+    except ImportError:
+        raise BackendUnavailable("--decontaminate needs pymatting, which is not installed", extra="matting") from None
+    height, width = alpha.shape
+    scale = min(1.0, max_side / max(height, width))
+    if scale < 1.0:
+        small_h, small_w = max(1, round(height * scale)), max(1, round(width * scale))
+        small_img = np.stack([resize_plane(image[..., c], small_h, small_w) for c in range(3)], -1)
+        small_alpha = resize_plane(alpha, small_h, small_w)
+    else:
+        small_img, small_alpha = image, alpha
+    foreground = estimate_foreground_ml(
+        np.clip(small_img, 0, 1).astype(np.float64), np.clip(small_alpha, 0, 1).astype(np.float64)
+    )
+    correction = foreground - small_img
+    if scale < 1.0:
+        correction = np.stack([resize_plane(correction[..., c], height, width) for c in range(3)], -1)
+    result = np.clip(image + correction, 0.0, 1.0).astype(np.float32)
+    sure = alpha >= 0.999
+    result[sure] = image[sure]
+    return result
