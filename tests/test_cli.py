@@ -233,6 +233,7 @@ def test_doctor_lists_the_publish_feature(capsys, monkeypatch):
 
     code, out, _ = run(capsys, "doctor")
     assert code == 0 and "publish --push hf://   ok [huggingface-hub " in out
+    assert "masks (GrabCut)        ok [opencv-python-headless" in out and "--decontaminate        ok [pymatting" in out
     real = artifact.tool_versions
     monkeypatch.setattr(
         artifact,

@@ -11,7 +11,7 @@ from u2zoo.version import __version__
 if TYPE_CHECKING:  # type checkers see the real signatures; at run time they load on first use
     from u2zoo.api import bench, convert, cutout, load, segment
 
-__all__ = ["__version__", "bench", "convert", "cutout", "load", "segment"]
+__all__ = ["__version__", "bench", "convert", "cutout", "load", "prepare_mask", "segment"]
 _API = frozenset(__all__) - {"__version__"}
 
 

@@ -82,6 +82,23 @@ def cutout(
         return segmenter.cutout(as_rgb(image), background, decontaminate)
 
 
+def prepare_mask(
+    image: ImageInput,
+    model: str | Path | None = None,
+    box: tuple[int, int, int, int] | None = None,
+    refine: bool = False,
+) -> np.ndarray:
+    """A training mask (H, W) float32: GrabCut from ``box`` (x0, y0, x1, y1) when given, else
+    the model's map, refined by GrabCut with ``refine`` (``u2zoo masks`` as a function)."""
+    from u2zoo.tasks.grabcut import grabcut
+
+    rgb = as_rgb(image)
+    if box is not None:
+        return grabcut(rgb, box=box)
+    prob = segment(rgb, model)
+    return grabcut(rgb, prob) if refine else prob
+
+
 def convert(model: str, target: str, out_dir: str | Path, *, progress: bool = False, **options: Any) -> Artifact:
     """``u2zoo convert`` as a function: the artifact, proven in its real runtime, or an error.
 

@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Callable
 
-from u2zoo.cli import bench, convert, models, publish, run, train
+from u2zoo.cli import bench, convert, masks, models, publish, run, train
 from u2zoo.errors import U2ZooError, one_line
 
 # the order of `u2zoo --help`
@@ -29,6 +29,7 @@ VERBS = (
     train.add_train,
     train.add_distill,
     train.add_prune,
+    masks.add_masks,
     models.add_fetch,
     run.add_portrait,
     run.add_video,

@@ -104,6 +104,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         ("onnx --int8-qat", "torchao", "qat"),
         ("report plots", "matplotlib", "report"),
         ("portrait (face crop)", "opencv-python-headless", "portrait"),
+        ("masks (GrabCut)", "opencv-python-headless", "portrait"),
         ("portrait --align", "dlib", "landmarks"),
         ("--alpha-matting", "pymatting", "matting"),
         ("--decontaminate", "pymatting", "matting"),
