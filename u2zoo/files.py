@@ -45,15 +45,20 @@ def process_scratch_dir(prefix: str) -> Path:
     return path
 
 
+def check_replaceable(dest: Path, force: bool = False, label: str = "") -> None:
+    """Refuse a ``dest`` that is a file, or a folder with something in it unless ``force``."""
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError(f"{label}{dest} exists and is not a folder")
+    if dest.is_dir() and any(dest.iterdir()) and not force:
+        raise ConfigError(f"{label}{dest} is not empty: pass --force to replace it")
+
+
 @contextlib.contextmanager
 def folder_built_in_place(dest: Path, force: bool = False, label: str = "") -> Iterator[Path]:
     """Yield an empty folder beside ``dest``; when the block succeeds it is renamed to ``dest``
     (an existing one, allowed by ``force``, is removed only after), else it is removed: a
     reader never sees half a folder, and a failure leaves none."""
-    if dest.exists() and not dest.is_dir():
-        raise ConfigError(f"{label}{dest} exists and is not a folder")
-    if dest.is_dir() and any(dest.iterdir()) and not force:
-        raise ConfigError(f"{label}{dest} is not empty: pass --force to replace it")
+    check_replaceable(dest, force, label)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))

@@ -12,15 +12,16 @@ import numpy as np
 from u2zoo.cli.common import AddVerb
 from u2zoo.cli.task_args import add_model_arguments
 from u2zoo.errors import ImageError, U2ZooError, one_line
+from u2zoo.tasks.grabcut import GrabCutOptions
 
 
 def cmd_masks(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from u2zoo.artifact import atomic_write_bytes
     from u2zoo.cli.task_args import open_segmenter
     from u2zoo.files import ensure_writable_dir
-    from u2zoo.tasks.grabcut import GrabCutOptions, grabcut, import_cv2, load_boxes, review_overlay
+    from u2zoo.tasks.folder import save_png
+    from u2zoo.tasks.grabcut import grabcut, import_cv2, load_boxes, review_overlay
     from u2zoo.zoo.contract import to_uint8
     from u2zoo.zoo.images import list_images, load_rgb, shown
 
@@ -35,13 +36,6 @@ def cmd_masks(args: argparse.Namespace) -> int:
     needs_model = any(p.name not in boxes for p in images)
     written = 0
 
-    def save(path: Path, pixels: np.ndarray, kind: str) -> None:
-        import io
-
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format=kind)
-        atomic_write_bytes(path, buffer.getvalue())
-
     def run(segmenter) -> None:
         nonlocal written
         for path in images:
@@ -55,9 +49,10 @@ def cmd_masks(args: argparse.Namespace) -> int:
                         mask = grabcut(image, prob, options=options)
                     else:
                         mask = (prob > 0.5).astype(np.float32) if args.refine == "threshold" else prob
-                save(out / f"{path.stem}.png", to_uint8(mask), "PNG")
+                save_png(Image.fromarray(to_uint8(mask)), out / f"{path.stem}.png")
                 if review is not None:
-                    save(review / f"{path.stem}.jpg", to_uint8(review_overlay(image, mask)), "JPEG")
+                    overlay = Image.fromarray(to_uint8(review_overlay(image, mask)))
+                    save_png(overlay, review / f"{path.stem}.jpg", format="JPEG")
                 written += 1
             except (ImageError, U2ZooError, OSError) as exc:
                 failed.append((path, one_line(exc)))
@@ -92,7 +87,22 @@ def add_masks(add: AddVerb) -> None:
         "or none (the soft map)",
     )
     p.add_argument("--boxes", help='JSON {"image.jpg": [x0, y0, x1, y1], …}: GrabCut from a box for those images')
-    p.add_argument("--sure-fg", type=float, default=0.95, help="map value from which a seed is sure foreground")
-    p.add_argument("--sure-bg", type=float, default=0.05, help="map value up to which a seed is sure background")
-    p.add_argument("--iterations", type=int, default=5, help="GrabCut iterations (default 5)")
+    p.add_argument(
+        "--sure-fg",
+        type=float,
+        default=GrabCutOptions.sure_fg,
+        help=f"map value from which a seed is sure foreground (default {GrabCutOptions.sure_fg})",
+    )
+    p.add_argument(
+        "--sure-bg",
+        type=float,
+        default=GrabCutOptions.sure_bg,
+        help=f"map value up to which a seed is sure background (default {GrabCutOptions.sure_bg})",
+    )
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=GrabCutOptions.iterations,
+        help=f"GrabCut iterations (default {GrabCutOptions.iterations})",
+    )
     p.add_argument("--review", action="store_true", help="also write review/<stem>.jpg: the mask over the photo")

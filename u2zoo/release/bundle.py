@@ -24,7 +24,7 @@ from typing import Any
 from u2zoo.artifact import Artifact, atomic_write_text, open_artifact
 from u2zoo.benchmarks.results import load_results
 from u2zoo.errors import ArtifactError, ConfigError
-from u2zoo.files import file_digest, folder_built_in_place
+from u2zoo.files import check_replaceable, file_digest, folder_built_in_place
 from u2zoo.release.card import render_card
 from u2zoo.release.index import INDEX_SCHEMA, INDEX_SCHEMA_VERSION, check_index
 from u2zoo.runtime.precisions import CALIBRATED_PRECISIONS
@@ -264,8 +264,7 @@ def publish_bench(
     bench_dir, out = Path(bench_dir), Path(out)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", version):
         raise ConfigError(f"--version must be letters, digits, '.', '_' or '-', not {version!r}")
-    if out.is_dir() and any(out.iterdir()) and not force:  # before the work, not only after it
-        raise ConfigError(f"{out} is not empty: pass --force to replace it")
+    check_replaceable(out, force)  # before the work, not only when the folder is built
     rows = publishable_rows(bench_dir)
     artifacts = [(row, _bench_artifact(bench_dir, row)) for row in rows]  # every hash checked before writing
     with folder_built_in_place(out, force) as staging:

@@ -137,12 +137,13 @@ def temp_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
-def save_png(image: Image.Image, target: Path) -> None:
-    """Save through a temp name and rename, so an interrupted run leaves no broken PNG."""
+def save_png(image: Image.Image, target: Path, format: str = "PNG") -> None:
+    """Save through a temp name and rename, so an interrupted run leaves no broken file
+    (a PNG unless ``format`` names another Pillow format)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(target)
     try:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format=format)
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from u2zoo.errors import BackendUnavailable, ConfigError, ImageError
+from u2zoo.errors import ConfigError, ImageError
+from u2zoo.tasks.refine import import_opencv
 from u2zoo.zoo.contract import to_uint8
 
 
@@ -31,11 +32,7 @@ class GrabCutOptions:
 
 
 def import_cv2():
-    try:
-        import cv2
-    except ImportError:
-        raise BackendUnavailable("GrabCut needs OpenCV, which is not installed", extra="portrait") from None
-    return cv2
+    return import_opencv("GrabCut")
 
 
 def _check_image(image: np.ndarray) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from u2zoo.errors import BackendUnavailable, ConfigError, ImageError, one_line
+from u2zoo.tasks.refine import import_opencv
 
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
 SCALE_FACTOR = 1.1  # official detectMultiScale arguments
@@ -74,11 +75,7 @@ class PortraitInput:
 
 
 def _cv2() -> Any:
-    try:
-        import cv2
-    except ImportError:
-        raise BackendUnavailable("OpenCV is not installed; the portrait face crop needs it", extra="portrait") from None
-    return cv2
+    return import_opencv("the portrait face crop")
 
 
 def to_uint8_rgb(image: np.ndarray) -> np.ndarray:

@@ -57,6 +57,27 @@ def import_matting(what: str = "alpha matting"):
     return estimate_alpha_cf
 
 
+def import_opencv(what: str):
+    """OpenCV (``cv2``), or a one-line BackendUnavailable naming ``what`` needs it."""
+    try:
+        import cv2
+    except ImportError:
+        raise BackendUnavailable(f"{what} needs OpenCV, which is not installed", extra="portrait") from None
+    return cv2
+
+
+def downscaled(image: np.ndarray, plane: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` (H, W, 3) and ``plane`` (H, W) resized so the long side is at most ``max_side``
+    (unchanged when already smaller): the solvers' cost grows with the pixel count."""
+    height, width = plane.shape
+    scale = min(1.0, max_side / max(height, width))
+    if scale == 1.0:
+        return image, plane
+    small_h, small_w = max(1, round(height * scale)), max(1, round(width * scale))
+    small_img = np.stack([resize_plane(image[..., c], small_h, small_w) for c in range(3)], -1)
+    return small_img, resize_plane(plane, small_h, small_w)
+
+
 def dense_crf(image: np.ndarray, prob: np.ndarray, options: CrfOptions = CrfOptions()) -> np.ndarray:
     """The CRF's marginal probability of "object" per pixel, (H, W) float32 in [0, 1]."""
     dcrf, unary_from_softmax = import_crf()
@@ -129,10 +150,7 @@ def alpha_matting(image: np.ndarray, prob: np.ndarray, options: MattingOptions =
     """Soft alpha from the image where the map is unsure; sure regions keep 0/1."""
     estimate_alpha_cf = import_matting()
     height, width = prob.shape
-    scale = min(1.0, options.max_side / max(height, width))
-    small_h, small_w = max(1, round(height * scale)), max(1, round(width * scale))
-    small_img = np.stack([resize_plane(image[..., c], small_h, small_w) for c in range(3)], -1)
-    small_map = resize_plane(prob, small_h, small_w)
+    small_img, small_map = downscaled(image, prob, options.max_side)
     tri = trimap(small_map, options)
     if not (tri == 1).any() or not (tri == 0).any():
         return MattingResult(
@@ -145,7 +163,7 @@ def alpha_matting(image: np.ndarray, prob: np.ndarray, options: MattingOptions =
     with contextlib.redirect_stdout(io.StringIO()):  # pymatting prints solver warnings to stdout
         alpha = estimate_alpha_cf(np.clip(small_img, 0, 1).astype(np.float64), tri)
     alpha = np.clip(alpha, 0, 1).astype(np.float32)
-    if (small_h, small_w) != (height, width):
+    if alpha.shape != (height, width):
         alpha = np.clip(resize_plane(alpha, height, width), 0, 1)
     return MattingResult(alpha)
 
@@ -164,18 +182,12 @@ def decontaminate(image: np.ndarray, alpha: np.ndarray, max_side: int = DECONTAM
     except ImportError:
         raise BackendUnavailable("--decontaminate needs pymatting, which is not installed", extra="matting") from None
     height, width = alpha.shape
-    scale = min(1.0, max_side / max(height, width))
-    if scale < 1.0:
-        small_h, small_w = max(1, round(height * scale)), max(1, round(width * scale))
-        small_img = np.stack([resize_plane(image[..., c], small_h, small_w) for c in range(3)], -1)
-        small_alpha = resize_plane(alpha, small_h, small_w)
-    else:
-        small_img, small_alpha = image, alpha
+    small_img, small_alpha = downscaled(image, alpha, max_side)
     foreground = estimate_foreground_ml(
         np.clip(small_img, 0, 1).astype(np.float64), np.clip(small_alpha, 0, 1).astype(np.float64)
     )
     correction = foreground - small_img
-    if scale < 1.0:
+    if correction.shape[:2] != (height, width):
         correction = np.stack([resize_plane(correction[..., c], height, width) for c in range(3)], -1)
     result = np.clip(image + correction, 0.0, 1.0).astype(np.float32)
     sure = alpha >= 0.999
