@@ -7,6 +7,8 @@
     >>> artifact = u2zoo.convert("u2netp", "onnx", "out", precision="fp16")
     >>> with u2zoo.load(artifact.path) as onnx_seg: ...     # the same Segmenter, in ONNX Runtime
     >>> rows = u2zoo.bench("u2netp", targets=["onnx"], data="photos", out="bench")
+    >>> big = u2zoo.upscale("small.jpg", "RealESRGAN_x4plus.pth")  # your SR weights (u2zoo[sr])
+    >>> u2zoo.cutout(big).save("cutout_x4.png")             # a cut-out at 4× the photo's size
 
 With no model named, ``segment``/``load``/``cutout`` use the best shipped saliency model, by
 the same rule as ``u2zoo demo`` (``u2zoo.zoo.default_model``).
@@ -26,6 +28,8 @@ from u2zoo.benchmarks.results import MatrixRow
 from u2zoo.errors import ConfigError
 from u2zoo.tasks.engine import Segmenter
 from u2zoo.tasks.loading import load_segmenter
+from u2zoo.tasks.upscale import DEFAULT_OVERLAP, DEFAULT_TILE, Upscaler
+from u2zoo.tasks.upscale import load_upscaler as load_upscaler_from_file
 from u2zoo.zoo.images import load_rgb
 
 ImageInput = str | Path | np.ndarray | Image.Image
@@ -97,6 +101,38 @@ def prepare_mask(
         return grabcut(rgb, box=box)
     prob = segment(rgb, model)
     return grabcut(rgb, prob) if refine else prob
+
+
+def load_upscaler(
+    sr_weights: str | Path,
+    *,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    device: str | None = None,
+) -> Upscaler:
+    """The super-resolution model in ``sr_weights`` (ESRGAN, Real-ESRGAN, SwinIR, … as spandrel
+    recognises them; read with weights_only), run in ``tile`` px tiles with ``overlap`` px of
+    context, on ``device`` (default: CUDA if visible, else the CPU). Reuse it for many photos."""
+    return load_upscaler_from_file(sr_weights, tile, overlap, device)
+
+
+def upscale(
+    image: ImageInput,
+    sr_weights: str | Path | Upscaler,
+    *,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    device: str | None = None,
+    progress: bool = False,
+) -> Image.Image:
+    """``image`` super-resolved (RGB, scale × its size) by ``sr_weights``: a checkpoint path or
+    a loaded Upscaler (``load_upscaler``)."""
+    upscaler = (
+        sr_weights
+        if isinstance(sr_weights, Upscaler)
+        else load_upscaler(sr_weights, tile=tile, overlap=overlap, device=device)
+    )
+    return Image.fromarray(upscaler.upscale(as_rgb(image), progress), mode="RGB")
 
 
 def convert(model: str, target: str, out_dir: str | Path, *, progress: bool = False, **options: Any) -> Artifact:

@@ -114,6 +114,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         version = tool_versions(package)[package]
         state = f"ok [{package} {version}]" if version else f"unavailable: pip install 'u2zoo[{extra}]'"
         print(f"  {feature:<22} {state}")
+    print(f"  {'--upscale (SR)':<22} {_upscale_state()}")
     for feature, packages, extra in (
         ("serve (ASGI, metrics)", ("fastapi", "uvicorn", "prometheus-client"), "serve"),
         ("predict --engine ray", ("ray", "pyarrow"), "ray"),
@@ -242,3 +243,24 @@ def add_demo(add: AddVerb) -> None:
     )
     add_contract_arg(p)
     p.add_argument("--out", default="u2zoo-demo", help="output folder (default: ./u2zoo-demo)")
+
+
+def _upscale_state() -> str:
+    """Whether ``--upscale`` can run: spandrel imports (torchvision with or without its ops)."""
+    from u2zoo.artifact import tool_versions
+    from u2zoo.errors import BackendUnavailable
+    from u2zoo.tasks.upscale import import_spandrel, torchvision_ops_missing
+
+    versions = tool_versions("spandrel", "torchvision")
+    try:
+        import_spandrel()
+    except BackendUnavailable:
+        return "unavailable: pip install 'u2zoo[sr]'"
+    except Exception as exc:  # a broken torchvision beyond the known case: say what, not a traceback
+        return f"unavailable: spandrel does not import ({type(exc).__name__}: {str(exc)[:120]})"
+    stand_in = (
+        " without its compiled ops (a CUDA build beside a CPU torch): SR does not use them"
+        if torchvision_ops_missing()
+        else ""
+    )
+    return f"ok [spandrel {versions['spandrel']}, torchvision {versions['torchvision']}{stand_in}]"

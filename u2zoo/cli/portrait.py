@@ -12,7 +12,7 @@ from u2zoo.zoo.images import shown
 
 
 def add_portrait_arguments(p: argparse.ArgumentParser) -> None:
-    from u2zoo.cli.task_args import add_model_arguments
+    from u2zoo.cli.task_args import add_model_arguments, add_upscale_arguments
 
     p.add_argument("inputs", nargs="+", help="photos or folders of photos")
     add_model_arguments(p, batch=False)
@@ -33,11 +33,13 @@ def add_portrait_arguments(p: argparse.ArgumentParser) -> None:
         "--blend-alpha", type=float, default=Blend.alpha, help=f"weight of the blurred photo (default {Blend.alpha:g})"
     )
     p.add_argument("--out", required=True, help="output folder")
+    add_upscale_arguments(p)
 
 
 def cmd_portrait(args: argparse.Namespace) -> int:
-    from u2zoo.cli.task_args import open_segmenter
+    from u2zoo.cli.task_args import open_segmenter, open_upscaler
     from u2zoo.files import ensure_writable_dir
+    from u2zoo.tasks.upscale import record_upscale
 
     blend = Blend(args.blend_sigma, args.blend_alpha) if args.blend else None
     if args.landmarks_model and not args.align:
@@ -51,13 +53,24 @@ def cmd_portrait(args: argparse.Namespace) -> int:
         aligner = LandmarkAligner(args.landmarks_model)
     if not args.artifact and not args.model:
         args.model = "u2net_portrait"  # the verb's own default model, printed below
+    upscaler = open_upscaler(args)
     out = ensure_writable_dir(Path(args.out))
     with open_segmenter(args) as segmenter:
         what = args.artifact or args.model
         check_portrait_contract(segmenter, what)
         report = draw_files(
-            segmenter, args.inputs, out, aligner, args.save_crop, args.max_pixels, progress=not args.quiet, blend=blend
+            segmenter,
+            args.inputs,
+            out,
+            aligner,
+            args.save_crop,
+            args.max_pixels,
+            progress=not args.quiet,
+            blend=blend,
+            upscaler=upscaler,
         )
+    if upscaler is not None and report.drawn:
+        print(f"upscaled {report.drawn} photo(s) ×{upscaler.scale}; recorded in {shown(record_upscale(out, upscaler))}")
     for path, reason in report.failed:
         print(f"u2zoo: skipped {shown(path)}: {reason}", file=sys.stderr)
     for path, note in report.notes:

@@ -13,6 +13,7 @@ from u2zoo.cli.task_args import (
     add_contract_arg,
     add_model_arguments,
     add_output_arguments,
+    add_upscale_arguments,
     add_weights_args,
     open_predictor,
 )
@@ -30,18 +31,22 @@ RAY_FLAGS = {
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Masks, cut-outs and composites of files and folders, through any model or artifact."""
-    from u2zoo.cli.task_args import open_segmenter, output_options
+    from u2zoo.cli.task_args import open_segmenter, open_upscaler, output_options
     from u2zoo.files import ensure_writable_dir
     from u2zoo.tasks.folder import process_files
+    from u2zoo.tasks.upscale import record_upscale
     from u2zoo.zoo.images import shown
 
     if args.engine == "ray":
+        if args.upscale:
+            raise ConfigError("--upscale runs with --engine local only (each Ray actor would need the SR model)")
         return _predict_on_ray(args)
     given = [flag for name, flag in RAY_FLAGS.items() if getattr(args, name) is not None]
     if given:
         raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --engine ray")
-    out = ensure_writable_dir(Path(args.out))
     options = output_options(args)
+    upscaler = open_upscaler(args)  # bad SR weights are one line before any model loads
+    out = ensure_writable_dir(Path(args.out))
     with open_segmenter(args, args.batch) as segmenter:
         report = process_files(
             segmenter,
@@ -51,6 +56,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             resume=args.resume,
             max_pixels=args.max_pixels,
             progress=not args.quiet,
+            upscaler=upscaler,
+        )
+    if upscaler is not None and report.processed:
+        print(
+            f"upscaled {report.processed} image(s) ×{upscaler.scale}; recorded in {shown(record_upscale(out, upscaler))}"
         )
     for path, reason in report.failed:
         print(f"u2zoo: skipped {shown(path)}: {reason}", file=sys.stderr)
@@ -175,6 +185,7 @@ def add_predict(add: AddVerb) -> None:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     add_model_arguments(p)
     add_output_arguments(p)
+    add_upscale_arguments(p)
     p.add_argument("--resume", action="store_true", help="skip inputs whose outputs all exist (an interrupted run)")
     p.add_argument("--out", required=True, help="output folder")
     ray = p.add_argument_group(

@@ -181,3 +181,60 @@ def open_segmenter(args: argparse.Namespace, batch: str | int = 1) -> Iterator[S
             except ValueError:
                 raise ConfigError(f"--batch takes a number or auto, got {batch!r}") from None
         yield Segmenter(predictor, contract, size)
+
+
+def add_upscale_arguments(p: argparse.ArgumentParser) -> None:
+    from u2zoo.tasks.upscale import DEFAULT_OVERLAP, DEFAULT_TILE
+
+    group = p.add_argument_group("super-resolution", "--upscale enlarges each photo first (u2zoo[sr]: spandrel)")
+    group.add_argument(
+        "--upscale",
+        action="store_true",
+        help="super-resolve each photo with --sr-weights before the model sees it: every output is scale × the input",
+    )
+    group.add_argument(
+        "--sr-weights",
+        metavar="FILE",
+        help="your SR checkpoint (.pth/.safetensors: ESRGAN, Real-ESRGAN, SRVGGNetCompact, SwinIR, …; "
+        "read with weights_only; u2zoo downloads none)",
+    )
+    group.add_argument(
+        "--sr-tile", type=int, default=DEFAULT_TILE, help=f"tile side in input px, 0 = untiled (default {DEFAULT_TILE})"
+    )
+    group.add_argument(
+        "--sr-overlap",
+        type=int,
+        default=DEFAULT_OVERLAP,
+        help=f"px of context around each tile (default {DEFAULT_OVERLAP})",
+    )
+    group.add_argument(
+        "--sr-device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if a GPU is visible"
+    )
+
+
+def open_upscaler(args: argparse.Namespace):
+    """The Upscaler ``--upscale`` asks for (printed), or None; SR flags without it are refused."""
+    from u2zoo.tasks.upscale import DEFAULT_OVERLAP, DEFAULT_TILE, load_upscaler
+
+    if not args.upscale:
+        given = [
+            flag
+            for flag, value, default in (
+                ("--sr-weights", args.sr_weights, None),
+                ("--sr-tile", args.sr_tile, DEFAULT_TILE),
+                ("--sr-overlap", args.sr_overlap, DEFAULT_OVERLAP),
+                ("--sr-device", args.sr_device, "auto"),
+            )
+            if value != default
+        ]
+        if given:
+            raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --upscale; add --upscale")
+        return None
+    if not args.sr_weights:
+        raise ConfigError(
+            "--upscale needs --sr-weights FILE: your super-resolution checkpoint (ESRGAN, Real-ESRGAN, "
+            "SRVGGNetCompact, SwinIR, …); u2zoo ships and downloads none"
+        )
+    upscaler = load_upscaler(args.sr_weights, args.sr_tile, args.sr_overlap, args.sr_device)
+    print(f"upscaling with {upscaler.describe()}")
+    return upscaler

@@ -19,6 +19,7 @@ from PIL import Image
 from u2zoo.errors import ConfigError, U2ZooError
 from u2zoo.tasks.engine import Segmenter
 from u2zoo.tasks.folder import collect_inputs, save_png, unique_stems, write_error
+from u2zoo.tasks.upscale import Upscaler, upscale_photo
 from u2zoo.zoo.contract import to_uint8
 from u2zoo.zoo.images import load_rgb, shown
 
@@ -76,9 +77,12 @@ def draw_files(
     max_pixels: int | None = None,
     progress: bool = True,
     blend: Blend | None = None,
+    upscaler: Upscaler | None = None,
 ) -> DrawingReport:
     """One 512×512 drawing per readable photo (``stem.png``); its face crop
-    (``stem_face.png``) and the official blurred-photo composite (``stem_composite.png``) if asked."""
+    (``stem_face.png``) and the official blurred-photo composite (``stem_composite.png``) if asked.
+    With an ``upscaler``, each photo is super-resolved before its face is found and cropped, so a
+    small face gives the network real detail instead of an interpolated one."""
     from tqdm import tqdm
 
     images, _ = collect_inputs(inputs, out_dir)
@@ -90,7 +94,10 @@ def draw_files(
     started = time.perf_counter()
     for path, stem in tqdm(images, desc="portrait", unit="img", disable=not progress):
         try:
-            portrait = segmenter.portrait_input(load_rgb(path, max_pixels), aligner)
+            photo = load_rgb(path, max_pixels)
+            if upscaler is not None:
+                photo = upscale_photo(upscaler, photo, max_pixels, progress)
+            portrait = segmenter.portrait_input(photo, aligner)
         except U2ZooError as exc:
             report.failed.append((path, str(exc)))
             continue

@@ -24,6 +24,7 @@ from PIL import Image
 from u2zoo.errors import ConfigError, ImageError, U2ZooError
 from u2zoo.tasks.engine import Segmenter
 from u2zoo.tasks.outputs import SUFFIXES, OutputOptions, render
+from u2zoo.tasks.upscale import Upscaler, upscale_photo
 from u2zoo.zoo.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, load_rgb, shown
 
 
@@ -157,8 +158,10 @@ def process_files(
     resume: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    upscaler: Upscaler | None = None,
 ) -> FolderReport:
-    """Run every readable image through ``segmenter``, ``segmenter.batch_size`` per engine call."""
+    """Run every readable image through ``segmenter``, ``segmenter.batch_size`` per engine call;
+    with an ``upscaler``, each image is super-resolved first and every output is its size."""
     from tqdm import tqdm
 
     options = options or OutputOptions()
@@ -177,7 +180,10 @@ def process_files(
                 bar.update()
                 continue
             try:
-                pending.append((path, stem, segmenter.prepare(load_rgb(path, max_pixels))))
+                image = load_rgb(path, max_pixels)
+                if upscaler is not None:
+                    image = upscale_photo(upscaler, image, max_pixels, progress)
+                pending.append((path, stem, segmenter.prepare(image)))
             except U2ZooError as exc:
                 report.failed.append((path, str(exc)))
                 bar.update()

@@ -307,12 +307,22 @@ class WeightsInfo:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a checkpoint safely (weights_only) and map every failure to one clear line."""
     path = Path(path)
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    return checked_tensors(path, obj)
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """Whatever the checkpoint holds (tensors in dicts and lists), loaded with
+    ``weights_only=True``: a pickle carrying code is refused, named, and never run."""
+    path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on legacy/protocol-4 pickles: our one line says it
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         named = re.search(r"GLOBAL ([\w.]+)", str(exc))
         code = named.group(1) if named else _pickled_global(path)
@@ -325,8 +335,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"{path}: corrupt or truncated checkpoint: {first}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+
+
+def checked_tensors(path: Path, obj: Any) -> dict[str, torch.Tensor]:
+    """``obj`` if it is a state dict of finite tensors, else a one-line WeightsError."""
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: not a state dict of tensors")
     for name, tensor in obj.items():  # NaN/inf weights load fine and give blank masks: refuse them here
