@@ -199,10 +199,15 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> None:
         "read with weights_only; u2zoo downloads none)",
     )
     group.add_argument(
-        "--sr-tile", type=int, default=DEFAULT_TILE, help=f"tile side in input px, 0 = untiled (default {DEFAULT_TILE})"
+        "--sr-tile",
+        type=int,
+        metavar="PX",
+        default=DEFAULT_TILE,
+        help=f"tile side in input px, 0 = untiled (default {DEFAULT_TILE})",
     )
     group.add_argument(
         "--sr-overlap",
+        metavar="PX",
         type=int,
         default=DEFAULT_OVERLAP,
         help=f"px of context around each tile (default {DEFAULT_OVERLAP})",
