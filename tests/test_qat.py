@@ -35,6 +35,7 @@ def test_batchnorm_folding_keeps_the_outputs(arch):
         torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_onnx_int8_qat_is_a_symmetric_qdq_graph_that_tensorrt_accepts(tmp_path, healthy_tiny, calib_dir):
     from u2zoo.converters.tensorrt import check_onnx_for_tensorrt
 
