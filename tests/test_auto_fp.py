@@ -301,6 +301,7 @@ def test_group_macs_add_up_to_the_model(tmp_path):
     assert "stage2d/rebnconv1d" in children and sum(children.values()) == macs["stage2d"]
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_convert_records_the_search_and_off_switches(calib_dir, tmp_path, capsys):
     """The tiny model passes in all-INT8 under a loose gate: one step, recorded; hand-picked
     groups and --no-auto-fp turn the search off, and the manifest says why."""

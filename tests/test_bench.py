@@ -187,6 +187,7 @@ def test_empty_data_missing_gt_and_bad_gate(capsys, tmp_path, tiny_weights, data
     assert code == 2 and "unknown key 'maxabs'" in err
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 @needs_shared
 def test_real_u2netp_fp32_and_fp16_pass_the_default_gates(capsys, tmp_path):
     data = tmp_path / "imgs"

@@ -158,6 +158,7 @@ def test_missing_extra(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 @needs_shared
 def test_real_u2netp_fp32_on_the_official_images(tmp_path):
     """U2NETP, 6 of the 18 official images: 8.0e-5 max abs on all 18 on an AMD EPYC (AVX-512);

@@ -80,6 +80,7 @@ def test_int8_by_nncf_with_ignored_scope(tmp_path, tiny_weights, capsys):
     assert "Statistics collection" not in out + err  # NNCF's progress bars are kept off u2zoo's output
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 @needs_shared
 def test_bias_correction_is_nncf_s_and_only_when_asked(tmp_path, tiny_weights):
     """--bias-correction runs NNCF's fast bias correction: the biases of the IR change, and the
@@ -136,6 +137,7 @@ def test_real_u2netp_int8_keeping_the_sensitive_groups_meets_the_target(tmp_path
     assert parity["iou50"] >= 0.98 and parity["mean_abs"] <= 0.01, parity
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 @needs_shared
 def test_int8_with_accuracy_control_on_our_parity_metric(tmp_path):
     artifact = convert_model(

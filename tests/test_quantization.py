@@ -111,6 +111,7 @@ def test_onnx_int8_qdq_artifact_records_calibration_and_kept_groups(calib_dir, t
     assert manifest["parent"]["precision"] == "fp32" and len(manifest["parent"]["sha256"]) == 64
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_s8s8_scheme_and_sub_path_groups(calib_dir, tmp_path):
     artifact = convert_model(
         "u2net-tiny",

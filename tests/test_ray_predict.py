@@ -106,6 +106,7 @@ def test_ray_engine_writes_what_the_local_engine_writes(
     assert not [p for p in out.rglob(".*")]  # no temp file left
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_resume_skips_what_exists_and_redoes_only_the_rest(ray_cluster, capsys, tmp_path, photos, tiny_dynamic_onnx):
     out = tmp_path / "out"
     args = ["predict", "--engine", "ray", "--artifact", tiny_dynamic_onnx.path, photos, "--out", out]

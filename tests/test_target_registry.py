@@ -33,6 +33,7 @@ def toy_target(monkeypatch):
     TARGETS.pop("toy", None)
 
 
+@pytest.mark.slow  # CI runs it after the default suite (keeps that under 15 minutes)
 def test_a_toy_target_in_one_module_is_in_convert_help_doctor_convert_and_bench(capsys, tmp_path, toy_target):
     with pytest.raises(SystemExit):
         from u2zoo.cli import main
