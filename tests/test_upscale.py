@@ -240,6 +240,21 @@ def test_doctor_lists_upscale_with_its_extra(capsys):
     assert "ok [spandrel 0.4.2" in line
 
 
+def test_the_memory_benchmark_reads_its_own_peak_not_its_parents():
+    """CI's slow phase starts the benchmark from a pytest process at ~7 GB; ``ru_maxrss`` carries
+    that peak through fork and exec, so the benchmark once reported 7.1 GB for a 2 GB run."""
+    parent_ballast = np.ones(2 * 2**30 // 8)  # 2 GiB, touched
+    reading = subprocess.run(
+        [sys.executable, "-c", "from u2zoo.benchmarks.sr_memory import peak_rss_gb; print(peak_rss_gb())"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    del parent_ballast
+    assert reading.returncode == 0, reading.stderr[-2000:]
+    assert 0.0 < float(reading.stdout) < 1.0
+
+
 @pytest.mark.slow
 def test_a_2000px_photo_at_x4_stays_under_4_gb_rss():
     """A full-width RRDBNet (64 features; 1 block instead of 23 to keep it minutes: the peak is

@@ -2,8 +2,10 @@
 
 With no ``--weights`` the network is ESRGAN's ×4 RRDBNet at the size of Real-ESRGAN's
 ``RealESRGAN_x4plus.pth`` (64 features, 23 blocks, 16.7 M parameters), randomly initialised:
-memory and time depend on the shape, not on the values. The process's peak RSS (``ru_maxrss``)
-covers everything: torch, the model, the photo and the ×4 result.
+memory and time depend on the shape, not on the values. The process's peak RSS (``VmHWM``)
+covers everything: torch, the model, the photo and the ×4 result. Not ``ru_maxrss``: Linux
+carries it over from the parent through fork and exec, so a run started by a big process (a test
+suite at 7 GB) would report the parent's peak, not its own.
 
     python -m u2zoo.benchmarks.sr_memory --size 2000 [--tile 256] [--overlap 32] [--blocks 23]
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from u2zoo.runtime.timing import peak_rss_mb
 from u2zoo.tasks.upscale import DEFAULT_OVERLAP, DEFAULT_TILE, import_spandrel, load_upscaler, tile_boxes
 
 
@@ -37,7 +39,8 @@ def random_rrdbnet(path: Path, blocks: int = 23, features: int = 64) -> Path:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    """This process's own peak resident memory since it started (VmHWM on Linux)."""
+    return (peak_rss_mb() or 0.0) / 1024.0
 
 
 def main(argv: list[str] | None = None) -> int:
